@@ -1,0 +1,202 @@
+"""Key and value encoding on the wire.
+
+- **Key**: the canonical lowercase UUID string of ``session_id``, UTF-8 (36 bytes).
+- **Value**: Avro single-object encoding (Avro specification): the marker ``C3 01``, the 8-byte
+  little-endian CRC-64-AVRO fingerprint of the writer schema's Parsing Canonical Form, then the
+  Avro binary body. The reader finds the writer schema by fingerprint and resolves it to its
+  own schema, so old and new pods read each other's records.
+- **Tombstone**: a null value deletes the session. An empty value is not a tombstone: it is an
+  undecodable record.
+
+Every malformed input raises `snapbus.DecodeError` with a ``reason``, and nothing else.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from typing import Any
+
+import fastavro
+
+from snapbus.errors import DecodeError, ValidationError
+from snapbus.schema import Schema, SchemaStore
+from snapbus.snapshot import FIELDS, WorkspaceSnapshot
+
+__all__ = [
+    "HEADER_SIZE",
+    "MARKER",
+    "Codec",
+    "decode",
+    "decode_key",
+    "default_codec",
+    "encode",
+    "encode_key",
+]
+
+MARKER = b"\xc3\x01"
+"""The two bytes that open every single-object encoded value."""
+
+HEADER_SIZE = 10
+"""Marker plus fingerprint."""
+
+
+def encode_key(session_id: uuid.UUID | str) -> bytes:
+    """Return the Kafka key for a session: its canonical lowercase UUID string, UTF-8.
+
+    Raises:
+        ValidationError: `session_id` is not a UUID.
+    """
+    from snapbus.snapshot import parse_uuid
+
+    return str(parse_uuid(session_id, field="session_id")).encode("ascii")
+
+
+def decode_key(key: bytes | bytearray | memoryview | None) -> uuid.UUID:
+    """Return the session id a Kafka key names.
+
+    Only the canonical form `encode_key` writes is accepted: compaction keeps one record per
+    distinct key *bytes*, so a session written under two spellings of its id (``{...}``,
+    uppercase) would keep a stale record that a tombstone under the canonical key never removes.
+
+    Raises:
+        DecodeError: (reason ``bad_key``) the key is missing, not a UUID, or not in canonical
+            lowercase hyphenated form.
+    """
+    if key is None:
+        raise DecodeError("record has no key; expected a session UUID", reason="bad_key")
+    if not isinstance(key, (bytes, bytearray, memoryview)):
+        raise DecodeError(
+            f"record key must be bytes, not {type(key).__name__}", reason="bad_key"
+        )
+    raw = bytes(key)
+    try:
+        text = raw.decode("ascii")
+        session_id = uuid.UUID(text)
+    except ValueError:  # UnicodeDecodeError is a ValueError
+        raise DecodeError(f"record key is not a UUID: {raw[:64]!r}", reason="bad_key") from None
+    if str(session_id) != text:
+        raise DecodeError(
+            f"record key is not a canonical lowercase UUID: {raw[:64]!r} "
+            f"(expected {str(session_id)!r})",
+            reason="bad_key",
+        )
+    return session_id
+
+
+class Codec:
+    """Encodes snapshots with one writer schema and decodes any schema in its store.
+
+    Most code uses the module functions `encode` and `decode`, which use the shipped schemas;
+    build a `Codec` to write with another schema version or to learn extra schemas.
+    """
+
+    __slots__ = ("_header", "_reader", "store", "writer")
+
+    def __init__(self, store: SchemaStore | None = None, *, writer: Schema | None = None) -> None:
+        self.store = store if store is not None else SchemaStore.from_dir()
+        self.writer = writer if writer is not None else self.store.current
+        self.store.add(self.writer)
+        self._reader = self.store.current
+        self._header = MARKER + self.writer.fingerprint
+
+    def encode_record(self, record: dict[str, Any]) -> bytes:
+        """Encode a plain record (ids as strings) with the writer schema, framed."""
+        buf = io.BytesIO()
+        buf.write(self._header)
+        try:
+            fastavro.schemaless_writer(buf, self.writer.parsed, record)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            name = self.writer.name
+            raise ValidationError(f"record does not match schema {name}: {exc}") from exc
+        return buf.getvalue()
+
+    def encode(self, snapshot: WorkspaceSnapshot) -> bytes:
+        """Encode a snapshot as a single-object Avro value."""
+        return self.encode_record(snapshot.to_dict())
+
+    def decode_record(self, data: bytes | bytearray | memoryview | None) -> dict[str, Any]:
+        """Decode a value into a plain record resolved to this codec's reader schema.
+
+        Raises:
+            DecodeError: the value is not a valid single-object record of a known schema.
+        """
+        if data is None:
+            raise DecodeError("value is null (a tombstone), not a snapshot", reason="empty")
+        size = len(data)
+        if size == 0:
+            raise DecodeError("value is empty; a tombstone is a null value", reason="empty")
+        if size < 2 or data[0:2] != MARKER:
+            raise DecodeError(
+                f"value does not start with the Avro single-object marker C3 01: "
+                f"{bytes(data[:2]).hex(' ')}",
+                reason="bad_marker",
+            )
+        if size < HEADER_SIZE:
+            raise DecodeError(
+                f"value is {size} bytes, shorter than the 10-byte single-object header",
+                reason="truncated",
+            )
+        fingerprint = bytes(data[2:HEADER_SIZE])
+        writer = self.store.get(fingerprint)
+        if writer is None:
+            raise DecodeError(
+                f"unknown writer schema fingerprint {fingerprint.hex()}: the record was written "
+                "with a schema this process does not have (deploy the newer schemas/)",
+                reason="unknown_fingerprint",
+            )
+        buf = io.BytesIO(data)
+        buf.seek(HEADER_SIZE)
+        reader = None if writer is self._reader else self._reader.parsed
+        try:
+            record = fastavro.schemaless_reader(buf, writer.parsed, reader)
+        except Exception as exc:  # fastavro raises many types on corrupt input
+            raise DecodeError(
+                f"corrupt Avro body ({type(exc).__name__}: {exc})", reason="corrupt_body"
+            ) from None
+        if buf.tell() != size:
+            raise DecodeError(
+                f"corrupt Avro body: {size - buf.tell()} trailing bytes", reason="corrupt_body"
+            )
+        if not isinstance(record, dict):
+            raise DecodeError("Avro body is not a record", reason="corrupt_body")
+        return record
+
+    def decode(self, data: bytes | bytearray | memoryview | None) -> WorkspaceSnapshot:
+        """Decode a value into a `WorkspaceSnapshot`.
+
+        Raises:
+            DecodeError: the value is not a valid snapshot record (``reason`` says why).
+        """
+        record = self.decode_record(data)
+        try:
+            return WorkspaceSnapshot(**{name: record[name] for name in FIELDS})
+        except KeyError as exc:
+            raise DecodeError(f"record lacks field {exc}", reason="invalid_field") from None
+        except ValidationError as exc:
+            raise DecodeError(f"invalid field: {exc}", reason="invalid_field") from None
+
+
+_default: Codec | None = None
+
+
+def default_codec() -> Codec:
+    """Return the process-wide codec over the shipped schemas."""
+    global _default
+    if _default is None:
+        _default = Codec()
+    return _default
+
+
+def encode(snapshot: WorkspaceSnapshot) -> bytes:
+    """Encode a snapshot as a single-object Avro value with the current schema."""
+    return default_codec().encode(snapshot)
+
+
+def decode(data: bytes | bytearray | memoryview | None) -> WorkspaceSnapshot:
+    """Decode a single-object Avro value written with any shipped schema.
+
+    Raises:
+        DecodeError: the value is not a valid snapshot record (``reason`` says why).
+    """
+    return default_codec().decode(data)

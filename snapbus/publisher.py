@@ -1,0 +1,280 @@
+"""`SnapshotPublisher`: publish snapshots and tombstones to the compacted topic.
+
+Each record is keyed by the canonical session id string, so every update of a session lands on
+the same partition (Kafka's default murmur2 partitioner, the same in every language's client
+that is set to it) and compaction keeps its latest value. A publish returns only once the
+broker acknowledged it (``acks="all"`` by default) and returns a `Receipt` that a view's
+`wait_for` accepts for read-your-writes.
+
+Nothing invalid is ever sent: the snapshot is validated and encoded, and its size checked,
+before the producer sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import uuid
+import warnings
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any, Literal
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError, UnknownError
+
+from snapbus._kafka import start_client
+from snapbus.codec import Codec, default_codec, encode_key
+from snapbus.config import KafkaConfig
+from snapbus.errors import PublishError, ValidationError
+from snapbus.snapshot import WorkspaceSnapshot
+from snapbus.topic import DEFAULT_PARTITIONS, ensure_topic
+
+__all__ = ["DEFAULT_MAX_VALUE_BYTES", "Receipt", "SnapshotPublisher"]
+
+log = logging.getLogger("snapbus.publisher")
+
+DEFAULT_MAX_VALUE_BYTES = 1_000_000
+"""Largest encoded snapshot accepted (Kafka's default ``max.message.bytes`` is about 1 MB)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Receipt:
+    """Where an acknowledged record was stored."""
+
+    topic: str
+    """The topic written to."""
+    partition: int
+    """The partition the session's key maps to."""
+    offset: int
+    """The record's offset in that partition."""
+    timestamp_ms: int
+    """The record's timestamp, milliseconds since the epoch (-1 if the broker gave none)."""
+    session_id: uuid.UUID
+    """The session the record is about."""
+    tombstone: bool = False
+    """True for an eviction."""
+
+    @property
+    def timestamp(self) -> datetime.datetime | None:
+        """The record's timestamp as an aware UTC datetime, or None when unknown."""
+        if self.timestamp_ms < 0:
+            return None
+        return datetime.datetime.fromtimestamp(self.timestamp_ms / 1000, tz=datetime.timezone.utc)
+
+
+_State = Literal["new", "started", "stopped"]
+
+
+class SnapshotPublisher:
+    """Publishes snapshots and evictions to the snapshot topic (an async context manager).
+
+    ``async with SnapshotPublisher(config) as publisher: await publisher.publish(snapshot)``
+
+    Args:
+        config: where the cluster and topic are (default: `KafkaConfig.from_env()`).
+        acks: ``"all"`` (default: the record is on every in-sync replica), ``1`` or ``0``.
+        linger_ms: how long the producer waits to batch records (higher: more throughput).
+        compression_type: ``None``, ``"gzip"``, ``"snappy"``, ``"lz4"`` or ``"zstd"``.
+        enable_idempotence: turn on the idempotent producer (off by default: not every broker
+            supports it, and latest-value-wins makes a duplicate harmless).
+        delivery_timeout_s: a publish not acknowledged within this time raises `PublishError`.
+        max_value_bytes: larger encoded snapshots are refused with `ValidationError`.
+        ensure_topic: create the topic (compacted) on start if it is missing, and check it.
+        allow_non_compacted: accept an existing topic that is not compacted.
+        partitions: partitions of a topic created on start.
+        codec: the codec to encode with (default: the shipped current schema).
+        producer_options: extra keyword arguments for `aiokafka.AIOKafkaProducer`.
+    """
+
+    def __init__(
+        self,
+        config: KafkaConfig | None = None,
+        *,
+        acks: Literal["all", 0, 1] = "all",
+        linger_ms: int = 5,
+        compression_type: str | None = None,
+        enable_idempotence: bool = False,
+        delivery_timeout_s: float = 30.0,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        ensure_topic: bool = True,
+        allow_non_compacted: bool = False,
+        partitions: int = DEFAULT_PARTITIONS,
+        codec: Codec | None = None,
+        producer_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config if config is not None else KafkaConfig.from_env()
+        self._codec = codec if codec is not None else default_codec()
+        self._delivery_timeout_s = delivery_timeout_s
+        self._max_value_bytes = max_value_bytes
+        self._ensure_topic = ensure_topic
+        self._allow_non_compacted = allow_non_compacted
+        self._partitions = partitions
+        self._producer_kwargs: dict[str, Any] = {
+            **self.config.client_kwargs(),
+            "acks": acks,
+            "linger_ms": linger_ms,
+            "compression_type": compression_type,
+            "enable_idempotence": enable_idempotence,
+            "request_timeout_ms": max(1000, int(delivery_timeout_s * 1000)),
+            **(producer_options or {}),
+        }
+        self._producer: AIOKafkaProducer | None = None
+        self._state: _State = "new"
+
+    @property
+    def topic(self) -> str:
+        """The topic this publisher writes to."""
+        return self.config.topic
+
+    async def start(self) -> None:
+        """Connect, and ensure the topic exists and is compacted.
+
+        Raises:
+            KafkaUnavailableError: the cluster cannot be reached in time.
+            TopicError: the topic is not compacted, or cannot be created.
+        """
+        if self._state == "started":
+            return
+        if self._state == "stopped":
+            raise RuntimeError("a stopped SnapshotPublisher cannot be restarted; make a new one")
+        if self._ensure_topic:
+            await ensure_topic(
+                self.config,
+                partitions=self._partitions,
+                allow_non_compacted=self._allow_non_compacted,
+            )
+        producer = AIOKafkaProducer(**self._producer_kwargs)
+        await start_client(producer, self.config, "publisher")
+        self._producer = producer
+        self._state = "started"
+
+    async def stop(self) -> None:
+        """Flush what is pending and disconnect; safe to call twice."""
+        producer, self._producer = self._producer, None
+        self._state = "stopped"
+        if producer is not None:
+            await producer.stop()
+
+    async def __aenter__(self) -> SnapshotPublisher:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if getattr(self, "_state", None) == "started":
+            _warn(f"{self!r} was never stopped", ResourceWarning, stacklevel=1)
+
+    def encode(self, snapshot: WorkspaceSnapshot) -> tuple[bytes, bytes]:
+        """Validate and encode a snapshot into its Kafka key and value.
+
+        Raises:
+            ValidationError: not a `WorkspaceSnapshot`, or its encoding is too large.
+        """
+        if not isinstance(snapshot, WorkspaceSnapshot):
+            raise ValidationError(
+                f"expected a WorkspaceSnapshot, not {type(snapshot).__name__}", field="snapshot"
+            )
+        value = self._codec.encode(snapshot)
+        if len(value) > self._max_value_bytes:
+            raise ValidationError(
+                f"snapshot {snapshot.session_id} encodes to {len(value)} bytes, over the "
+                f"{self._max_value_bytes}-byte limit (shorten intent or raise max_value_bytes)",
+                field="intent",
+            )
+        return snapshot.key.encode("ascii"), value
+
+    async def publish(self, snapshot: WorkspaceSnapshot) -> Receipt:
+        """Publish a snapshot and return once the broker acknowledged it.
+
+        Raises:
+            ValidationError: the snapshot is invalid or too large; nothing was sent.
+            PublishError: not acknowledged within `delivery_timeout_s`.
+        """
+        key, value = self.encode(snapshot)
+        return await self._send(key, value, snapshot.session_id)
+
+    async def touch(self, snapshot: WorkspaceSnapshot) -> Receipt:
+        """Publish the snapshot again to renew its age (for views that expire old sessions)."""
+        return await self.publish(snapshot)
+
+    async def evict(self, session_id: uuid.UUID | str) -> Receipt:
+        """Publish a tombstone: the session disappears from every view.
+
+        Raises:
+            ValidationError: `session_id` is not a UUID; nothing was sent.
+            PublishError: not acknowledged within `delivery_timeout_s`.
+        """
+        key = encode_key(session_id)
+        return await self._send(key, None, uuid.UUID(key.decode("ascii")))
+
+    async def publish_many(self, snapshots: Iterable[WorkspaceSnapshot]) -> list[Receipt]:
+        """Publish several snapshots in as few broker round trips as possible.
+
+        Every snapshot is validated before any is sent. Returns the receipts in input order.
+
+        Raises:
+            ValidationError: one snapshot is invalid; nothing was sent.
+            PublishError: some record was not acknowledged (others may have been).
+        """
+        encoded = [(self.encode(s), s.session_id) for s in snapshots]
+        producer = self._require_started()
+        try:
+            futures = [
+                (await producer.send(self.topic, value, key=key), session_id)
+                for (key, value), session_id in encoded
+            ]
+            done = await asyncio.wait_for(
+                asyncio.gather(*(f for f, _ in futures)), self._delivery_timeout_s
+            )
+        except (KafkaError, asyncio.TimeoutError) as exc:
+            raise self._publish_error(exc) from exc
+        return [
+            self._receipt(md, session_id, False)
+            for md, (_, session_id) in zip(done, futures, strict=True)
+        ]
+
+    def _require_started(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            state = "stopped" if self._state == "stopped" else "not started"
+            raise PublishError(f"the publisher is {state}; use `async with SnapshotPublisher()`")
+        return self._producer
+
+    async def _send(self, key: bytes, value: bytes | None, session_id: uuid.UUID) -> Receipt:
+        producer = self._require_started()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._delivery_timeout_s
+        while True:
+            try:
+                future = await producer.send(self.topic, value, key=key)
+                md = await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
+                return self._receipt(md, session_id, value is None)
+            except UnknownError as exc:  # some brokers answer a transient failure this way
+                if loop.time() >= deadline:
+                    raise self._publish_error(exc) from exc
+                log.debug("publish of %s got %r; retrying", session_id, exc)
+                await asyncio.sleep(0.05)
+            except (KafkaError, asyncio.TimeoutError) as exc:
+                raise self._publish_error(exc) from exc
+
+    def _receipt(self, md: Any, session_id: uuid.UUID, tombstone: bool) -> Receipt:
+        return Receipt(md.topic, md.partition, md.offset, md.timestamp, session_id, tombstone)
+
+    def _publish_error(self, exc: BaseException) -> PublishError:
+        if isinstance(exc, asyncio.TimeoutError):
+            reason = f"not acknowledged within {self._delivery_timeout_s:g} s"
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+        return PublishError(
+            f"publish to {self.topic!r} on {self.config.bootstrap_servers} failed ({reason}); "
+            "the record may or may not be stored; publishing it again is safe"
+        )

@@ -1,0 +1,187 @@
+"""The partition-reading loop shared by the view and by replay (internal).
+
+`PartitionReader` reads every partition of the snapshot topic in offset order, without a
+consumer group, and keeps what fetch responses report about each partition. Two Kafka
+behaviours matter here and are handled the way that is right on every broker:
+
+- **High watermarks come from fetch responses**, never from ListOffsets: some brokers answer
+  ListOffsets(latest) with the base offset of the newest batch plus one, which would end a
+  catch-up early. `end_targets` holds the first high watermark each partition's fetch reported:
+  "the end of the log when reading started".
+- **Positions, not record counts**, decide when a target is reached: offsets may have holes
+  (compaction, transaction markers), so the consumer's position after applying everything
+  fetched is compared with the target.
+
+`fresh_targets` supports read-your-writes barriers: it hands out high watermarks only from a
+fetch whose request was sent after the barrier began, so every record acknowledged before it
+is included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from snapbus._kafka import start_client
+from snapbus.config import KafkaConfig
+from snapbus.errors import TopicError
+
+__all__ = ["BarrierProbe", "PartitionReader"]
+
+
+class BarrierProbe:
+    """Tracks, for one barrier, the fetch responses seen since it began.
+
+    A partition's target is known once two fetch responses newer than the one current at the
+    barrier's start were seen: the second one was requested after the first arrived, so after
+    the barrier began, and its high watermark covers every record acknowledged before that.
+    """
+
+    __slots__ = ("_seen", "targets")
+
+    def __init__(self, start_stamps: Mapping[int, int | None]) -> None:
+        self._seen: dict[int, list[int | None]] = {p: [ts] for p, ts in start_stamps.items()}
+        self.targets: dict[int, int] = {}
+
+    def observe(self, partition: int, stamp: int | None, highwater: int | None) -> None:
+        """Record the fetch response stamp and high watermark now known for `partition`."""
+        if partition in self.targets or stamp is None or highwater is None:
+            return
+        seen = self._seen.setdefault(partition, [None])
+        if stamp != seen[-1]:
+            seen.append(stamp)
+        if len(seen) >= 3:
+            self.targets[partition] = highwater
+
+    def complete(self, partitions: int) -> bool:
+        """Whether a target is known for every partition."""
+        return len(self.targets) >= partitions
+
+
+class PartitionReader:
+    """Reads all partitions of one topic from given offsets (default: the beginning).
+
+    Args:
+        config: cluster and topic.
+        fetch_max_wait_ms: how long a fetch may wait on the broker for new records; lower
+            means fresher views and more idle requests.
+        max_records: most records returned by one `read`.
+        consumer_options: extra keyword arguments for `aiokafka.AIOKafkaConsumer`.
+    """
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        *,
+        fetch_max_wait_ms: int = 100,
+        max_records: int | None = 20_000,
+        consumer_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self._max_records = max_records
+        self._consumer = AIOKafkaConsumer(
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=fetch_max_wait_ms,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_bytes=64 * 1024 * 1024,
+            **config.client_kwargs(),
+            **dict(consumer_options or {}),
+        )
+        self._tps: dict[int, TopicPartition] = {}
+        self.end_targets: dict[int, int] = {}
+        """The first high watermark each partition's fetch reported (the log end at start)."""
+        self.positions: dict[int, int] = {}
+        """The next offset to read in each partition, after everything returned so far."""
+        self._started = False
+
+    @property
+    def partitions(self) -> list[int]:
+        """The partition numbers being read."""
+        return sorted(self._tps)
+
+    async def open(self, start: Mapping[int, int] | None = None) -> None:
+        """Connect, assign every partition, and position each at `start` (default 0).
+
+        Raises:
+            KafkaUnavailableError: the cluster cannot be reached in time.
+            TopicError: the topic does not exist.
+        """
+        topic = self.config.topic
+        await start_client(self._consumer, self.config, "reader")
+        self._started = True
+        partitions = self._consumer.partitions_for_topic(topic)
+        if not partitions:
+            await self.close()
+            raise TopicError(
+                f"topic {topic!r} does not exist on {self.config.bootstrap_servers}; "
+                "create it with `snapbus topic ensure` or start a publisher first"
+            )
+        self._tps = {p: TopicPartition(topic, p) for p in sorted(partitions)}
+        self._consumer.assign(list(self._tps.values()))
+        for p, tp in self._tps.items():
+            offset = 0 if start is None else int(start.get(p, 0))
+            self._consumer.seek(tp, offset)
+            self.positions[p] = offset
+
+    async def read(self, timeout_ms: int) -> dict[int, list[ConsumerRecord[bytes, bytes]]]:
+        """Return the next records by partition, each list in offset order (may be empty).
+
+        After it returns, `positions`, `end_targets` and `highwater` reflect what was fetched.
+        """
+        batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_records)
+        consumer = self._consumer
+        for p, tp in self._tps.items():
+            self.positions[p] = await consumer.position(tp)
+            if p not in self.end_targets:
+                hw = consumer.highwater(tp)
+                if hw is not None:
+                    self.end_targets[p] = hw
+        return {tp.partition: records for tp, records in batches.items()}
+
+    def highwater(self, partition: int) -> int | None:
+        """The latest high watermark a fetch reported for `partition`, or None before any."""
+        hw: int | None = self._consumer.highwater(self._tps[partition])
+        return hw
+
+    def fetch_stamp(self, partition: int) -> int | None:
+        """The time (ms) of the latest fetch response for `partition`, or None before any."""
+        stamp: int | None = self._consumer.last_poll_timestamp(self._tps[partition])
+        return stamp
+
+    def reached(self, targets: Mapping[int, int]) -> bool:
+        """Whether every partition's position is at or past its target."""
+        positions = self.positions
+        return all(positions.get(p, 0) >= target for p, target in targets.items())
+
+    def start_barrier(self) -> BarrierProbe:
+        """Begin tracking fetch responses for a read-your-writes barrier."""
+        return BarrierProbe({p: self.fetch_stamp(p) for p in self._tps})
+
+    def observe(self, probe: BarrierProbe) -> None:
+        """Feed the latest fetch stamps and high watermarks to a barrier probe."""
+        for p in self._tps:
+            probe.observe(p, self.fetch_stamp(p), self.highwater(p))
+
+    def caught_up_to_start(self) -> bool:
+        """Whether every partition reached the high watermark seen when reading started."""
+        return len(self.end_targets) == len(self._tps) and self.reached(self.end_targets)
+
+    def lag(self) -> dict[int, int]:
+        """Records between each partition's position and its latest known high watermark."""
+        lag: dict[int, int] = {}
+        for p in self._tps:
+            hw = self.highwater(p)
+            if hw is not None:
+                lag[p] = max(0, hw - self.positions.get(p, 0))
+        return lag
+
+    async def close(self) -> None:
+        """Disconnect; safe to call twice."""
+        if self._started:
+            self._started = False
+            await asyncio.shield(self._consumer.stop())

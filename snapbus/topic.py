@@ -1,0 +1,154 @@
+"""Ensure and describe the compacted snapshot topic.
+
+The topic must use ``cleanup.policy=compact``: with ``delete`` the broker drops old segments
+after the retention time and sessions that were not updated in a while silently vanish from
+every view rebuilt after that. `ensure_topic` creates a missing topic compacted and refuses an
+existing one that is not (unless told to allow it).
+
+Topics are only looked up with whole-cluster metadata requests: some brokers auto-create any
+topic named in a Metadata request, with the wrong configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+from aiokafka.admin import NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+
+from snapbus._kafka import admin_client
+from snapbus.config import KafkaConfig
+from snapbus.errors import TopicError
+
+__all__ = ["DEFAULT_PARTITIONS", "TopicInfo", "describe_topic", "ensure_topic"]
+
+DEFAULT_PARTITIONS = 12
+"""Partitions of a topic created by snapbus (the view reads all of them)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TopicInfo:
+    """What the cluster says about the snapshot topic."""
+
+    name: str
+    """The topic name."""
+    partitions: int
+    """Number of partitions."""
+    cleanup_policy: str
+    """``compact``, ``delete`` or ``compact,delete``; ``delete`` when not set (Kafka's default)."""
+    configs: dict[str, str]
+    """Topic configs the broker reported (some brokers report only those set at creation)."""
+    created: bool = False
+    """True when `ensure_topic` created the topic just now."""
+
+    @property
+    def compacted(self) -> bool:
+        """Whether compaction is among the cleanup policies."""
+        return "compact" in self.cleanup_policy.split(",")
+
+
+async def _partition_count(admin: Any, topic: str) -> int | None:
+    metadata = await admin._get_cluster_metadata(topics=None)  # all topics: never auto-creates
+    for entry in metadata.to_object()["topics"]:
+        if entry["topic"] == topic:
+            return len(entry["partitions"])
+    return None
+
+
+async def _configs(admin: Any, topic: str) -> dict[str, str]:
+    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    configs: dict[str, str] = {}
+    for response in responses:
+        for resource in response.resources:
+            error_code, error_message = resource[0], resource[1]
+            if error_code:
+                error = for_code(error_code)
+                raise TopicError(f"cannot read configs of topic {topic!r}: {error.__name__} "
+                                 f"{error_message or ''}".rstrip())
+            for entry in resource[4]:
+                name, value = entry[0], entry[1]
+                if value is not None:
+                    configs[str(name)] = str(value)
+    return configs
+
+
+async def _describe(admin: Any, topic: str, *, created: bool = False) -> TopicInfo | None:
+    partitions = await _partition_count(admin, topic)
+    if partitions is None:
+        return None
+    configs = await _configs(admin, topic)
+    policy = configs.get("cleanup.policy", "delete")
+    return TopicInfo(topic, partitions, policy, configs, created)
+
+
+async def describe_topic(config: KafkaConfig) -> TopicInfo:
+    """Return the topic's partitions and configuration.
+
+    Raises:
+        TopicError: the topic does not exist.
+        KafkaUnavailableError: the cluster cannot be reached.
+    """
+    async with admin_client(config) as admin:
+        try:
+            info = await _describe(admin, config.topic)
+        except KafkaError as exc:
+            raise TopicError(f"cannot describe topic {config.topic!r}: {exc!r}") from exc
+    if info is None:
+        raise TopicError(
+            f"topic {config.topic!r} does not exist on {config.bootstrap_servers}; "
+            "create it with `snapbus topic ensure`"
+        )
+    return info
+
+
+async def ensure_topic(
+    config: KafkaConfig,
+    *,
+    partitions: int = DEFAULT_PARTITIONS,
+    replication_factor: int = 1,
+    allow_non_compacted: bool = False,
+    extra_configs: dict[str, str] | None = None,
+) -> TopicInfo:
+    """Create the topic compacted if it is missing, then check that it is compacted.
+
+    Safe to call from many pods at once. An existing topic is never changed.
+
+    Raises:
+        TopicError: the topic exists without ``cleanup.policy=compact`` (and
+            `allow_non_compacted` is false), or it cannot be created.
+        KafkaUnavailableError: the cluster cannot be reached.
+    """
+    topic = config.topic
+    async with admin_client(config) as admin:
+        try:
+            info = await _describe(admin, topic)
+            if info is None:
+                configs = {"cleanup.policy": "compact", **(extra_configs or {})}
+                response = await admin.create_topics(
+                    [NewTopic(topic, partitions, replication_factor, topic_configs=configs)]
+                )
+                for _name, code, *rest in response.topic_errors:
+                    error = for_code(code)
+                    if code and error is not TopicAlreadyExistsError:
+                        message = rest[0] if rest and rest[0] else error.__name__
+                        raise TopicError(f"cannot create topic {topic!r}: {message}")
+                info = None
+                for _ in range(50):  # metadata can lag a creation briefly
+                    info = await _describe(admin, topic, created=True)
+                    if info is not None:
+                        break
+                    await asyncio.sleep(0.1)
+                if info is None:
+                    raise TopicError(f"topic {topic!r} was created but does not show up")
+        except KafkaError as exc:
+            raise TopicError(f"cannot ensure topic {topic!r}: {exc!r}") from exc
+    if not info.compacted and not allow_non_compacted:
+        raise TopicError(
+            f"topic {topic!r} has cleanup.policy={info.cleanup_policy}, not compact: the broker "
+            "would delete sessions that are not updated within the retention time. Use a "
+            "compacted topic (or pass allow_non_compacted / --allow-non-compacted to accept it)"
+        )
+    return info

@@ -1,0 +1,564 @@
+"""`SnapshotView`: an in-memory materialized view of every session on the topic.
+
+Consistency contract
+--------------------
+- **Start**: `start` (or ``async with``) reads the topic from the beginning and returns once
+  the view holds everything written before it started, i.e. every partition reached the high
+  watermark its first fetch reported. If that takes longer than `start_timeout_s`, it returns
+  anyway with `status` ``degraded`` and the reason, and keeps catching up in the background.
+- **Live**: a background task then follows the topic. Records are applied one at a time, in
+  offset order within each partition; a tombstone (null value) deletes the session. Since all
+  updates of a session share a partition, the view always holds, for each session, the value
+  of its latest record read so far: last write wins over the full log, so the result does not
+  depend on broker-side compaction (which only bounds replay time).
+- **Reads** are synchronous, in memory, and O(1): `get`, ``view[id]``, ``id in view``,
+  `len`, iteration, and the exact secondary indexes `by_repo`, `by_agent`, `by_state`.
+  Between two awaits the view does not change, so a read sees one consistent state.
+- **Read your writes**: `wait_for(receipt)` returns once the view applied that record;
+  `barrier()` returns once everything acknowledged by the broker before the call is visible.
+- **Bad records** (undecodable value, empty value, unknown schema fingerprint, key that is not
+  a UUID, value whose session id differs from its key) are counted in `stats`, logged with
+  their partition and offset, and skipped: they never stop the view and never erase or alter
+  the last good snapshot of their key.
+- **Changes**: `changes()` streams every applied change as ``(session_id, old, new)``, in
+  order per session (``old`` None: created; ``new`` None: deleted). Re-publishing an equal
+  snapshot is not a change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Iterator, Mapping
+from types import TracebackType
+from typing import Any, Literal, NamedTuple
+
+from aiokafka import ConsumerRecord
+from aiokafka.errors import KafkaError
+
+from snapbus.codec import Codec, decode_key, default_codec
+from snapbus.config import KafkaConfig
+from snapbus.errors import DecodeError, SnapbusError, ViewError
+from snapbus.publisher import Receipt
+from snapbus.reader import BarrierProbe, PartitionReader
+from snapbus.snapshot import WorkspaceSnapshot, parse_uuid
+from snapbus.topic import ensure_topic as _ensure_topic
+
+__all__ = ["Change", "ChangeStream", "SnapshotView", "ViewStats", "ViewStatus"]
+
+log = logging.getLogger("snapbus.view")
+
+ViewStatus = Literal["starting", "catching_up", "live", "degraded", "failed", "stopped"]
+"""Where the view is in its life: see `SnapshotView.status`."""
+
+_LOGGED_DECODE_ERRORS = 20
+
+
+class Change(NamedTuple):
+    """One applied change of one session."""
+
+    session_id: uuid.UUID
+    """The session that changed."""
+    old: WorkspaceSnapshot | None
+    """The snapshot before the change; None when the session was created."""
+    new: WorkspaceSnapshot | None
+    """The snapshot after the change; None when the session was deleted."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ViewStats:
+    """A point-in-time summary of what the view has done."""
+
+    status: ViewStatus
+    """The view's status when the stats were taken."""
+    sessions: int
+    """Sessions currently in the view."""
+    records_applied: int
+    """Records applied (upserts plus tombstones), bad records excluded."""
+    tombstones: int
+    """Tombstones applied."""
+    decode_errors: int
+    """Records skipped because they could not be decoded."""
+    last_offsets: dict[int, int]
+    """Offset of the last record read, per partition (absent until one was read)."""
+    lag: dict[int, int]
+    """Records between the view and the latest known end of each partition."""
+    catch_up_seconds: float | None
+    """How long the initial replay took; None until it completed."""
+    status_reason: str | None
+    """Why the view is degraded or failed; None otherwise."""
+
+
+class ChangeStream:
+    """An async iterator of `Change`, subscribed from the moment `SnapshotView.changes` returns.
+
+    If the consumer falls more than `max_pending` changes behind, iteration raises `ViewError`
+    (nothing is dropped silently). Use ``async with`` or `close` to unsubscribe.
+    """
+
+    __slots__ = ("_closed", "_max_pending", "_queue", "_view")
+
+    def __init__(self, view: SnapshotView, max_pending: int) -> None:
+        self._view = view
+        self._max_pending = max_pending
+        self._queue: asyncio.Queue[Change | BaseException | None] = asyncio.Queue()
+        self._closed = False
+
+    def _push(self, change: Change) -> None:
+        if self._queue.qsize() >= self._max_pending:
+            self._view._subscribers.discard(self)
+            self._queue.put_nowait(
+                ViewError(f"change subscriber fell more than {self._max_pending} changes behind")
+            )
+            return
+        self._queue.put_nowait(change)
+
+    def _end(self, error: BaseException | None) -> None:
+        self._queue.put_nowait(error)
+
+    def __aiter__(self) -> ChangeStream:
+        return self
+
+    async def __anext__(self) -> Change:
+        if self._closed:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, Change):
+            return item
+        self.close()
+        if item is None:
+            raise StopAsyncIteration
+        raise item
+
+    def close(self) -> None:
+        """Unsubscribe; iteration ends."""
+        self._closed = True
+        self._view._subscribers.discard(self)
+
+    async def __aenter__(self) -> ChangeStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _canonical(session_id: uuid.UUID | str) -> str:
+    return str(parse_uuid(session_id, field="session_id"))
+
+
+class SnapshotView:
+    """The latest snapshot of every session, kept in memory and in sync with the topic.
+
+    ``async with SnapshotView(config) as view: view.get(session_id)``
+
+    Args:
+        config: where the cluster and topic are (default: `KafkaConfig.from_env()`).
+        start_timeout_s: how long `start` waits for the initial replay before returning with
+            status ``degraded`` (the replay goes on in the background).
+        fetch_max_wait_ms: how long a fetch waits on the broker for new records. Apache Kafka
+            answers as soon as a record arrives; some brokers only re-check after about half
+            of it, so lower values mean fresher views at the cost of more idle requests.
+        ensure_topic: create the topic (compacted) if it is missing; when false a missing
+            topic raises `TopicError` on start.
+        allow_non_compacted: accept an existing topic that is not compacted.
+        codec: the codec to decode with (default: the shipped schemas).
+        consumer_options: extra keyword arguments for `aiokafka.AIOKafkaConsumer`.
+    """
+
+    def __init__(
+        self,
+        config: KafkaConfig | None = None,
+        *,
+        start_timeout_s: float = 60.0,
+        fetch_max_wait_ms: int = 100,
+        ensure_topic: bool = True,
+        allow_non_compacted: bool = False,
+        codec: Codec | None = None,
+        consumer_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.config = config if config is not None else KafkaConfig.from_env()
+        self._codec = codec if codec is not None else default_codec()
+        self._start_timeout_s = start_timeout_s
+        self._ensure_topic = ensure_topic
+        self._allow_non_compacted = allow_non_compacted
+        self._reader = PartitionReader(
+            self.config, fetch_max_wait_ms=fetch_max_wait_ms, consumer_options=consumer_options
+        )
+        self._fetch_wait_ms = fetch_max_wait_ms
+        # state: canonical session id string -> snapshot, plus exact secondary indexes
+        self._data: dict[str, WorkspaceSnapshot] = {}
+        self._by_repo: dict[str, set[str]] = {}
+        self._by_agent: dict[str, set[str]] = {}
+        self._by_state: dict[str, set[str]] = {}
+        # progress
+        self._status: ViewStatus = "starting"
+        self._status_reason: str | None = None
+        self._records_applied = 0
+        self._tombstones = 0
+        self._decode_errors = 0
+        self._last_offsets: dict[int, int] = {}
+        self._started_at: float | None = None
+        self._catch_up_seconds: float | None = None
+        self._caught_up: asyncio.Event = asyncio.Event()
+        # waiters
+        self._offset_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._barriers: list[tuple[BarrierProbe, asyncio.Future[None]]] = []
+        self._subscribers: set[ChangeStream] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Replay the topic, then follow it live in the background.
+
+        Returns once the view is complete as of the high watermarks at start, or after
+        `start_timeout_s` with status ``degraded``.
+
+        Raises:
+            KafkaUnavailableError: the cluster cannot be reached in time.
+            TopicError: the topic is missing (with ``ensure_topic=False``) or not compacted.
+        """
+        if self._status != "starting" or self._task is not None:
+            if self._status == "stopped":
+                raise ViewError("a stopped SnapshotView cannot be restarted; make a new one")
+            return
+        self._started_at = time.monotonic()
+        try:
+            if self._ensure_topic:
+                await _ensure_topic(self.config, allow_non_compacted=self._allow_non_compacted)
+            await self._reader.open()
+        except BaseException:
+            self._status = "stopped"
+            raise
+        self._status = "catching_up"
+        self._task = asyncio.create_task(self._run(), name=f"snapbus-view:{self.config.topic}")
+        caught_up = asyncio.create_task(self._caught_up.wait())
+        try:
+            await asyncio.wait(
+                {caught_up, self._task},
+                timeout=self._start_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            caught_up.cancel()
+        if self._failure is not None:
+            await self.stop()
+            raise ViewError(f"view failed during start: {self._failure}") from self._failure
+        if not self._caught_up.is_set():
+            behind = sum(self._reader.lag().values())
+            self._set_status(
+                "degraded",
+                f"initial replay not complete after {self._start_timeout_s:g} s "
+                f"({behind} records behind); still catching up",
+            )
+
+    async def stop(self) -> None:
+        """Stop following the topic and disconnect; safe to call twice.
+
+        Pending `wait_for` and `barrier` calls raise `ViewError`; change streams end.
+        """
+        if self._status == "stopped" and self._task is None:
+            return
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._status != "failed":
+            self._status = "stopped"
+        await self._reader.close()
+        self._end_waiters(ViewError("the view was stopped"))
+
+    async def __aenter__(self) -> SnapshotView:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if getattr(self, "_task", None) is not None:
+            _warn(f"{self!r} was never stopped", ResourceWarning, stacklevel=1)
+
+    # ------------------------------------------------------------------ status
+
+    @property
+    def status(self) -> ViewStatus:
+        """``starting``, ``catching_up``, ``live``, ``degraded``, ``failed`` or ``stopped``."""
+        return self._status
+
+    @property
+    def status_reason(self) -> str | None:
+        """Why the view is ``degraded`` or ``failed``; None otherwise."""
+        return self._status_reason
+
+    @property
+    def stats(self) -> ViewStats:
+        """Counters, offsets and lag, as of now."""
+        return ViewStats(
+            status=self._status,
+            sessions=len(self._data),
+            records_applied=self._records_applied,
+            tombstones=self._tombstones,
+            decode_errors=self._decode_errors,
+            last_offsets=dict(self._last_offsets),
+            lag=self._reader.lag(),
+            catch_up_seconds=self._catch_up_seconds,
+            status_reason=self._status_reason,
+        )
+
+    def _set_status(self, status: ViewStatus, reason: str | None = None) -> None:
+        if status != self._status:
+            log.info("view of %s: %s -> %s%s", self.config.topic, self._status, status,
+                     f" ({reason})" if reason else "")
+        self._status = status
+        self._status_reason = reason
+
+    # ------------------------------------------------------------------ reads
+
+    def get(
+        self, session_id: uuid.UUID | str, default: WorkspaceSnapshot | None = None
+    ) -> WorkspaceSnapshot | None:
+        """Return the session's latest snapshot, or `default` when it is not in the view.
+
+        Raises:
+            ValidationError: `session_id` is not a UUID.
+        """
+        found = self._data.get(session_id)  # type: ignore[arg-type]  # a UUID just misses
+        if found is not None:
+            return found
+        return self._data.get(_canonical(session_id), default)
+
+    def __getitem__(self, session_id: uuid.UUID | str) -> WorkspaceSnapshot:
+        found = self.get(session_id)
+        if found is None:
+            raise KeyError(session_id)
+        return found
+
+    def __contains__(self, session_id: object) -> bool:
+        if not isinstance(session_id, (str, uuid.UUID)):
+            return False
+        try:
+            return self.get(session_id) is not None
+        except SnapbusError:
+            return False
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __iter__(self) -> Iterator[uuid.UUID]:
+        return (snapshot.session_id for snapshot in list(self._data.values()))
+
+    def snapshots(self) -> list[WorkspaceSnapshot]:
+        """Return every snapshot in the view."""
+        return list(self._data.values())
+
+    def _select(self, index: dict[str, set[str]], key: str) -> list[WorkspaceSnapshot]:
+        data = self._data
+        return [data[sid] for sid in index.get(key, ())]
+
+    def by_repo(self, repo_id: uuid.UUID | str) -> list[WorkspaceSnapshot]:
+        """Return the snapshots of every session on that repository."""
+        return self._select(self._by_repo, str(parse_uuid(repo_id, field="repo_id")))
+
+    def by_agent(self, agent_id: str) -> list[WorkspaceSnapshot]:
+        """Return the snapshots of every session of that agent."""
+        return self._select(self._by_agent, agent_id)
+
+    def by_state(self, state: str) -> list[WorkspaceSnapshot]:
+        """Return the snapshots of every session in that lifecycle state."""
+        return self._select(self._by_state, state)
+
+    # ------------------------------------------------------------------ waiting
+
+    def _require_running(self) -> None:
+        if self._status == "failed":
+            raise ViewError(f"the view failed: {self._status_reason}")
+        if self._task is None:
+            raise ViewError("the view is not running; use `async with SnapshotView()`")
+
+    async def wait_for(self, receipt: Receipt, timeout: float | None = None) -> None:
+        """Return once the view applied the record `receipt` describes (read your writes).
+
+        Raises:
+            TimeoutError: not applied within `timeout` seconds.
+            ViewError: the view stopped or failed meanwhile.
+        """
+        self._require_running()
+        if receipt.topic != self.config.topic:
+            raise ViewError(f"receipt is for topic {receipt.topic!r}, the view reads "
+                            f"{self.config.topic!r}")
+        if self._reader.positions.get(receipt.partition, 0) > receipt.offset:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._offset_waiters.append((receipt.partition, receipt.offset, future))
+        await asyncio.wait_for(future, timeout)
+
+    async def barrier(self, timeout: float | None = None) -> None:
+        """Return once every record acknowledged before this call is visible in the view.
+
+        Takes up to about two fetch round trips when the view is up to date.
+
+        Raises:
+            TimeoutError: not reached within `timeout` seconds.
+            ViewError: the view stopped or failed meanwhile.
+        """
+        self._require_running()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._barriers.append((self._reader.start_barrier(), future))
+        await asyncio.wait_for(future, timeout)
+
+    def changes(self, *, max_pending: int = 100_000) -> ChangeStream:
+        """Subscribe to changes from now on; see `ChangeStream`."""
+        stream = ChangeStream(self, max_pending)
+        self._subscribers.add(stream)
+        return stream
+
+    async def iter_changes(self) -> AsyncIterator[Change]:
+        """Yield changes from now on, until the view stops (shorthand for `changes`)."""
+        async with self.changes() as stream:
+            async for change in stream:
+                yield change
+
+    # ------------------------------------------------------------------ the loop
+
+    async def _run(self) -> None:
+        reader = self._reader
+        failures = 0
+        try:
+            while True:
+                try:
+                    batches = await reader.read(timeout_ms=self._fetch_wait_ms)
+                except KafkaError as exc:
+                    failures += 1
+                    self._set_status("degraded", f"reading failed: {exc!r}")
+                    await asyncio.sleep(min(0.1 * 2**failures, 5.0))
+                    continue
+                if failures:
+                    failures = 0
+                    self._set_status("live" if self._caught_up.is_set() else "catching_up")
+                for partition, records in batches.items():
+                    for record in records:
+                        self._apply(record)
+                    if records:
+                        self._last_offsets[partition] = records[-1].offset
+                self._after_read()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._failure = exc
+            self._set_status("failed", f"{type(exc).__name__}: {exc}")
+            log.exception("view of %s failed", self.config.topic)
+            self._end_waiters(ViewError(f"the view failed: {exc}"))
+
+    def _after_read(self) -> None:
+        reader = self._reader
+        if not self._caught_up.is_set() and reader.caught_up_to_start():
+            self._catch_up_seconds = time.monotonic() - (self._started_at or 0.0)
+            self._caught_up.set()
+            self._set_status("live")
+            log.info("view of %s caught up: %d sessions in %.2f s", self.config.topic,
+                     len(self._data), self._catch_up_seconds)
+        if self._offset_waiters:
+            positions = reader.positions
+            pending = []
+            for partition, offset, future in self._offset_waiters:
+                if positions.get(partition, 0) > offset:
+                    if not future.done():
+                        future.set_result(None)
+                elif not future.done():
+                    pending.append((partition, offset, future))
+            self._offset_waiters = pending
+        if self._barriers:
+            pending_barriers = []
+            for probe, future in self._barriers:
+                if future.done():
+                    continue
+                reader.observe(probe)
+                if probe.complete(len(reader.partitions)) and reader.reached(probe.targets):
+                    future.set_result(None)
+                else:
+                    pending_barriers.append((probe, future))
+            self._barriers = pending_barriers
+
+    def _end_waiters(self, error: BaseException) -> None:
+        for _, _, future in self._offset_waiters:
+            if not future.done():
+                future.set_exception(error)
+        for _, future in self._barriers:
+            if not future.done():
+                future.set_exception(error)
+        self._offset_waiters.clear()
+        self._barriers.clear()
+        for stream in list(self._subscribers):
+            stream._end(None if isinstance(error, ViewError) and self._failure is None else error)
+        self._subscribers.clear()
+
+    def _bad_record(self, record: ConsumerRecord[bytes, bytes], error: DecodeError) -> None:
+        self._decode_errors += 1
+        if self._decode_errors <= _LOGGED_DECODE_ERRORS:
+            log.warning("skipping bad record at %s[%d]@%d (%s): %s", record.topic,
+                        record.partition, record.offset, error.reason, error)
+            if self._decode_errors == _LOGGED_DECODE_ERRORS:
+                log.warning("further bad records are counted in stats but not logged")
+
+    def _apply(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        try:
+            session_uuid = decode_key(record.key)
+            new = None if record.value is None else self._codec.decode(record.value)
+        except DecodeError as exc:
+            self._bad_record(record, exc)
+            return
+        if new is not None and new.session_id != session_uuid:
+            self._bad_record(record, DecodeError(
+                f"value is for session {new.session_id} but the key is {session_uuid}",
+                reason="invalid_field"))
+            return
+        key = str(session_uuid)
+        old = self._data.get(key)
+        self._records_applied += 1
+        if new is None:
+            self._tombstones += 1
+            if old is None:
+                return
+            del self._data[key]
+            self._unindex(key, old)
+        else:
+            if old == new:
+                return
+            self._data[key] = new
+            if old is not None:
+                self._unindex(key, old)
+            self._index(key, new)
+        if self._subscribers:
+            change = Change(session_uuid, old, new)
+            for stream in list(self._subscribers):
+                stream._push(change)
+
+    def _index(self, key: str, snapshot: WorkspaceSnapshot) -> None:
+        self._by_repo.setdefault(str(snapshot.repo_id), set()).add(key)
+        self._by_agent.setdefault(snapshot.agent_id, set()).add(key)
+        self._by_state.setdefault(snapshot.state, set()).add(key)
+
+    def _unindex(self, key: str, snapshot: WorkspaceSnapshot) -> None:
+        for index, value in (
+            (self._by_repo, str(snapshot.repo_id)),
+            (self._by_agent, snapshot.agent_id),
+            (self._by_state, snapshot.state),
+        ):
+            members = index.get(value)
+            if members is not None:
+                members.discard(key)
+                if not members:
+                    del index[value]

@@ -1,0 +1,56 @@
+"""Shared fixtures: one Kafka broker per test session, unique topic names.
+
+Tests that use the ``broker`` fixture (directly or through another fixture) are marked
+``integration`` automatically, so ``pytest -m "not integration"`` runs the unit tests alone.
+Set ``SNAPBUS_TEST_BOOTSTRAP_SERVERS`` to run the integration tests against an external broker
+(e.g. Apache Kafka from docker-compose.yml) instead of the embedded one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+from uuid import uuid4
+
+import pytest
+
+from snapbus.broker import EmbeddedBroker
+
+
+class BrokerAddress(Protocol):
+    """What integration tests may rely on from the ``broker`` fixture."""
+
+    @property
+    def bootstrap_servers(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class ExternalBroker:
+    """A broker the test session did not start."""
+
+    bootstrap_servers: str
+
+
+@pytest.fixture(scope="session")
+async def broker() -> AsyncIterator[BrokerAddress]:
+    """The session's Kafka broker: the embedded one in memory mode, or an external one."""
+    external = os.environ.get("SNAPBUS_TEST_BOOTSTRAP_SERVERS")
+    if external:
+        yield ExternalBroker(external)
+        return
+    async with EmbeddedBroker() as embedded:
+        yield embedded
+
+
+@pytest.fixture
+def topic_name() -> str:
+    """A topic name no other test uses."""
+    return f"test-{uuid4().hex[:12]}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "broker" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
