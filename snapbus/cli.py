@@ -1,0 +1,456 @@
+"""The ``snapbus`` command line: thin commands over the library.
+
+Every command that talks to Kafka takes ``--bootstrap-servers`` and ``--topic`` (also read
+from ``SNAPBUS_BOOTSTRAP_SERVERS`` and ``SNAPBUS_TOPIC``) and the security options of
+`snapbus.config.KafkaConfig`. ``demo`` and ``broker`` start an embedded broker when no
+bootstrap servers are configured. Errors print one line on stderr and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import sys
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from snapbus.config import DEFAULT_TOPIC, KafkaConfig
+from snapbus.errors import SnapbusError, ValidationError
+from snapbus.snapshot import WorkspaceSnapshot
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+
+_SECURITY_OPTIONS = (
+    "security_protocol", "sasl_mechanism", "sasl_username", "sasl_password",
+    "ssl_cafile", "ssl_certfile", "ssl_keyfile",
+)
+
+
+class _Settings:
+    """What the global options said; commands turn it into a `KafkaConfig`."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+
+    @property
+    def bootstrap_given(self) -> bool:
+        return bool(self.options.get("bootstrap_servers"))
+
+    def config(self, **overrides: Any) -> KafkaConfig:
+        values = {k: v for k, v in self.options.items() if v is not None}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return KafkaConfig.from_env({}, **values)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine; snapbus errors become one line on stderr and exit status 1."""
+    try:
+        return asyncio.run(coro)
+    except SnapbusError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+def _command(func: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
+    """Wrap an async command body so click can call it."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return _run(func(*args, **kwargs))
+
+    return wrapper
+
+
+def _settings() -> _Settings:
+    settings = click.get_current_context().find_object(_Settings)
+    assert settings is not None
+    return settings
+
+
+def _config(**overrides: Any) -> KafkaConfig:
+    try:
+        return _settings().config(**overrides)
+    except SnapbusError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="snapbus")
+@click.option("--bootstrap-servers", "-b", envvar="SNAPBUS_BOOTSTRAP_SERVERS",
+              help="Kafka brokers, host:port[,host:port].  [env: SNAPBUS_BOOTSTRAP_SERVERS; "
+                   "default 127.0.0.1:9092, or an embedded broker for demo]")
+@click.option("--topic", "-t", envvar="SNAPBUS_TOPIC", default=DEFAULT_TOPIC,
+              help="The compacted snapshot topic.  [env: SNAPBUS_TOPIC]")
+@click.option("--security-protocol", envvar="SNAPBUS_SECURITY_PROTOCOL",
+              type=click.Choice(["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]),
+              help="Transport security.  [env: SNAPBUS_SECURITY_PROTOCOL]")
+@click.option("--sasl-mechanism", envvar="SNAPBUS_SASL_MECHANISM",
+              type=click.Choice(["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]),
+              help="SASL mechanism.  [env: SNAPBUS_SASL_MECHANISM]")
+@click.option("--sasl-username", envvar="SNAPBUS_SASL_USERNAME",
+              help="SASL user.  [env: SNAPBUS_SASL_USERNAME]")
+@click.option("--sasl-password", envvar="SNAPBUS_SASL_PASSWORD",
+              help="SASL password.  [env: SNAPBUS_SASL_PASSWORD]")
+@click.option("--ssl-cafile", envvar="SNAPBUS_SSL_CAFILE",
+              help="CA bundle for the brokers' certificates.  [env: SNAPBUS_SSL_CAFILE]")
+@click.option("--ssl-certfile", envvar="SNAPBUS_SSL_CERTFILE",
+              help="Client certificate (mutual TLS).  [env: SNAPBUS_SSL_CERTFILE]")
+@click.option("--ssl-keyfile", envvar="SNAPBUS_SSL_KEYFILE",
+              help="Client key (mutual TLS).  [env: SNAPBUS_SSL_KEYFILE]")
+@click.option("--timeout", "connect_timeout_s", type=float, default=15.0,
+              help="Seconds to wait for the cluster before giving up.")
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+@click.pass_context
+def cli(ctx: click.Context, /, verbose: int, **options: Any) -> None:
+    """snapbus: every pod sees the latest state of every workspace session."""
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # aiokafka logs every failed connection attempt as an error; snapbus reports the outcome.
+    logging.getLogger("aiokafka").setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL)
+    ctx.obj = _Settings(options)
+
+
+# ---------------------------------------------------------------------------- broker, demo
+
+
+@cli.command()
+@click.option("--port", type=int, help="Port to listen on (default: a free one).")
+@click.option("--durable", is_flag=True, help="Keep data in S3 storage served by moto.")
+def broker(port: int | None, durable: bool) -> None:
+    """Run an embedded Kafka-compatible broker in the foreground until Ctrl-C."""
+    from snapbus.broker import EmbeddedBroker
+
+    async def serve() -> None:
+        async with EmbeddedBroker(port=port, durable=durable) as embedded:
+            click.echo(f"broker listening on {embedded.bootstrap_servers}")
+            click.echo(f"  export SNAPBUS_BOOTSTRAP_SERVERS={embedded.bootstrap_servers}")
+            sys.stdout.flush()
+            await asyncio.Event().wait()
+
+    _run(serve())
+
+
+@cli.command()
+@click.option("--pods", type=click.IntRange(1, 50), default=3, help="Simulated pods.")
+@click.option("--duration", type=click.FloatRange(0.5, 3600), default=10.0,
+              help="Seconds of publishing.")
+@click.option("--rate", type=click.FloatRange(0), default=50.0,
+              help="Operations per second per pod (0: unthrottled).")
+@click.option("--fetch-max-wait-ms", type=click.IntRange(1, 10_000), default=20,
+              help="Views' fetch wait: lower is fresher, higher is idler.")
+@click.option("--seed", type=int, help="Seed for a repeatable workload.")
+def demo(pods: int, duration: float, rate: float, fetch_max_wait_ms: int,
+         seed: int | None) -> None:
+    """Simulate pods publishing session lifecycles while their views follow; check convergence.
+
+    Without --bootstrap-servers an embedded broker is started (and a fresh topic used).
+    Exits 1 if any view did not converge to the expected final state.
+    """
+    from snapbus.demo import run_demo
+
+    settings = _settings()
+    config = _config() if settings.bootstrap_given else None
+    result = _run(run_demo(config, pods=pods, duration_s=duration, rate=rate,
+                           fetch_max_wait_ms=fetch_max_wait_ms, seed=seed))
+    if not result.converged:
+        raise click.ClickException("the views did not converge")
+
+
+# ---------------------------------------------------------------------------- topic
+
+
+@cli.group()
+def topic() -> None:
+    """Create or inspect the compacted snapshot topic."""
+
+
+@topic.command("ensure")
+@click.option("--partitions", type=click.IntRange(1, 10_000), default=12,
+              help="Partitions if the topic is created.")
+@click.option("--allow-non-compacted", is_flag=True,
+              help="Accept an existing topic whose cleanup.policy is not compact.")
+@_command
+async def topic_ensure(partitions: int, allow_non_compacted: bool) -> None:
+    """Create the topic compacted if missing; fail if it exists and is not compacted."""
+    from snapbus.topic import ensure_topic
+
+    info = await ensure_topic(_config(), partitions=partitions,
+                              allow_non_compacted=allow_non_compacted)
+    verb = "created" if info.created else "exists"
+    click.echo(f"topic {info.name} {verb}: {info.partitions} partitions, "
+               f"cleanup.policy={info.cleanup_policy}")
+
+
+@topic.command("describe")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_command
+async def topic_describe(as_json: bool) -> None:
+    """Show the topic's partitions and configuration."""
+    from snapbus.topic import describe_topic
+
+    info = await describe_topic(_config())
+    if as_json:
+        click.echo(json.dumps({"name": info.name, "partitions": info.partitions,
+                               "cleanup_policy": info.cleanup_policy,
+                               "compacted": info.compacted, "configs": info.configs}, indent=2))
+        return
+    click.echo(f"topic:          {info.name}")
+    click.echo(f"partitions:     {info.partitions}")
+    click.echo(f"cleanup.policy: {info.cleanup_policy}"
+               + ("" if info.compacted else "  (NOT compacted: sessions can be lost)"))
+    for name, value in sorted(info.configs.items()):
+        click.echo(f"  {name} = {value}")
+
+
+# ---------------------------------------------------------------------------- write
+
+
+def _read_json_input(source: str) -> Iterator[WorkspaceSnapshot]:
+    """Yield snapshots from a JSON object, a JSON array, or JSON Lines ('-' is stdin)."""
+    if source == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {source}: {exc.strerror}",
+                                     param_hint="--json") from None
+    text = text.strip()
+    if not text:
+        raise click.BadParameter(f"{source} is empty", param_hint="--json")
+    try:
+        data = json.loads(text)
+        items = data if isinstance(data, list) else [data]
+    except ValueError:
+        try:
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError as exc:
+            raise click.BadParameter(f"{source}: not JSON or JSON Lines: {exc}",
+                                     param_hint="--json") from None
+    for number, item in enumerate(items, 1):
+        try:
+            yield WorkspaceSnapshot.from_dict(item)
+        except ValidationError as exc:
+            where = f"{source} item {number}" if len(items) > 1 else source
+            raise click.BadParameter(f"{where}: {exc}", param_hint="--json") from None
+
+
+@cli.command()
+@click.option("--json", "json_source", metavar="FILE",
+              help="Read snapshots from a JSON object/array/JSON Lines file ('-': stdin).")
+@click.option("--session-id", help="Session UUID (default: a new one).")
+@click.option("--repo-id", help="Repository UUID.")
+@click.option("--agent-id", help="Agent identifier.")
+@click.option("--agent-name", default="", help="Agent display name.")
+@click.option("--changeset-id", help="Changeset UUID (default: a new one).")
+@click.option("--intent", default="", help="Intent text.")
+@click.option("--base-commit", default="", help="Base commit hash.")
+@click.option("--state", default="active", help="Lifecycle state.")
+@click.option("--mode", default="ephemeral", help="ephemeral or persistent.")
+def publish(json_source: str | None, **fields: Any) -> None:
+    """Publish snapshots given by flags or as JSON; print where each was stored."""
+    if json_source is not None:
+        snapshots = list(_read_json_input(json_source))
+    else:
+        for required in ("repo_id", "agent_id"):
+            if not fields[required]:
+                raise click.UsageError(f"--{required.replace('_', '-')} is required "
+                                       "(or give --json FILE)")
+        fields["session_id"] = fields["session_id"] or str(uuid.uuid4())
+        fields["changeset_id"] = fields["changeset_id"] or str(uuid.uuid4())
+        try:
+            snapshots = [WorkspaceSnapshot.from_dict(fields)]
+        except ValidationError as exc:
+            option = f"--{exc.field.replace('_', '-')}" if exc.field else None
+            raise click.BadParameter(str(exc), param_hint=option) from None
+
+    async def send() -> None:
+        from snapbus.publisher import SnapshotPublisher
+
+        async with SnapshotPublisher(_config()) as publisher:
+            receipts = await publisher.publish_many(snapshots)
+        for receipt in receipts:
+            click.echo(f"published {receipt.session_id} to "
+                       f"{receipt.topic}[{receipt.partition}]@{receipt.offset}")
+
+    _run(send())
+
+
+@cli.command()
+@click.argument("session_ids", nargs=-1, required=True)
+def evict(session_ids: tuple[str, ...]) -> None:
+    """Publish tombstones: the sessions disappear from every view."""
+    from snapbus.snapshot import parse_uuid
+
+    try:
+        ids = [parse_uuid(s, field="SESSION_ID") for s in session_ids]
+    except ValidationError as exc:
+        raise click.BadParameter(str(exc), param_hint="SESSION_ID") from None
+
+    async def send() -> None:
+        from snapbus.publisher import SnapshotPublisher
+
+        async with SnapshotPublisher(_config()) as publisher:
+            for session_id in ids:
+                receipt = await publisher.evict(session_id)
+                click.echo(f"evicted {session_id} at "
+                           f"{receipt.topic}[{receipt.partition}]@{receipt.offset}")
+
+    _run(send())
+
+
+# ---------------------------------------------------------------------------- read
+
+
+def _view(**kwargs: Any) -> Any:
+    from snapbus.view import SnapshotView
+
+    return SnapshotView(_config(), ensure_topic=False, fetch_max_wait_ms=50, **kwargs)
+
+
+def _table(snapshots: list[WorkspaceSnapshot]) -> Table:
+    table = Table(show_lines=False)
+    for column in ("session_id", "repo_id"):
+        table.add_column(column, no_wrap=True, min_width=36)
+    for column in ("agent", "state", "mode", "intent"):
+        table.add_column(column, overflow="fold")
+    for s in sorted(snapshots, key=lambda s: (str(s.repo_id), s.agent_id, str(s.session_id))):
+        intent = s.intent if len(s.intent) <= 60 else s.intent[:57] + "..."
+        table.add_row(str(s.session_id), str(s.repo_id), f"{s.agent_name} ({s.agent_id})",
+                      s.state, s.mode, intent)
+    return table
+
+
+@cli.command()
+@click.argument("session_id")
+@_command
+async def get(session_id: str) -> None:
+    """Print one session's latest snapshot as JSON (exit 1 if it is not there)."""
+    from snapbus.snapshot import parse_uuid
+
+    try:
+        wanted = parse_uuid(session_id, field="SESSION_ID")
+    except ValidationError as exc:
+        raise click.BadParameter(str(exc), param_hint="SESSION_ID") from None
+    async with _view() as view:
+        snapshot = view.get(wanted)
+    if snapshot is None:
+        raise click.ClickException(f"session {wanted} not found on topic {view.config.topic}")
+    click.echo(json.dumps(snapshot.to_dict(), indent=2, ensure_ascii=False))
+
+
+@cli.command("ls")
+@click.option("--repo", "repo_id", help="Only sessions on this repository UUID.")
+@click.option("--agent", "agent_id", help="Only sessions of this agent id.")
+@click.option("--state", help="Only sessions in this state.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@_command
+async def list_sessions(repo_id: str | None, agent_id: str | None, state: str | None,
+                        as_json: bool) -> None:
+    """List the latest snapshot of every session, optionally filtered."""
+    from snapbus.snapshot import parse_uuid
+
+    if repo_id is not None:
+        try:
+            repo_id = str(parse_uuid(repo_id, field="--repo"))
+        except ValidationError as exc:
+            raise click.BadParameter(str(exc), param_hint="--repo") from None
+    async with _view() as view:
+        if repo_id is not None:
+            found = view.by_repo(repo_id)
+        elif agent_id is not None:
+            found = view.by_agent(agent_id)
+        elif state is not None:
+            found = view.by_state(state)
+        else:
+            found = view.snapshots()
+    found = [s for s in found
+             if (repo_id is None or str(s.repo_id) == repo_id)
+             and (agent_id is None or s.agent_id == agent_id)
+             and (state is None or s.state == state)]
+    if as_json:
+        click.echo(json.dumps([s.to_dict() for s in found], indent=2, ensure_ascii=False))
+    else:
+        console = Console()
+        console.print(_table(found))
+        console.print(f"{len(found)} session(s)")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON Lines.")
+@click.option("--count", type=click.IntRange(1), help="Exit after this many changes.")
+@_command
+async def watch(as_json: bool, count: int | None) -> None:
+    """Print changes as they happen, until Ctrl-C (or --count changes)."""
+    async with _view() as view:
+        if not as_json:
+            click.echo(f"watching {view.config.topic} ({len(view)} sessions); Ctrl-C to stop",
+                       err=True)
+        seen = 0
+        async with view.changes() as stream:
+            async for change in stream:
+                if as_json:
+                    click.echo(json.dumps({
+                        "session_id": str(change.session_id),
+                        "old": change.old.to_dict() if change.old else None,
+                        "new": change.new.to_dict() if change.new else None,
+                    }, ensure_ascii=False), nl=True)
+                else:
+                    kind = ("created" if change.old is None
+                            else "deleted" if change.new is None else "updated")
+                    now = change.new or change.old
+                    assert now is not None
+                    click.echo(f"{kind:8} {change.session_id} state={now.state} "
+                               f"agent={now.agent_name} repo={now.repo_id}")
+                sys.stdout.flush()
+                seen += 1
+                if count is not None and seen >= count:
+                    return
+
+
+# ---------------------------------------------------------------------------- schema
+
+
+@cli.group()
+def schema() -> None:
+    """Work with the Avro schemas in schemas/."""
+
+
+@schema.command("check")
+@click.argument("candidate", type=click.Path(exists=True, dir_okay=False))
+@click.option("--schemas", "folder", type=click.Path(exists=True, file_okay=False),
+              help="Folder of known schemas (default: the shipped ones).")
+def schema_check(candidate: str, folder: str | None) -> None:
+    """Check that CANDIDATE can live beside the known schemas (read and be read both ways)."""
+    from snapbus.schema import SchemaStore, check_compatibility, load_schema
+
+    try:
+        new = load_schema(candidate)
+        store = SchemaStore.from_dir(folder)
+    except SnapbusError as exc:
+        raise click.ClickException(str(exc)) from None
+    known = [s for s in store if s.fingerprint != new.fingerprint]
+    problems = check_compatibility(new, known)
+    if problems:
+        for problem in problems:
+            click.echo(f"incompatible: {problem}", err=True)
+        raise click.ClickException(f"{candidate} is not compatible with {len(known)} known "
+                                   "schema(s)")
+    click.echo(f"{candidate} is compatible with {len(known)} known schema(s) "
+               f"(fingerprint {new.fingerprint.hex()})")
+
+
+def main() -> None:
+    """Entry point of the ``snapbus`` console script."""
+    cli(prog_name="snapbus")
