@@ -26,7 +26,10 @@ from snapbus.config import DEFAULT_TOPIC, KafkaConfig
 from snapbus.errors import SnapbusError, ValidationError
 from snapbus.snapshot import WorkspaceSnapshot
 
-__all__ = ["main"]
+__all__ = ["DEMO_TOPIC", "main"]
+
+DEMO_TOPIC = "snapbus.demo"
+"""The topic the demo uses on a configured cluster when --topic is not given."""
 
 T = TypeVar("T")
 
@@ -154,13 +157,19 @@ def demo(pods: int, duration: float, rate: float, fetch_max_wait_ms: int,
          seed: int | None) -> None:
     """Simulate pods publishing session lifecycles while their views follow; check convergence.
 
-    Without --bootstrap-servers an embedded broker is started (and a fresh topic used).
+    Without --bootstrap-servers an embedded broker is started (and a fresh topic used). With
+    a cluster, the demo uses the topic snapbus.demo unless --topic is given explicitly.
     Exits 1 if any view did not converge to the expected final state.
     """
     from snapbus.demo import run_demo
 
     settings = _settings()
-    config = _config() if settings.bootstrap_given else None
+    config = None
+    if settings.bootstrap_given:
+        # Never write demo sessions into the real topic unless --topic asks for it.
+        ctx = click.get_current_context().find_root()
+        explicit = ctx.get_parameter_source("topic") is not click.core.ParameterSource.DEFAULT
+        config = _config() if explicit else _config(topic=DEMO_TOPIC)
     result = _run(run_demo(config, pods=pods, duration_s=duration, rate=rate,
                            fetch_max_wait_ms=fetch_max_wait_ms, seed=seed))
     if not result.converged:
