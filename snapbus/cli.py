@@ -9,14 +9,17 @@ bootstrap servers are configured. Errors print one line on stderr and exit non-z
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
 import functools
 import json
 import logging
+import re
 import sys
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import click
 from rich.console import Console
@@ -24,9 +27,9 @@ from rich.table import Table
 
 from snapbus.config import DEFAULT_TOPIC, KafkaConfig
 from snapbus.errors import SnapbusError, ValidationError
-from snapbus.snapshot import WorkspaceSnapshot
+from snapbus.snapshot import WorkspaceSnapshot, parse_uuid
 
-__all__ = ["DEMO_TOPIC", "main"]
+__all__ = ["DEMO_TOPIC", "main", "parse_time"]
 
 DEMO_TOPIC = "snapbus.demo"
 """The topic the demo uses on a configured cluster when --topic is not given."""
@@ -111,6 +114,9 @@ def _config(**overrides: Any) -> KafkaConfig:
               help="Client certificate (mutual TLS).  [env: SNAPBUS_SSL_CERTFILE]")
 @click.option("--ssl-keyfile", envvar="SNAPBUS_SSL_KEYFILE",
               help="Client key (mutual TLS).  [env: SNAPBUS_SSL_KEYFILE]")
+@click.option("--history-topic", envvar="SNAPBUS_HISTORY_TOPIC",
+              help="Non-compacted topic with every change; replay and history read it. "
+                   " [env: SNAPBUS_HISTORY_TOPIC]")
 @click.option("--timeout", "connect_timeout_s", type=float, default=15.0,
               help="Seconds to wait for the cluster before giving up.")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
@@ -122,6 +128,50 @@ def cli(ctx: click.Context, /, verbose: int, **options: Any) -> None:
     # aiokafka logs every failed connection attempt as an error; snapbus reports the outcome.
     logging.getLogger("aiokafka").setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL)
     ctx.obj = _Settings(options)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_time(text: str, *, now: datetime.datetime | None = None) -> datetime.datetime:
+    """Parse ISO 8601 (naive means UTC), ``now``, or a relative time like ``-15m`` / ``-2h``.
+
+    Raises:
+        ValidationError: the text is none of those forms.
+    """
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    value = text.strip()
+    if value == "now":
+        return now
+    match = re.fullmatch(r"-(\d+(?:\.\d+)?)\s*([smhdw])", value)
+    if match:
+        return now - datetime.timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+    try:
+        moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValidationError(
+            f"cannot read time {text!r}: use ISO 8601 (2026-11-24T10:00:00Z), 'now', or a "
+            "relative time like -15m, -2h, -1d"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment
+
+
+class _TimeType(click.ParamType):  # type: ignore[type-arg]
+    name = "TIME"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> datetime.datetime:
+        if isinstance(value, datetime.datetime):
+            return value
+        try:
+            return parse_time(str(value))
+        except ValidationError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+TIME = _TimeType()
 
 
 # ---------------------------------------------------------------------------- broker, demo
@@ -300,8 +350,6 @@ def publish(json_source: str | None, **fields: Any) -> None:
 @click.argument("session_ids", nargs=-1, required=True)
 def evict(session_ids: tuple[str, ...]) -> None:
     """Publish tombstones: the sessions disappear from every view."""
-    from snapbus.snapshot import parse_uuid
-
     try:
         ids = [parse_uuid(s, field="SESSION_ID") for s in session_ids]
     except ValidationError as exc:
@@ -328,6 +376,12 @@ def _view(**kwargs: Any) -> Any:
     return SnapshotView(_config(), ensure_topic=False, fetch_max_wait_ms=50, **kwargs)
 
 
+def _console(file: TextIO | None = None) -> Console:
+    """A console for tables: full width on a terminal, wide enough for ids elsewhere."""
+    console = Console(file=file)
+    return console if console.is_terminal else Console(file=file, width=200)
+
+
 def _table(snapshots: list[WorkspaceSnapshot]) -> Table:
     table = Table(show_lines=False)
     for column in ("session_id", "repo_id"):
@@ -346,8 +400,6 @@ def _table(snapshots: list[WorkspaceSnapshot]) -> Table:
 @_command
 async def get(session_id: str) -> None:
     """Print one session's latest snapshot as JSON (exit 1 if it is not there)."""
-    from snapbus.snapshot import parse_uuid
-
     try:
         wanted = parse_uuid(session_id, field="SESSION_ID")
     except ValidationError as exc:
@@ -363,27 +415,32 @@ async def get(session_id: str) -> None:
 @click.option("--repo", "repo_id", help="Only sessions on this repository UUID.")
 @click.option("--agent", "agent_id", help="Only sessions of this agent id.")
 @click.option("--state", help="Only sessions in this state.")
+@click.option("--as-of", type=TIME,
+              help="Show the sessions as they were at this time (replays the log).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @_command
 async def list_sessions(repo_id: str | None, agent_id: str | None, state: str | None,
-                        as_json: bool) -> None:
-    """List the latest snapshot of every session, optionally filtered."""
-    from snapbus.snapshot import parse_uuid
-
+                        as_of: datetime.datetime | None, as_json: bool) -> None:
+    """List the latest snapshot of every session, optionally filtered or as of a time."""
     if repo_id is not None:
         try:
             repo_id = str(parse_uuid(repo_id, field="--repo"))
         except ValidationError as exc:
             raise click.BadParameter(str(exc), param_hint="--repo") from None
-    async with _view() as view:
-        if repo_id is not None:
-            found = view.by_repo(repo_id)
-        elif agent_id is not None:
-            found = view.by_agent(agent_id)
-        elif state is not None:
-            found = view.by_state(state)
-        else:
-            found = view.snapshots()
+    if as_of is not None:
+        from snapbus.replay import rebuild
+
+        found = list((await rebuild(_config(), as_of=as_of)).values())
+    else:
+        async with _view() as view:
+            if repo_id is not None:
+                found = view.by_repo(repo_id)
+            elif agent_id is not None:
+                found = view.by_agent(agent_id)
+            elif state is not None:
+                found = view.by_state(state)
+            else:
+                found = view.snapshots()
     found = [s for s in found
              if (repo_id is None or str(s.repo_id) == repo_id)
              and (agent_id is None or s.agent_id == agent_id)
@@ -391,7 +448,7 @@ async def list_sessions(repo_id: str | None, agent_id: str | None, state: str | 
     if as_json:
         click.echo(json.dumps([s.to_dict() for s in found], indent=2, ensure_ascii=False))
     else:
-        console = Console()
+        console = _console()
         console.print(_table(found))
         console.print(f"{len(found)} session(s)")
 
@@ -426,6 +483,132 @@ async def watch(as_json: bool, count: int | None) -> None:
                 seen += 1
                 if count is not None and seen >= count:
                     return
+
+
+# ---------------------------------------------------------------------------- replay
+
+def _event_row(event: Any) -> tuple[str, ...]:
+    when = event.timestamp.isoformat(timespec="milliseconds") if event.timestamp else "-"
+    snapshot = event.snapshot
+    if snapshot is None:
+        return (when, f"{event.partition}@{event.offset}", str(event.session_id), "DELETED",
+                "", "")
+    return (when, f"{event.partition}@{event.offset}", str(event.session_id), snapshot.state,
+            f"{snapshot.agent_name} ({snapshot.agent_id})", snapshot.intent[:50])
+
+
+def _events_table(events: list[Any]) -> Table:
+    table = Table()
+    for column in ("timestamp", "partition@offset", "session_id", "state", "agent", "intent"):
+        table.add_column(column, no_wrap=column in ("session_id", "timestamp"))
+    for event in events:
+        table.add_row(*_event_row(event))
+    return table
+
+
+@cli.command("replay")
+@click.option("--since", type=TIME, help="From this time (ISO 8601, or relative like -15m).")
+@click.option("--until", type=TIME, help="Up to (not including) this time.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "table"]), default="jsonl",
+              help="Output format.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True),
+              help="Write to this file instead of stdout.")
+@click.option("--no-progress", is_flag=True, help="Do not show a progress bar on stderr.")
+def replay_command(since: datetime.datetime | None, until: datetime.datetime | None,
+                   fmt: str, output: str | None, no_progress: bool) -> None:
+    """Export the log's events between two times, in offset order per partition."""
+    if since and until and since >= until:
+        raise click.BadParameter("--since must be before --until", param_hint="--since")
+    config = _config()
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(output, "w", encoding="utf-8")) if output else sys.stdout
+        count = _run(_replay_to(config, out, since, until, fmt, not no_progress))
+    click.echo(f"{count} event(s)", err=True)
+
+
+async def _replay_to(config: KafkaConfig, out: TextIO, since: datetime.datetime | None,
+                     until: datetime.datetime | None, fmt: str, show_progress: bool) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from snapbus.replay import replay, write_jsonl
+
+    stderr = Console(stderr=True)
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=stderr,
+                  disable=not (show_progress and stderr.is_terminal), transient=True) as bar:
+        task = bar.add_task(f"replaying {config.topic}", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        events = replay(config, since=since, until=until, progress=progress)
+        if fmt == "table":
+            collected = [event async for event in events]
+            _console(out).print(_events_table(collected))
+            return len(collected)
+        return await write_jsonl(events, out)
+
+
+@cli.command("history")
+@click.argument("session_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON Lines.")
+@_command
+async def history_command(session_id: str, as_json: bool) -> None:
+    """Show every change of one session that is still in the log."""
+    from snapbus.replay import event_to_json, history
+
+    try:
+        wanted = parse_uuid(session_id, field="SESSION_ID")
+    except ValidationError as exc:
+        raise click.BadParameter(str(exc), param_hint="SESSION_ID") from None
+    events = await history(wanted, _config())
+    if as_json:
+        for event in events:
+            click.echo(json.dumps(event_to_json(event), ensure_ascii=False))
+        return
+    if not events:
+        raise click.ClickException(f"no records of session {wanted} in the log")
+    _console().print(_events_table(events))
+
+
+@cli.command("import")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+def import_command(source: str) -> None:
+    """Publish the events of a JSON Lines export (from `snapbus replay`) to the topic.
+
+    Snapshots are published and tombstones evict, in file order, so a view of the target
+    topic ends equal to the exported state.
+    """
+    items: list[tuple[uuid.UUID, WorkspaceSnapshot | None]] = []
+    with contextlib.ExitStack() as stack:
+        handle = sys.stdin if source == "-" else stack.enter_context(
+            open(source, encoding="utf-8"))
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+                session = parse_uuid(data["session_id"], field="session_id")
+                value = data["snapshot"]
+                items.append((session, None if value is None
+                              else WorkspaceSnapshot.from_dict(value)))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise click.BadParameter(f"{source} line {number}: {exc}",
+                                         param_hint="SOURCE") from None
+    _run(_import(_config(), items))
+
+
+async def _import(config: KafkaConfig,
+                  items: list[tuple[uuid.UUID, WorkspaceSnapshot | None]]) -> None:
+    from snapbus.publisher import SnapshotPublisher
+
+    async with SnapshotPublisher(config) as publisher:
+        for session, snapshot in items:
+            if snapshot is None:
+                await publisher.evict(session)
+            else:
+                await publisher.publish(snapshot)
+    click.echo(f"imported {len(items)} event(s) into {config.topic}")
 
 
 # ---------------------------------------------------------------------------- schema

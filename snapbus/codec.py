@@ -21,7 +21,7 @@ import fastavro
 
 from snapbus.errors import DecodeError, ValidationError
 from snapbus.schema import Schema, SchemaStore
-from snapbus.snapshot import FIELDS, WorkspaceSnapshot
+from snapbus.snapshot import WorkspaceSnapshot
 
 __all__ = [
     "HEADER_SIZE",
@@ -170,7 +170,7 @@ class Codec:
         """
         record = self.decode_record(data)
         try:
-            return WorkspaceSnapshot(**{name: record[name] for name in FIELDS})
+            return WorkspaceSnapshot._from_record(record)
         except KeyError as exc:
             raise DecodeError(f"record lacks field {exc}", reason="invalid_field") from None
         except ValidationError as exc:

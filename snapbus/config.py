@@ -16,6 +16,7 @@ environment variables (flags given explicitly win over the environment):
 ``SNAPBUS_SSL_CERTFILE``            client certificate (mutual TLS)
 ``SNAPBUS_SSL_KEYFILE``             client private key (mutual TLS)
 ``SNAPBUS_CLIENT_ID``               client id shown in broker logs (default ``snapbus``)
+``SNAPBUS_HISTORY_TOPIC``           optional time-retained topic receiving every change
 ==================================  ===========================================================
 """
 
@@ -90,10 +91,16 @@ class KafkaConfig:
     """Client private key for mutual TLS."""
     connect_timeout_s: float = 15.0
     """How long a client may take to reach the cluster before `KafkaUnavailableError`."""
+    history_topic: str | None = None
+    """Optional non-compacted topic that also receives every change (full history)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bootstrap_servers", _validate_servers(self.bootstrap_servers))
         validate_topic_name(self.topic)
+        if self.history_topic is not None:
+            validate_topic_name(self.history_topic)
+            if self.history_topic == self.topic:
+                raise ConfigError("history_topic must differ from the snapshot topic")
         if self.security_protocol not in _PROTOCOLS:
             known = ", ".join(_PROTOCOLS)
             raise ConfigError(f"security protocol {self.security_protocol!r} is not one of {known}")

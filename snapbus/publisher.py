@@ -68,6 +68,12 @@ class Receipt:
 _State = Literal["new", "started", "stopped"]
 
 
+async def _first_of_both(main: Any, extra: Any) -> Any:
+    """Wait for both sends; return the first one's metadata."""
+    result, _ = await asyncio.gather(main, extra)
+    return result
+
+
 class SnapshotPublisher:
     """Publishes snapshots and evictions to the snapshot topic (an async context manager).
 
@@ -86,6 +92,8 @@ class SnapshotPublisher:
         allow_non_compacted: accept an existing topic that is not compacted.
         partitions: partitions of a topic created on start.
         codec: the codec to encode with (default: the shipped current schema).
+        history_retention_ms: retention of the history topic if this publisher creates it
+            (only when ``config.history_topic`` is set; default 7 days).
         producer_options: extra keyword arguments for `aiokafka.AIOKafkaProducer`.
     """
 
@@ -103,6 +111,7 @@ class SnapshotPublisher:
         allow_non_compacted: bool = False,
         partitions: int = DEFAULT_PARTITIONS,
         codec: Codec | None = None,
+        history_retention_ms: int = 7 * 24 * 3600 * 1000,
         producer_options: dict[str, Any] | None = None,
     ) -> None:
         self.config = config if config is not None else KafkaConfig.from_env()
@@ -112,6 +121,7 @@ class SnapshotPublisher:
         self._ensure_topic = ensure_topic
         self._allow_non_compacted = allow_non_compacted
         self._partitions = partitions
+        self._history_retention_ms = history_retention_ms
         self._producer_kwargs: dict[str, Any] = {
             **self.config.client_kwargs(),
             "acks": acks,
@@ -146,6 +156,14 @@ class SnapshotPublisher:
                 partitions=self._partitions,
                 allow_non_compacted=self._allow_non_compacted,
             )
+            if self.config.history_topic:
+                await ensure_topic(
+                    self.config.replace(topic=self.config.history_topic),
+                    partitions=self._partitions,
+                    allow_non_compacted=True,
+                    extra_configs={"cleanup.policy": "delete",
+                                   "retention.ms": str(self._history_retention_ms)},
+                )
         producer = AIOKafkaProducer(**self._producer_kwargs)
         await start_client(producer, self.config, "publisher")
         self._producer = producer
@@ -233,9 +251,13 @@ class SnapshotPublisher:
                 (await producer.send(self.topic, value, key=key), session_id)
                 for (key, value), session_id in encoded
             ]
+            history = self.config.history_topic
+            extra = [await producer.send(history, value, key=key)
+                     for (key, value), _ in encoded] if history else []
             done = await asyncio.wait_for(
-                asyncio.gather(*(f for f, _ in futures)), self._delivery_timeout_s
+                asyncio.gather(*(f for f, _ in futures), *extra), self._delivery_timeout_s
             )
+            done = done[: len(futures)]
         except (KafkaError, asyncio.TimeoutError) as exc:
             raise self._publish_error(exc) from exc
         return [
@@ -256,6 +278,9 @@ class SnapshotPublisher:
         while True:
             try:
                 future = await producer.send(self.topic, value, key=key)
+                if self.config.history_topic:
+                    extra = await producer.send(self.config.history_topic, value, key=key)
+                    future = asyncio.ensure_future(_first_of_both(future, extra))
                 md = await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
                 return self._receipt(md, session_id, value is None)
             except UnknownError as exc:  # some brokers answer a transient failure this way

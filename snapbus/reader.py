@@ -20,16 +20,66 @@ is included.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from snapbus._kafka import start_client
+from snapbus.codec import Codec, decode_key
 from snapbus.config import KafkaConfig
-from snapbus.errors import TopicError
+from snapbus.errors import DecodeError, TopicError
+from snapbus.snapshot import WorkspaceSnapshot
 
-__all__ = ["BarrierProbe", "PartitionReader"]
+__all__ = ["BarrierProbe", "Event", "PartitionReader", "decode_record"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
+    """One decoded record of the topic: a snapshot, or a tombstone when `snapshot` is None."""
+
+    session_id: uuid.UUID
+    """The session the record is about (from the record key)."""
+    snapshot: WorkspaceSnapshot | None
+    """The session's new snapshot; None for a tombstone (the session was deleted)."""
+    partition: int
+    """The partition the record is in."""
+    offset: int
+    """The record's offset in its partition."""
+    timestamp_ms: int
+    """The record's timestamp in milliseconds since the epoch (-1 when unknown)."""
+
+    @property
+    def tombstone(self) -> bool:
+        """Whether the record deletes the session."""
+        return self.snapshot is None
+
+    @property
+    def timestamp(self) -> datetime.datetime | None:
+        """The record's timestamp as an aware UTC datetime, or None when unknown."""
+        if self.timestamp_ms < 0:
+            return None
+        return datetime.datetime.fromtimestamp(self.timestamp_ms / 1000, tz=datetime.timezone.utc)
+
+
+def decode_record(record: ConsumerRecord[bytes, bytes], codec: Codec) -> Event:
+    """Decode one Kafka record into an `Event`: the one decode path of views and replay.
+
+    Raises:
+        DecodeError: the key is not a UUID, the value is not a valid snapshot, or the value's
+            session id differs from the key.
+    """
+    session_id = decode_key(record.key)
+    snapshot = None if record.value is None else codec.decode(record.value)
+    if snapshot is not None and snapshot.session_id != session_id:
+        raise DecodeError(
+            f"value is for session {snapshot.session_id} but the key is {session_id}",
+            reason="invalid_field",
+        )
+    return Event(session_id, snapshot, record.partition, record.offset, record.timestamp)
 
 
 class BarrierProbe:
@@ -82,16 +132,19 @@ class PartitionReader:
     ) -> None:
         self.config = config
         self._max_records = max_records
-        self._consumer = AIOKafkaConsumer(
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=fetch_max_wait_ms,
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-            fetch_max_bytes=64 * 1024 * 1024,
+        # one dict, not several ** expansions: consumer_options may override these defaults
+        # (a key given twice in a call is a TypeError)
+        options: dict[str, Any] = {
+            "group_id": None,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "fetch_max_wait_ms": fetch_max_wait_ms,
+            "max_partition_fetch_bytes": 4 * 1024 * 1024,
+            "fetch_max_bytes": 64 * 1024 * 1024,
             **config.client_kwargs(),
             **dict(consumer_options or {}),
-        )
+        }
+        self._consumer = AIOKafkaConsumer(**options)
         self._tps: dict[int, TopicPartition] = {}
         self.end_targets: dict[int, int] = {}
         """The first high watermark each partition's fetch reported (the log end at start)."""
@@ -127,6 +180,23 @@ class PartitionReader:
             offset = 0 if start is None else int(start.get(p, 0))
             self._consumer.seek(tp, offset)
             self.positions[p] = offset
+
+    async def offsets_for_time(self, timestamp_ms: int) -> dict[int, int]:
+        """Return the broker's hint of each partition's first offset at or after a time.
+
+        Partitions with no match are left out (a missing answer, or timestamp -1, which some
+        brokers give for "no match" together with offset 0). Only a hint: records' own
+        timestamps must still be checked.
+        """
+        hints = await self._consumer.offsets_for_times(dict.fromkeys(self._tps.values(),
+                                                                     timestamp_ms))
+        return {tp.partition: hint.offset for tp, hint in hints.items()
+                if hint is not None and hint.timestamp >= 0}
+
+    def seek(self, partition: int, offset: int) -> None:
+        """Read `partition` from `offset` next."""
+        self._consumer.seek(self._tps[partition], offset)
+        self.positions[partition] = offset
 
     async def read(self, timeout_ms: int) -> dict[int, list[ConsumerRecord[bytes, bytes]]]:
         """Return the next records by partition, each list in offset order (may be empty).

@@ -41,11 +41,11 @@ from typing import Any, Literal, NamedTuple
 from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
 
-from snapbus.codec import Codec, decode_key, default_codec
+from snapbus.codec import Codec, default_codec
 from snapbus.config import KafkaConfig
 from snapbus.errors import DecodeError, SnapbusError, ViewError
 from snapbus.publisher import Receipt
-from snapbus.reader import BarrierProbe, PartitionReader
+from snapbus.reader import BarrierProbe, PartitionReader, decode_record
 from snapbus.snapshot import WorkspaceSnapshot, parse_uuid
 from snapbus.topic import ensure_topic as _ensure_topic
 
@@ -335,9 +335,10 @@ class SnapshotView:
         Raises:
             ValidationError: `session_id` is not a UUID.
         """
-        found = self._data.get(session_id)  # type: ignore[arg-type]  # a UUID just misses
-        if found is not None:
-            return found
+        if isinstance(session_id, str):  # fast path for the canonical form (keys are str)
+            found = self._data.get(session_id)
+            if found is not None:
+                return found
         return self._data.get(_canonical(session_id), default)
 
     def __getitem__(self, session_id: uuid.UUID | str) -> WorkspaceSnapshot:
@@ -515,16 +516,11 @@ class SnapshotView:
 
     def _apply(self, record: ConsumerRecord[bytes, bytes]) -> None:
         try:
-            session_uuid = decode_key(record.key)
-            new = None if record.value is None else self._codec.decode(record.value)
+            event = decode_record(record, self._codec)
         except DecodeError as exc:
             self._bad_record(record, exc)
             return
-        if new is not None and new.session_id != session_uuid:
-            self._bad_record(record, DecodeError(
-                f"value is for session {new.session_id} but the key is {session_uuid}",
-                reason="invalid_field"))
-            return
+        session_uuid, new = event.session_id, event.snapshot
         key = str(session_uuid)
         old = self._data.get(key)
         self._records_applied += 1

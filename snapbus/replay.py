@@ -1,0 +1,234 @@
+"""Reading the log back: bounded replay, the state at an instant, per-session history, export.
+
+`replay` reads the topic (or the history topic, when one is configured) from a start bound to
+the end of the log as it was when the replay began, and yields decoded `Event` values in
+offset order within each partition. It never waits for new records.
+
+Bounds are either datetimes, compared with record timestamps, or explicit per-partition
+offsets. The broker's time index (``offsets_for_times``) is used only to skip ahead: it is a
+hint (some brokers index by write time at batch granularity and answer "offset 0" when nothing
+matches), and every record's own timestamp is checked.
+
+What compaction removes
+-----------------------
+On a compacted topic the broker may delete any record that a later record with the same key
+supersedes. Replay therefore sees every session's *latest* record, but not necessarily the
+updates before it. `rebuild(as_of=T)` is exact for every instant T at which each session's
+record in force is still in the log; once compaction removed a superseded record, the state
+before its successor can no longer be rebuilt from the snapshot topic (a session deleted by a
+tombstone may also vanish entirely after ``delete.retention.ms``). For full history, configure
+a history topic (`KafkaConfig.history_topic`): the publisher also writes every change there,
+to a topic that is never compacted and expires by time, and replay reads it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import IO, Any
+
+from snapbus.codec import Codec, default_codec
+from snapbus.config import KafkaConfig
+from snapbus.errors import DecodeError, ValidationError
+from snapbus.reader import Event, PartitionReader, decode_record
+from snapbus.snapshot import WorkspaceSnapshot, parse_uuid
+
+__all__ = ["Bound", "Event", "event_to_json", "history", "rebuild", "replay", "write_jsonl"]
+
+log = logging.getLogger("snapbus.replay")
+
+Bound = datetime.datetime | Mapping[int, int] | None
+"""A replay bound: a datetime (record timestamps), offsets per partition, or None (open)."""
+
+Progress = Callable[[int, int], None]
+"""Called as ``progress(done, total)`` with records read so far and the records to read."""
+
+
+def _to_ms(moment: datetime.datetime, name: str) -> int:
+    if not isinstance(moment, datetime.datetime):
+        raise ValidationError(f"{name} must be a datetime or offsets, not {type(moment).__name__}",
+                              field=name)
+    if moment.tzinfo is None:
+        raise ValidationError(f"{name} must be timezone-aware (e.g. UTC): {moment.isoformat()}",
+                              field=name)
+    return math.floor(moment.timestamp() * 1000)
+
+
+def _resolve_config(config: KafkaConfig | None, bootstrap_servers: str | None, topic: str | None,
+                    history: bool) -> KafkaConfig:
+    config = KafkaConfig.from_env(bootstrap_servers=bootstrap_servers, topic=topic) \
+        if config is None else config.replace(**{k: v for k, v in (
+            ("bootstrap_servers", bootstrap_servers), ("topic", topic)) if v is not None})
+    if history and config.history_topic:
+        return config.replace(topic=config.history_topic)
+    return config
+
+
+async def _start_offsets(reader: PartitionReader, since: Bound) -> dict[int, int]:
+    if since is None:
+        return {}
+    if isinstance(since, Mapping):
+        return {int(p): int(o) for p, o in since.items()}
+    return await reader.offsets_for_time(_to_ms(since, "since"))
+
+
+async def replay(
+    config: KafkaConfig | None = None,
+    *,
+    bootstrap_servers: str | None = None,
+    topic: str | None = None,
+    since: Bound = None,
+    until: Bound = None,
+    use_history: bool = True,
+    errors: str = "skip",
+    codec: Codec | None = None,
+    fetch_max_wait_ms: int = 100,
+    progress: Progress | None = None,
+) -> AsyncIterator[Event]:
+    """Yield the log's events between two bounds, in offset order within each partition.
+
+    Args:
+        config: cluster and topic (or give `bootstrap_servers` and `topic`).
+        since: first event to include: a datetime (records at or after it) or start offsets
+            per partition (inclusive). None: from the beginning.
+        until: where to stop: a datetime (records strictly before it) or end offsets per
+            partition (exclusive). The replay never reads past the end of the log as it was
+            when it began.
+        use_history: read the history topic instead when the config names one.
+        errors: ``"skip"`` (default: undecodable records are logged and skipped) or
+            ``"raise"`` (raise `DecodeError`).
+        progress: called after each batch with (records read, records to read).
+
+    Raises:
+        TopicError: the topic does not exist.
+        KafkaUnavailableError: the cluster cannot be reached.
+        DecodeError: a record is undecodable and ``errors="raise"``.
+    """
+    if errors not in ("skip", "raise"):
+        raise ValidationError(f"errors must be 'skip' or 'raise', not {errors!r}", field="errors")
+    config = _resolve_config(config, bootstrap_servers, topic, use_history)
+    codec = codec if codec is not None else default_codec()
+    until_ms = _to_ms(until, "until") if isinstance(until, datetime.datetime) else None
+    until_offsets = {int(p): int(o) for p, o in until.items()} \
+        if isinstance(until, Mapping) else {}
+    since_ms = _to_ms(since, "since") if isinstance(since, datetime.datetime) else None
+    reader = PartitionReader(config, fetch_max_wait_ms=fetch_max_wait_ms)
+    await reader.open()
+    try:
+        starts = await _start_offsets(reader, since)
+        for p, offset in starts.items():
+            reader.seek(p, offset)
+        done = 0
+        while True:
+            batches = await reader.read(timeout_ms=fetch_max_wait_ms)
+            targets = _targets(reader, until_offsets)
+            for partition, records in batches.items():
+                first = starts.get(partition, 0)
+                stop = targets.get(partition, math.inf)
+                for record in records:
+                    done += 1
+                    if record.offset < first or record.offset >= stop:
+                        continue
+                    if since_ms is not None and record.timestamp < since_ms:
+                        continue
+                    if until_ms is not None and record.timestamp >= until_ms:
+                        continue
+                    try:
+                        event = decode_record(record, codec)
+                    except DecodeError as exc:
+                        if errors == "raise":
+                            raise
+                        log.warning("skipping bad record at %s[%d]@%d (%s): %s", record.topic,
+                                    record.partition, record.offset, exc.reason, exc)
+                        continue
+                    yield event
+            if progress is not None:
+                progress(done, done + sum(max(0, t - reader.positions.get(p, 0))
+                                          for p, t in targets.items()))
+            if len(targets) == len(reader.partitions) and reader.reached(targets):
+                return
+    finally:
+        await reader.close()
+
+
+def _targets(reader: PartitionReader, until_offsets: Mapping[int, int]) -> dict[int, int]:
+    targets = dict(reader.end_targets)
+    for p, offset in until_offsets.items():
+        if p in targets:
+            targets[p] = min(targets[p], offset)
+    return targets
+
+
+async def rebuild(
+    config: KafkaConfig | None = None,
+    *,
+    bootstrap_servers: str | None = None,
+    topic: str | None = None,
+    as_of: datetime.datetime | None = None,
+    use_history: bool = True,
+    codec: Codec | None = None,
+) -> dict[uuid.UUID, WorkspaceSnapshot]:
+    """Return every session's snapshot as it was at `as_of` (default: now).
+
+    Records with a timestamp at or before `as_of` count; a tombstone deletes; undecodable
+    records are skipped, as a view skips them. See the module docstring for what compaction
+    removes.
+    """
+    until = None
+    if as_of is not None:
+        until_ms = _to_ms(as_of, "as_of") + 1
+        until = datetime.datetime.fromtimestamp(until_ms / 1000, tz=datetime.timezone.utc)
+    state: dict[uuid.UUID, WorkspaceSnapshot] = {}
+    async for event in replay(config, bootstrap_servers=bootstrap_servers, topic=topic,
+                              until=until, use_history=use_history, codec=codec):
+        if event.snapshot is None:
+            state.pop(event.session_id, None)
+        else:
+            state[event.session_id] = event.snapshot
+    return state
+
+
+async def history(
+    session_id: uuid.UUID | str,
+    config: KafkaConfig | None = None,
+    *,
+    since: Bound = None,
+    until: Bound = None,
+    use_history: bool = True,
+) -> list[Event]:
+    """Return every change of one session still in the log, oldest first.
+
+    Only the session's partition is relevant, but the whole log is scanned: keys are hashed
+    by the producer, and a producer with another partitioner may have used another partition.
+    """
+    wanted = parse_uuid(session_id, field="session_id")
+    return [event async for event in replay(config, since=since, until=until,
+                                            use_history=use_history)
+            if event.session_id == wanted]
+
+
+def event_to_json(event: Event) -> dict[str, Any]:
+    """Return an event as a JSON-ready dict (the line format of `write_jsonl`)."""
+    return {
+        "session_id": str(event.session_id),
+        "snapshot": None if event.snapshot is None else event.snapshot.to_dict(),
+        "partition": event.partition,
+        "offset": event.offset,
+        "timestamp": None if event.timestamp is None else event.timestamp.isoformat(),
+        "timestamp_ms": event.timestamp_ms,
+    }
+
+
+async def write_jsonl(events: AsyncIterator[Event], out: IO[str]) -> int:
+    """Write events as JSON Lines (one `event_to_json` object per line); return the count."""
+    count = 0
+    for_line = json.dumps
+    async for event in events:
+        out.write(for_line(event_to_json(event), ensure_ascii=False))
+        out.write("\n")
+        count += 1
+    return count
