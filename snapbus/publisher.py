@@ -68,12 +68,6 @@ class Receipt:
 _State = Literal["new", "started", "stopped"]
 
 
-async def _first_of_both(main: Any, extra: Any) -> Any:
-    """Wait for both sends; return the first one's metadata."""
-    result, _ = await asyncio.gather(main, extra)
-    return result
-
-
 class SnapshotPublisher:
     """Publishes snapshots and evictions to the snapshot topic (an async context manager).
 
@@ -247,19 +241,23 @@ class SnapshotPublisher:
         encoded = [(self.encode(s), s.session_id) for s in snapshots]
         producer = self._require_started()
         try:
-            futures = [
-                (await producer.send(self.topic, value, key=key), session_id)
-                for (key, value), session_id in encoded
-            ]
-            history = self.config.history_topic
-            extra = [await producer.send(history, value, key=key)
-                     for (key, value), _ in encoded] if history else []
-            done = await asyncio.wait_for(
-                asyncio.gather(*(f for f, _ in futures), *extra), self._delivery_timeout_s
-            )
-            done = done[: len(futures)]
+            return await asyncio.wait_for(self._send_many(producer, encoded),
+                                          self._delivery_timeout_s)
         except (KafkaError, asyncio.TimeoutError) as exc:
             raise self._publish_error(exc) from exc
+
+    async def _send_many(
+        self, producer: AIOKafkaProducer,
+        encoded: list[tuple[tuple[bytes, bytes], uuid.UUID]],
+    ) -> list[Receipt]:
+        futures = [
+            (await producer.send(self.topic, value, key=key), session_id)
+            for (key, value), session_id in encoded
+        ]
+        history = self.config.history_topic
+        extra = [await producer.send(history, value, key=key)
+                 for (key, value), _ in encoded] if history else []
+        done = (await asyncio.gather(*(f for f, _ in futures), *extra))[: len(futures)]
         return [
             self._receipt(md, session_id, False)
             for md, (_, session_id) in zip(done, futures, strict=True)
@@ -277,11 +275,9 @@ class SnapshotPublisher:
         deadline = loop.time() + self._delivery_timeout_s
         while True:
             try:
-                future = await producer.send(self.topic, value, key=key)
-                if self.config.history_topic:
-                    extra = await producer.send(self.config.history_topic, value, key=key)
-                    future = asyncio.ensure_future(_first_of_both(future, extra))
-                md = await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
+                md = await asyncio.wait_for(
+                    self._send_once(producer, key, value), max(0.0, deadline - loop.time())
+                )
                 return self._receipt(md, session_id, value is None)
             except UnknownError as exc:  # some brokers answer a transient failure this way
                 if loop.time() >= deadline:
@@ -290,6 +286,16 @@ class SnapshotPublisher:
                 await asyncio.sleep(0.05)
             except (KafkaError, asyncio.TimeoutError) as exc:
                 raise self._publish_error(exc) from exc
+
+    async def _send_once(self, producer: AIOKafkaProducer, key: bytes,
+                         value: bytes | None) -> Any:
+        """Enqueue the record (waiting for buffer space) and wait for its acknowledgement."""
+        future = await producer.send(self.topic, value, key=key)
+        if self.config.history_topic:
+            extra = await producer.send(self.config.history_topic, value, key=key)
+            result, _ = await asyncio.gather(future, extra)
+            return result
+        return await future
 
     def _receipt(self, md: Any, session_id: uuid.UUID, tombstone: bool) -> Receipt:
         return Receipt(md.topic, md.partition, md.offset, md.timestamp, session_id, tombstone)

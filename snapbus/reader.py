@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -150,6 +151,9 @@ class PartitionReader:
         """The first high watermark each partition's fetch reported (the log end at start)."""
         self.positions: dict[int, int] = {}
         """The next offset to read in each partition, after everything returned so far."""
+        self.rewound: set[int] = set()
+        """Partitions whose consumer position went backwards (an offset reset by the client)."""
+        self._opened_ms = 0
         self._started = False
 
     @property
@@ -167,6 +171,7 @@ class PartitionReader:
         topic = self.config.topic
         await start_client(self._consumer, self.config, "reader")
         self._started = True
+        self._opened_ms = int(time.time() * 1000)
         partitions = self._consumer.partitions_for_topic(topic)
         if not partitions:
             await self.close()
@@ -206,7 +211,10 @@ class PartitionReader:
         batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_records)
         consumer = self._consumer
         for p, tp in self._tps.items():
-            self.positions[p] = await consumer.position(tp)
+            position = await consumer.position(tp)
+            if position < self.positions.get(p, 0):
+                self.rewound.add(p)  # the consumer reset: the log was truncated under us
+            self.positions[p] = position
             if p not in self.end_targets:
                 hw = consumer.highwater(tp)
                 if hw is not None:
@@ -236,6 +244,38 @@ class PartitionReader:
         """Feed the latest fetch stamps and high watermarks to a barrier probe."""
         for p in self._tps:
             probe.observe(p, self.fetch_stamp(p), self.highwater(p))
+
+    def truncated(self) -> list[int]:
+        """Partitions whose log now ends before the reader's position, or that were rewound.
+
+        Either means records the reader already applied are gone from the broker (a broker
+        that lost its data, or a topic deleted and re-created): the reader must start over.
+        """
+        found = set(self.rewound)
+        for p in self._tps:
+            hw = self.highwater(p)
+            if hw is not None and hw < self.positions.get(p, 0):
+                found.add(p)
+        return sorted(found)
+
+    def restart_from_beginning(self) -> None:
+        """Read every partition again from offset 0, with fresh end targets."""
+        for p in self._tps:
+            self.seek(p, 0)
+        self.end_targets.clear()
+        self.rewound.clear()
+
+    def staleness_s(self) -> float:
+        """Seconds since the broker last answered a fetch for the least recent partition."""
+        stamps = [self.fetch_stamp(p) for p in self._tps]
+        oldest = min((s if s is not None else self._opened_ms for s in stamps),
+                     default=self._opened_ms)
+        return max(0.0, time.time() - oldest / 1000)
+
+    def partitions_now(self) -> set[int] | None:
+        """The topic's partitions per the client's latest metadata (None: topic unknown)."""
+        found = self._consumer.partitions_for_topic(self.config.topic)
+        return None if found is None else set(found)
 
     def caught_up_to_start(self) -> bool:
         """Whether every partition reached the high watermark seen when reading started."""

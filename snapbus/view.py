@@ -38,11 +38,12 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Literal, NamedTuple
 
-from aiokafka import ConsumerRecord
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaError
 
+from snapbus._kafka import start_client
 from snapbus.codec import Codec, default_codec
-from snapbus.config import KafkaConfig
+from snapbus.config import KafkaConfig, validate_topic_name
 from snapbus.errors import DecodeError, SnapbusError, ViewError
 from snapbus.publisher import Receipt
 from snapbus.reader import BarrierProbe, PartitionReader, decode_record
@@ -92,6 +93,12 @@ class ViewStats:
     """How long the initial replay took; None until it completed."""
     status_reason: str | None
     """Why the view is degraded or failed; None otherwise."""
+    staleness_s: float
+    """Seconds since the broker last answered for the least recently answered partition."""
+    dead_lettered: int
+    """Bad records copied to the dead-letter topic."""
+    resyncs: int
+    """Times the view re-read the whole log because the broker's log ended before it."""
 
 
 class ChangeStream:
@@ -167,6 +174,13 @@ class SnapshotView:
             topic raises `TopicError` on start.
         allow_non_compacted: accept an existing topic that is not compacted.
         codec: the codec to decode with (default: the shipped schemas).
+        stale_after_s: with no answer from the broker for this long the view reports
+            ``degraded`` (it keeps serving the last known state and keeps retrying).
+        fail_after_s: with no answer for this long the view gives up: ``failed`` (default:
+            never; it retries until stopped).
+        dead_letter_topic: copy every undecodable record there (a compacted topic keyed by
+            source coordinates, so copies from many pods collapse), with headers saying where
+            it came from and why it failed.
         consumer_options: extra keyword arguments for `aiokafka.AIOKafkaConsumer`.
     """
 
@@ -179,9 +193,21 @@ class SnapshotView:
         ensure_topic: bool = True,
         allow_non_compacted: bool = False,
         codec: Codec | None = None,
+        stale_after_s: float = 10.0,
+        fail_after_s: float | None = None,
+        dead_letter_topic: str | None = None,
         consumer_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config if config is not None else KafkaConfig.from_env()
+        self._stale_after_s = stale_after_s
+        self._fail_after_s = fail_after_s
+        self._dead_letter_topic = (validate_topic_name(dead_letter_topic)
+                                   if dead_letter_topic is not None else None)
+        self._dead_letters: list[tuple[ConsumerRecord[bytes, bytes], DecodeError]] = []
+        self._dead_letter_producer: AIOKafkaProducer | None = None
+        self._dead_lettered = 0
+        self._resyncs = 0
+        self._resync_seen: set[str] | None = None
         self._codec = codec if codec is not None else default_codec()
         self._start_timeout_s = start_timeout_s
         self._ensure_topic = ensure_topic
@@ -232,9 +258,16 @@ class SnapshotView:
         try:
             if self._ensure_topic:
                 await _ensure_topic(self.config, allow_non_compacted=self._allow_non_compacted)
+            if self._dead_letter_topic is not None:
+                await _ensure_topic(self.config.replace(topic=self._dead_letter_topic))
+                producer = AIOKafkaProducer(acks="all", linger_ms=20,
+                                            **self.config.client_kwargs())
+                await start_client(producer, self.config, "dead-letter producer")
+                self._dead_letter_producer = producer
             await self._reader.open()
         except BaseException:
             self._status = "stopped"
+            await self._close_dead_letters()
             raise
         self._status = "catching_up"
         self._task = asyncio.create_task(self._run(), name=f"snapbus-view:{self.config.topic}")
@@ -273,7 +306,13 @@ class SnapshotView:
         if self._status != "failed":
             self._status = "stopped"
         await self._reader.close()
+        await self._close_dead_letters()
         self._end_waiters(ViewError("the view was stopped"))
+
+    async def _close_dead_letters(self) -> None:
+        producer, self._dead_letter_producer = self._dead_letter_producer, None
+        if producer is not None:
+            await producer.stop()
 
     async def __aenter__(self) -> SnapshotView:
         await self.start()
@@ -316,6 +355,9 @@ class SnapshotView:
             lag=self._reader.lag(),
             catch_up_seconds=self._catch_up_seconds,
             status_reason=self._status_reason,
+            staleness_s=self._reader.staleness_s() if self._task is not None else 0.0,
+            dead_lettered=self._dead_lettered,
+            resyncs=self._resyncs,
         )
 
     def _set_status(self, status: ViewStatus, reason: str | None = None) -> None:
@@ -442,29 +484,79 @@ class SnapshotView:
                 try:
                     batches = await reader.read(timeout_ms=self._fetch_wait_ms)
                 except KafkaError as exc:
+                    if not getattr(exc, "retriable", False) and failures >= 3:
+                        raise
                     failures += 1
-                    self._set_status("degraded", f"reading failed: {exc!r}")
+                    self._set_status("degraded", f"reading failed, retrying: {exc!r}")
                     await asyncio.sleep(min(0.1 * 2**failures, 5.0))
                     continue
-                if failures:
-                    failures = 0
-                    self._set_status("live" if self._caught_up.is_set() else "catching_up")
+                failures = 0
                 for partition, records in batches.items():
                     for record in records:
                         self._apply(record)
                     if records:
                         self._last_offsets[partition] = records[-1].offset
+                if self._dead_letters:
+                    await self._send_dead_letters()
+                self._check_health()
                 self._after_read()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            self._failure = exc
-            self._set_status("failed", f"{type(exc).__name__}: {exc}")
-            log.exception("view of %s failed", self.config.topic)
-            self._end_waiters(ViewError(f"the view failed: {exc}"))
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failure = exc
+        self._set_status("failed", f"{type(exc).__name__}: {exc}")
+        log.error("view of %s failed: %s", self.config.topic, self._status_reason)
+        self._end_waiters(ViewError(f"the view failed: {exc}"))
+
+    def _check_health(self) -> None:
+        """Track staleness, truncated logs and changed partitions; set the status."""
+        reader = self._reader
+        truncated = reader.truncated()
+        if truncated:
+            self._begin_resync(truncated)
+        staleness = reader.staleness_s()
+        if staleness > self._stale_after_s:
+            if self._fail_after_s is not None and staleness > self._fail_after_s:
+                raise ViewError(f"no answer from the broker for {staleness:.0f} s "
+                                f"(fail_after_s={self._fail_after_s:g})")
+            partitions = reader.partitions_now()
+            if partitions is not None and partitions != set(reader.partitions):
+                raise ViewError(f"topic {self.config.topic!r} now has partitions "
+                                f"{sorted(partitions)}, not {reader.partitions}: it was "
+                                "deleted and re-created; restart the view")
+            self._set_status("degraded", f"no answer from the broker for {staleness:.1f} s; "
+                                         "serving the last known state")
+        elif self._resync_seen is not None:
+            self._set_status("degraded", "the log was truncated; re-reading it")
+        elif self._status == "degraded" and self._caught_up.is_set():
+            self._set_status("live")
+        elif self._status == "degraded":
+            self._set_status("catching_up")
+
+    def _begin_resync(self, partitions: list[int]) -> None:
+        log.warning("view of %s: partitions %s now end before the view's position (the broker "
+                    "lost records, or the topic was re-created); re-reading the whole log",
+                    self.config.topic, partitions)
+        self._resyncs += 1
+        self._resync_seen = set()
+        self._reader.restart_from_beginning()
+
+    def _finish_resync(self) -> None:
+        seen, self._resync_seen = self._resync_seen or set(), None
+        for key in [k for k in self._data if k not in seen]:
+            old = self._data.pop(key)
+            self._unindex(key, old)
+            self._notify(Change(old.session_id, old, None))
+        log.info("view of %s re-read the log: %d sessions", self.config.topic, len(self._data))
 
     def _after_read(self) -> None:
         reader = self._reader
+        if self._resync_seen is not None and reader.caught_up_to_start():
+            self._finish_resync()
+            self._set_status("live")
         if not self._caught_up.is_set() and reader.caught_up_to_start():
             self._catch_up_seconds = time.monotonic() - (self._started_at or 0.0)
             self._caught_up.set()
@@ -506,8 +598,43 @@ class SnapshotView:
             stream._end(None if isinstance(error, ViewError) and self._failure is None else error)
         self._subscribers.clear()
 
+    async def _send_dead_letters(self) -> None:
+        """Copy the batch's bad records to the dead-letter topic (waits for buffer space)."""
+        producer = self._dead_letter_producer
+        letters, self._dead_letters = self._dead_letters, []
+        if producer is None:
+            return
+        for record, error in letters:
+            headers = [
+                ("snapbus.source.topic", record.topic.encode()),
+                ("snapbus.source.partition", str(record.partition).encode()),
+                ("snapbus.source.offset", str(record.offset).encode()),
+                ("snapbus.source.timestamp", str(record.timestamp).encode()),
+                ("snapbus.error.reason", error.reason.encode()),
+                ("snapbus.error.message", str(error)[:1000].encode()),
+                ("snapbus.source.key", record.key or b""),
+            ]
+            key = f"{record.topic}:{record.partition}:{record.offset}".encode()
+            try:
+                future = await producer.send(self._dead_letter_topic or "", record.value,
+                                             key=key, headers=headers)
+            except KafkaError as exc:
+                log.warning("cannot copy bad record %s to the dead-letter topic: %r",
+                            key.decode(), exc)
+                continue
+            future.add_done_callback(self._dead_letter_done)
+
+    def _dead_letter_done(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            log.warning("a bad record was not copied to the dead-letter topic: %r",
+                        None if future.cancelled() else future.exception())
+        else:
+            self._dead_lettered += 1
+
     def _bad_record(self, record: ConsumerRecord[bytes, bytes], error: DecodeError) -> None:
         self._decode_errors += 1
+        if self._dead_letter_topic is not None:
+            self._dead_letters.append((record, error))
         if self._decode_errors <= _LOGGED_DECODE_ERRORS:
             log.warning("skipping bad record at %s[%d]@%d (%s): %s", record.topic,
                         record.partition, record.offset, error.reason, error)
@@ -522,6 +649,8 @@ class SnapshotView:
             return
         session_uuid, new = event.session_id, event.snapshot
         key = str(session_uuid)
+        if self._resync_seen is not None:
+            self._resync_seen.add(key)
         old = self._data.get(key)
         self._records_applied += 1
         if new is None:
@@ -538,9 +667,11 @@ class SnapshotView:
                 self._unindex(key, old)
             self._index(key, new)
         if self._subscribers:
-            change = Change(session_uuid, old, new)
-            for stream in list(self._subscribers):
-                stream._push(change)
+            self._notify(Change(session_uuid, old, new))
+
+    def _notify(self, change: Change) -> None:
+        for stream in list(self._subscribers):
+            stream._push(change)
 
     def _index(self, key: str, snapshot: WorkspaceSnapshot) -> None:
         self._by_repo.setdefault(str(snapshot.repo_id), set()).add(key)
