@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import heapq
 import logging
 import time
 import uuid
@@ -50,7 +51,7 @@ from snapbus.reader import BarrierProbe, PartitionReader, decode_record
 from snapbus.snapshot import WorkspaceSnapshot, parse_uuid
 from snapbus.topic import ensure_topic as _ensure_topic
 
-__all__ = ["Change", "ChangeStream", "SnapshotView", "ViewStats", "ViewStatus"]
+__all__ = ["Change", "ChangeStream", "Health", "SnapshotView", "ViewStats", "ViewStatus"]
 
 log = logging.getLogger("snapbus.view")
 
@@ -99,6 +100,28 @@ class ViewStats:
     """Bad records copied to the dead-letter topic."""
     resyncs: int
     """Times the view re-read the whole log because the broker's log ended before it."""
+    expired: int
+    """Sessions hidden because their latest record grew older than the TTL."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Health:
+    """What a health or readiness check needs to know about a view."""
+
+    ready: bool
+    """Caught up and live."""
+    status: ViewStatus
+    """The view's status."""
+    reason: str | None
+    """Why the view is degraded or failed."""
+    staleness_s: float
+    """Seconds since the broker last answered for the least recently answered partition."""
+    lag: int
+    """Records between the view and the latest known end of the log, over all partitions."""
+    sessions: int
+    """Sessions in the view."""
+    decode_errors: int
+    """Records skipped as undecodable."""
 
 
 class ChangeStream:
@@ -181,6 +204,10 @@ class SnapshotView:
         dead_letter_topic: copy every undecodable record there (a compacted topic keyed by
             source coordinates, so copies from many pods collapse), with headers saying where
             it came from and why it failed.
+        ttl_s: hide sessions whose latest record is older than this, as the cache snapbus
+            replaces expired its entries (record timestamps are compared with this host's
+            clock); `SnapshotPublisher.touch` renews a session. See `snapbus.janitor` to
+            also delete them from the topic.
         consumer_options: extra keyword arguments for `aiokafka.AIOKafkaConsumer`.
     """
 
@@ -196,6 +223,7 @@ class SnapshotView:
         stale_after_s: float = 10.0,
         fail_after_s: float | None = None,
         dead_letter_topic: str | None = None,
+        ttl_s: float | None = None,
         consumer_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config if config is not None else KafkaConfig.from_env()
@@ -208,6 +236,13 @@ class SnapshotView:
         self._dead_lettered = 0
         self._resyncs = 0
         self._resync_seen: set[str] | None = None
+        if ttl_s is not None and ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        self._ttl_ms = None if ttl_s is None else int(ttl_s * 1000)
+        self._stamps: dict[str, int] = {}
+        self._expiry: list[tuple[int, str]] = []
+        self._hidden: dict[str, int] = {}
+        self._expired = 0
         self._codec = codec if codec is not None else default_codec()
         self._start_timeout_s = start_timeout_s
         self._ensure_topic = ensure_topic
@@ -338,6 +373,24 @@ class SnapshotView:
         return self._status
 
     @property
+    def ready(self) -> bool:
+        """Whether the view caught up and is live: safe to serve reads that must be fresh."""
+        return self._status == "live"
+
+    def health(self) -> Health:
+        """A summary for health checks: readiness, status, staleness, lag and sessions."""
+        stats = self.stats
+        return Health(
+            ready=stats.status == "live",
+            status=stats.status,
+            reason=stats.status_reason,
+            staleness_s=stats.staleness_s,
+            lag=sum(stats.lag.values()),
+            sessions=stats.sessions,
+            decode_errors=stats.decode_errors,
+        )
+
+    @property
     def status_reason(self) -> str | None:
         """Why the view is ``degraded`` or ``failed``; None otherwise."""
         return self._status_reason
@@ -358,6 +411,7 @@ class SnapshotView:
             staleness_s=self._reader.staleness_s() if self._task is not None else 0.0,
             dead_lettered=self._dead_lettered,
             resyncs=self._resyncs,
+            expired=self._expired,
         )
 
     def _set_status(self, status: ViewStatus, reason: str | None = None) -> None:
@@ -498,6 +552,8 @@ class SnapshotView:
                         self._last_offsets[partition] = records[-1].offset
                 if self._dead_letters:
                     await self._send_dead_letters()
+                if self._ttl_ms is not None:
+                    self._expire()
                 self._check_health()
                 self._after_read()
         except asyncio.CancelledError:
@@ -651,14 +707,24 @@ class SnapshotView:
         key = str(session_uuid)
         if self._resync_seen is not None:
             self._resync_seen.add(key)
-        old = self._data.get(key)
         self._records_applied += 1
         if new is None:
             self._tombstones += 1
+            self._hidden.pop(key, None)
+        elif self._ttl_ms is not None and not self._renew(key, event.timestamp_ms):
+            new = None  # already older than the TTL: hidden, like an expired cache entry
+        self._put(key, session_uuid, new)
+
+    def _put(self, key: str, session_uuid: uuid.UUID, new: WorkspaceSnapshot | None) -> None:
+        """Make `new` the session's snapshot (None: delete), keeping indexes and subscribers."""
+        old = self._data.get(key)
+        if new is None:
             if old is None:
                 return
             del self._data[key]
             self._unindex(key, old)
+            if self._ttl_ms is not None:
+                self._stamps.pop(key, None)
         else:
             if old == new:
                 return
@@ -668,6 +734,46 @@ class SnapshotView:
             self._index(key, new)
         if self._subscribers:
             self._notify(Change(session_uuid, old, new))
+
+    def _renew(self, key: str, timestamp_ms: int) -> bool:
+        """Record a session's latest record time; False if that is already past the TTL."""
+        assert self._ttl_ms is not None
+        now_ms = int(time.time() * 1000)
+        stamp = timestamp_ms if timestamp_ms >= 0 else now_ms
+        if stamp + self._ttl_ms <= now_ms:
+            self._stamps.pop(key, None)
+            self._hidden[key] = stamp
+            return False
+        self._hidden.pop(key, None)
+        self._stamps[key] = stamp
+        heapq.heappush(self._expiry, (stamp + self._ttl_ms, key))
+        if len(self._expiry) > 2 * len(self._stamps) + 1024:
+            self._expiry = [(s + self._ttl_ms, k) for k, s in self._stamps.items()]
+            heapq.heapify(self._expiry)
+        return True
+
+    def _expire(self) -> None:
+        """Remove the sessions whose latest record is older than the TTL."""
+        assert self._ttl_ms is not None
+        now_ms = int(time.time() * 1000)
+        heap, stamps, ttl = self._expiry, self._stamps, self._ttl_ms
+        while heap and heap[0][0] <= now_ms:
+            due, key = heapq.heappop(heap)
+            stamp = stamps.get(key)
+            if stamp is not None and stamp + ttl == due:
+                del stamps[key]
+                self._hidden[key] = stamp
+                snapshot = self._data.get(key)
+                if snapshot is not None:
+                    self._expired += 1
+                    self._put(key, snapshot.session_id, None)
+
+    def expired_sessions(self) -> list[uuid.UUID]:
+        """Sessions hidden because their latest record is older than the TTL, not yet evicted.
+
+        Used by `snapbus.janitor.Janitor` to publish their tombstones. Empty without a TTL.
+        """
+        return [uuid.UUID(key) for key in self._hidden]
 
     def _notify(self, change: Change) -> None:
         for stream in list(self._subscribers):
