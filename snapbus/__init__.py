@@ -23,10 +23,13 @@ from snapbus.errors import (
     ValidationError,
     ViewError,
 )
+from snapbus.janitor import Janitor
 from snapbus.publisher import Receipt, SnapshotPublisher
+from snapbus.reader import Event
+from snapbus.replay import history, rebuild, replay
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.topic import TopicInfo, describe_topic, ensure_topic
-from snapbus.view import Change, ChangeStream, SnapshotView, ViewStats, ViewStatus
+from snapbus.view import Change, ChangeStream, Health, SnapshotView, ViewStats, ViewStatus
 
 __version__ = "0.1.0"
 
@@ -36,6 +39,9 @@ __all__ = [
     "ChangeStream",
     "ConfigError",
     "DecodeError",
+    "Event",
+    "Health",
+    "Janitor",
     "KafkaConfig",
     "KafkaUnavailableError",
     "PublishError",
@@ -59,4 +65,7 @@ __all__ = [
     "encode",
     "encode_key",
     "ensure_topic",
+    "history",
+    "rebuild",
+    "replay",
 ]

@@ -11,7 +11,7 @@ def test_exported_names_are_the_intended_ones() -> None:
         "SnapshotPublisher", "SnapshotView", "TopicError", "TopicInfo", "ValidationError",
         "ViewError", "ViewStats", "ViewStatus", "WorkspaceCache", "WorkspaceSnapshot",
         "__version__", "decode", "decode_key", "describe_topic", "encode", "encode_key",
-        "ensure_topic",
+        "ensure_topic", "Event", "Health", "Janitor", "history", "rebuild", "replay",
     }
     for name in snapbus.__all__:
         assert getattr(snapbus, name) is not None
