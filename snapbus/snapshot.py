@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -50,23 +51,31 @@ _new = object.__new__
 _set = object.__setattr__
 
 
+_UUID_RE = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{32}"
+)
+
+
 def parse_uuid(value: object, *, field: str = "id") -> uuid.UUID:
     """Return `value` as a `uuid.UUID`, or raise `ValidationError` naming `field`.
 
-    Accepts a `uuid.UUID` or a string in any form `uuid.UUID` parses (hyphenated or not,
-    any case, braces, ``urn:uuid:``). Empty strings and other types are rejected.
+    Accepts a `uuid.UUID` or a string of 32 hex digits, plain or hyphenated 8-4-4-4-12, in
+    any case, optionally in braces or after ``urn:uuid:``. Anything else is rejected (Python's
+    `uuid.UUID` alone would also take stray ``0x``, ``+`` or ``_`` characters).
     """
     if isinstance(value, uuid.UUID):
         return value
     if isinstance(value, str):
         if not value.strip():
             raise ValidationError(f"{field} is empty; expected a UUID", field=field)
-        try:
-            return uuid.UUID(value)
-        except ValueError:
-            raise ValidationError(
-                f"{field} is not a valid UUID: {value[:80]!r}", field=field
-            ) from None
+        core = value
+        if core[:9].lower() == "urn:uuid:":
+            core = core[9:]
+        if core[:1] == "{" and core[-1:] == "}":
+            core = core[1:-1]
+        if _UUID_RE.fullmatch(core):
+            return uuid.UUID(core)
+        raise ValidationError(f"{field} is not a valid UUID: {value[:80]!r}", field=field)
     raise ValidationError(
         f"{field} must be a UUID or a UUID string, not {type(value).__name__}", field=field
     )
@@ -121,12 +130,7 @@ class WorkspaceSnapshot:
         """
         snapshot = _new(cls)
         for name in ID_FIELDS:
-            value = record[name]
-            try:
-                parsed = uuid.UUID(value)  # the common case: a str from the wire
-            except (ValueError, TypeError, AttributeError):
-                parsed = parse_uuid(value, field=name)  # raises the right ValidationError
-            _set(snapshot, name, parsed)
+            _set(snapshot, name, parse_uuid(record[name], field=name))
         for name in TEXT_FIELDS:
             value = record[name]
             if not isinstance(value, str):
