@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a script: make the checkout's snapbus im
 
 from snapbus.codec import HEADER_SIZE, Codec
 from snapbus.schema import CURRENT_SCHEMA_FILE, schema_dir
-from snapbus.snapshot import WorkspaceSnapshot
+from snapbus.snapshot import FIELDS, WorkspaceSnapshot
 
 __all__ = ["CaseResult", "generate_snapshots", "main", "measure", "run"]
 
@@ -134,7 +134,7 @@ def measure(records: int = 10_000, repeat: int = 7, seed: int = 20261124) -> dic
     schema = fastavro.parse_schema(raw_schema)  # with logicalType uuid, as shipped
 
     # The equivalent inputs, prepared outside the timed loops.
-    typed_dicts = [{name: getattr(s, name) for name in s.__slots__} for s in snapshots]
+    typed_dicts = [{name: getattr(s, name) for name in FIELDS} for s in snapshots]
     str_dicts = [s.to_dict() for s in snapshots]
     encoded = [codec.encode(s) for s in snapshots]
     bodies = [value[HEADER_SIZE:] for value in encoded]

@@ -562,12 +562,12 @@ async def history_command(session_id: str, as_json: bool) -> None:
     except ValidationError as exc:
         raise click.BadParameter(str(exc), param_hint="SESSION_ID") from None
     events = await history(wanted, _config())
+    if not events:
+        raise click.ClickException(f"no records of session {wanted} in the log")
     if as_json:
         for event in events:
             click.echo(json.dumps(event_to_json(event), ensure_ascii=False))
         return
-    if not events:
-        raise click.ClickException(f"no records of session {wanted} in the log")
     _console().print(_events_table(events))
 
 

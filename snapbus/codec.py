@@ -14,6 +14,7 @@ Every malformed input raises `snapbus.DecodeError` with a ``reason``, and nothin
 from __future__ import annotations
 
 import io
+import re
 import uuid
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "Codec",
     "decode",
     "decode_key",
+    "decode_key_text",
     "default_codec",
     "encode",
     "encode_key",
@@ -52,6 +54,36 @@ def encode_key(session_id: uuid.UUID | str) -> bytes:
     return str(parse_uuid(session_id, field="session_id")).encode("ascii")
 
 
+_CANONICAL_KEY = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def decode_key_text(key: bytes | bytearray | memoryview | None) -> str:
+    """Return the canonical session id string a Kafka key holds (see `decode_key`).
+
+    Raises:
+        DecodeError: (reason ``bad_key``) the key is missing or not a canonical UUID.
+    """
+    if isinstance(key, bytes) and _CANONICAL_KEY.fullmatch(key):
+        return key.decode("ascii")
+    if key is None:
+        raise DecodeError("record has no key; expected a session UUID", reason="bad_key")
+    if not isinstance(key, (bytes, bytearray, memoryview)):
+        raise DecodeError(
+            f"record key must be bytes, not {type(key).__name__}", reason="bad_key"
+        )
+    raw = bytes(key)
+    if _CANONICAL_KEY.fullmatch(raw):
+        return raw.decode("ascii")
+    try:
+        expected = str(uuid.UUID(raw.decode("ascii")))
+    except ValueError:  # UnicodeDecodeError is a ValueError
+        raise DecodeError(f"record key is not a UUID: {raw[:64]!r}", reason="bad_key") from None
+    raise DecodeError(
+        f"record key is not a canonical lowercase UUID: {raw[:64]!r} (expected {expected!r})",
+        reason="bad_key",
+    )
+
+
 def decode_key(key: bytes | bytearray | memoryview | None) -> uuid.UUID:
     """Return the session id a Kafka key names.
 
@@ -63,25 +95,7 @@ def decode_key(key: bytes | bytearray | memoryview | None) -> uuid.UUID:
         DecodeError: (reason ``bad_key``) the key is missing, not a UUID, or not in canonical
             lowercase hyphenated form.
     """
-    if key is None:
-        raise DecodeError("record has no key; expected a session UUID", reason="bad_key")
-    if not isinstance(key, (bytes, bytearray, memoryview)):
-        raise DecodeError(
-            f"record key must be bytes, not {type(key).__name__}", reason="bad_key"
-        )
-    raw = bytes(key)
-    try:
-        text = raw.decode("ascii")
-        session_id = uuid.UUID(text)
-    except ValueError:  # UnicodeDecodeError is a ValueError
-        raise DecodeError(f"record key is not a UUID: {raw[:64]!r}", reason="bad_key") from None
-    if str(session_id) != text:
-        raise DecodeError(
-            f"record key is not a canonical lowercase UUID: {raw[:64]!r} "
-            f"(expected {str(session_id)!r})",
-            reason="bad_key",
-        )
-    return session_id
+    return uuid.UUID(decode_key_text(key))
 
 
 class Codec:

@@ -30,7 +30,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from snapbus._kafka import start_client
-from snapbus.codec import Codec, decode_key
+from snapbus.codec import Codec, decode_key_text
 from snapbus.config import KafkaConfig
 from snapbus.errors import DecodeError, TopicError
 from snapbus.snapshot import WorkspaceSnapshot
@@ -42,8 +42,8 @@ __all__ = ["BarrierProbe", "Event", "PartitionReader", "decode_record"]
 class Event:
     """One decoded record of the topic: a snapshot, or a tombstone when `snapshot` is None."""
 
-    session_id: uuid.UUID
-    """The session the record is about (from the record key)."""
+    key: str
+    """The session id as the record key holds it: the canonical lowercase UUID string."""
     snapshot: WorkspaceSnapshot | None
     """The session's new snapshot; None for a tombstone (the session was deleted)."""
     partition: int
@@ -52,6 +52,11 @@ class Event:
     """The record's offset in its partition."""
     timestamp_ms: int
     """The record's timestamp in milliseconds since the epoch (-1 when unknown)."""
+
+    @property
+    def session_id(self) -> uuid.UUID:
+        """The session the record is about."""
+        return uuid.UUID(self.key)
 
     @property
     def tombstone(self) -> bool:
@@ -73,14 +78,14 @@ def decode_record(record: ConsumerRecord[bytes, bytes], codec: Codec) -> Event:
         DecodeError: the key is not a UUID, the value is not a valid snapshot, or the value's
             session id differs from the key.
     """
-    session_id = decode_key(record.key)
+    key = decode_key_text(record.key)
     snapshot = None if record.value is None else codec.decode(record.value)
-    if snapshot is not None and snapshot.session_id != session_id:
+    if snapshot is not None and snapshot.key != key:
         raise DecodeError(
-            f"value is for session {snapshot.session_id} but the key is {session_id}",
+            f"value is for session {snapshot.key} but the record key is {key}",
             reason="invalid_field",
         )
-    return Event(session_id, snapshot, record.partition, record.offset, record.timestamp)
+    return Event(key, snapshot, record.partition, record.offset, record.timestamp)
 
 
 class BarrierProbe:

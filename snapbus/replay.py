@@ -64,7 +64,7 @@ def _resolve_config(config: KafkaConfig | None, bootstrap_servers: str | None, t
         if config is None else config.replace(**{k: v for k, v in (
             ("bootstrap_servers", bootstrap_servers), ("topic", topic)) if v is not None})
     if history and config.history_topic:
-        return config.replace(topic=config.history_topic)
+        return config.replace(topic=config.history_topic, history_topic=None)
     return config
 
 

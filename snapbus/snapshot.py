@@ -2,19 +2,24 @@
 
 It mirrors the upstream server's struct field for field. Values are immutable, slotted, equal
 by value and hashable. Construction validates every field, so an invalid snapshot can never be
-published: the three ids must be UUIDs (a `uuid.UUID` or a string in any form `uuid.UUID`
-accepts; stored as `uuid.UUID`), every other field must be a `str`. `state` and `mode` are open
-labels: values unknown to this version are kept, since newer pods may add some.
+published: the three ids must be UUIDs (a `uuid.UUID`, or a string `parse_uuid` accepts),
+every other field must be a `str`. `state` and `mode` are open labels: values unknown to this
+version are kept, since newer pods may add some.
+
+Inside, the ids are kept as canonical lowercase strings (the form the wire carries and the
+Kafka key uses) and turned into `uuid.UUID` on access: decoding a record then needs no UUID
+parsing, and a view holding millions of snapshots shares the key string with its index.
+Repeated labels (repository, agent, state, mode) are interned so sessions share them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
+import sys
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from snapbus.errors import ValidationError
 
@@ -46,14 +51,14 @@ FIELDS: tuple[str, ...] = (
 )
 """Every field, in schema order."""
 
-
-_new = object.__new__
-_set = object.__setattr__
-
-
 _UUID_RE = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{32}"
 )
+_CANONICAL_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_canonical_match = _CANONICAL_RE.fullmatch
+_intern = sys.intern
+_set = object.__setattr__
+_new = object.__new__
 
 
 def parse_uuid(value: object, *, field: str = "id") -> uuid.UUID:
@@ -81,64 +86,173 @@ def parse_uuid(value: object, *, field: str = "id") -> uuid.UUID:
     )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+def _canonical_id(value: object, field: str) -> str:
+    """Return the canonical lowercase string of a UUID given as text or `uuid.UUID`."""
+    if type(value) is str and _canonical_match(value):
+        return value
+    return str(parse_uuid(value, field=field))
+
+
+def _text(value: object, field: str) -> str:
+    if type(value) is not str and not isinstance(value, str):
+        raise ValidationError(f"{field} must be a string, not {type(value).__name__}",
+                              field=field)
+    return str(value)
+
+
 class WorkspaceSnapshot:
-    """The latest state of one workspace session: an agent working on a repository."""
+    """The latest state of one workspace session: an agent working on a repository.
 
-    session_id: uuid.UUID
-    """The workspace (changeset) session id; the Kafka record key."""
-    repo_id: uuid.UUID
-    """The repository the workspace operates on."""
+    Attributes:
+        session_id: the workspace (changeset) session id; the Kafka record key.
+        repo_id: the repository the workspace operates on.
+        agent_id: authenticated agent identifier (an auth-provider user id or API key prefix).
+        agent_name: human-readable name assigned by the server, e.g. ``agent-3``.
+        changeset_id: the changeset associated with the session.
+        intent: the user-provided intent text.
+        base_commit: the git commit hash that is the read-base of the workspace.
+        state: lifecycle label (``active``, ``submitted``, ``merged``, ...); unknown labels
+            are kept.
+        mode: ``ephemeral`` or ``persistent``; unknown labels are kept.
+
+    Raises:
+        ValidationError: on construction, when a field is invalid (the error names it).
+    """
+
+    __slots__ = ("_changeset_id", "_repo_id", "_session_id", "agent_id", "agent_name",
+                 "base_commit", "intent", "mode", "state")
+
+    _session_id: str
+    _repo_id: str
+    _changeset_id: str
     agent_id: str
-    """Authenticated agent identifier (an auth-provider user id or an API key prefix)."""
     agent_name: str
-    """Human-readable name assigned by the server, e.g. ``agent-3``."""
-    changeset_id: uuid.UUID
-    """The changeset associated with the session."""
     intent: str
-    """The user-provided intent text."""
     base_commit: str
-    """The git commit hash that is the read-base of the workspace."""
     state: str
-    """Lifecycle label (``active``, ``submitted``, ``merged``, ...); unknown labels are kept."""
     mode: str
-    """``ephemeral`` or ``persistent``; unknown labels are kept."""
 
-    def __post_init__(self) -> None:
-        for name in ID_FIELDS:
-            value = getattr(self, name)
-            if not isinstance(value, uuid.UUID):
-                object.__setattr__(self, name, parse_uuid(value, field=name))
-        for name in TEXT_FIELDS:
-            value = getattr(self, name)
-            if not isinstance(value, str):
-                raise ValidationError(
-                    f"{name} must be a string, not {type(value).__name__}", field=name
-                )
+    def __init__(
+        self,
+        session_id: uuid.UUID | str,
+        repo_id: uuid.UUID | str,
+        agent_id: str,
+        agent_name: str,
+        changeset_id: uuid.UUID | str,
+        intent: str,
+        base_commit: str,
+        state: str,
+        mode: str,
+    ) -> None:
+        _set(self, "_session_id", _canonical_id(session_id, "session_id"))
+        _set(self, "_repo_id", _intern(_canonical_id(repo_id, "repo_id")))
+        _set(self, "agent_id", _intern(_text(agent_id, "agent_id")))
+        _set(self, "agent_name", _intern(_text(agent_name, "agent_name")))
+        _set(self, "_changeset_id", _canonical_id(changeset_id, "changeset_id"))
+        _set(self, "intent", _text(intent, "intent"))
+        _set(self, "base_commit", _text(base_commit, "base_commit"))
+        _set(self, "state", _intern(_text(state, "state")))
+        _set(self, "mode", _intern(_text(mode, "mode")))
 
     @classmethod
     def _from_record(cls, record: Mapping[str, Any]) -> WorkspaceSnapshot:
-        """Build a snapshot from a decoded record: the codec's fast path.
+        """Build a snapshot from a decoded record (ids as strings): the codec's fast path.
 
-        Validates like the constructor (ids parsed, text fields must be `str`, same order, same
-        errors) but skips the generated ``__init__``: decoding is the hot path of every view.
-        Extra keys in `record` are ignored.
+        Validates exactly like the constructor; extra keys in `record` are ignored.
 
         Raises:
             KeyError: a field is missing from `record`.
             ValidationError: a field is invalid (the error names it).
         """
-        snapshot = _new(cls)
-        for name in ID_FIELDS:
-            _set(snapshot, name, parse_uuid(record[name], field=name))
-        for name in TEXT_FIELDS:
-            value = record[name]
-            if not isinstance(value, str):
-                raise ValidationError(
-                    f"{name} must be a string, not {type(value).__name__}", field=name
-                )
-            _set(snapshot, name, value)
+        snapshot: WorkspaceSnapshot = _new(cls)
+        sid, rid, cid = record["session_id"], record["repo_id"], record["changeset_id"]
+        agent_id, agent_name = record["agent_id"], record["agent_name"]
+        intent, base_commit = record["intent"], record["base_commit"]
+        state, mode = record["state"], record["mode"]
+        if not (type(sid) is str and _canonical_match(sid)):
+            sid = _canonical_id(sid, "session_id")
+        _set(snapshot, "_session_id", sid)
+        _set(snapshot, "_repo_id", _intern(
+            rid if type(rid) is str and _canonical_match(rid) else _canonical_id(rid, "repo_id")))
+        if type(agent_id) is not str or type(agent_name) is not str:
+            _text(agent_id, "agent_id")
+            _text(agent_name, "agent_name")
+        _set(snapshot, "agent_id", _intern(agent_id))
+        _set(snapshot, "agent_name", _intern(agent_name))
+        if not (type(cid) is str and _canonical_match(cid)):
+            cid = _canonical_id(cid, "changeset_id")
+        _set(snapshot, "_changeset_id", cid)
+        if (type(intent) is not str or type(base_commit) is not str
+                or type(state) is not str or type(mode) is not str):
+            for name in ("intent", "base_commit", "state", "mode"):
+                _text(record[name], name)
+        _set(snapshot, "intent", intent)
+        _set(snapshot, "base_commit", base_commit)
+        _set(snapshot, "state", _intern(state))
+        _set(snapshot, "mode", _intern(mode))
         return snapshot
+
+    # ids: canonical strings inside, UUIDs outside
+
+    @property
+    def session_id(self) -> uuid.UUID:
+        """The workspace (changeset) session id; the Kafka record key."""
+        return uuid.UUID(self._session_id)
+
+    @property
+    def repo_id(self) -> uuid.UUID:
+        """The repository the workspace operates on."""
+        return uuid.UUID(self._repo_id)
+
+    @property
+    def changeset_id(self) -> uuid.UUID:
+        """The changeset associated with the session."""
+        return uuid.UUID(self._changeset_id)
+
+    @property
+    def key(self) -> str:
+        """The Kafka key: the canonical lowercase UUID string of `session_id`."""
+        return self._session_id
+
+    @property
+    def repo_key(self) -> str:
+        """The canonical lowercase UUID string of `repo_id`."""
+        return self._repo_id
+
+    # value semantics
+
+    def _values(self) -> tuple[str, ...]:
+        return (self._session_id, self._repo_id, self.agent_id, self.agent_name,
+                self._changeset_id, self.intent, self.base_commit, self.state, self.mode)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not WorkspaceSnapshot:
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{name}={getattr(self, name)!r}" for name in FIELDS)
+        return f"WorkspaceSnapshot({parts})"
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise AttributeError(f"WorkspaceSnapshot is immutable; use replace({name}=...)")
+
+    def __delattr__(self, name: str) -> NoReturn:
+        raise AttributeError("WorkspaceSnapshot is immutable")
+
+    def __reduce__(self) -> tuple[Any, tuple[str, ...]]:
+        return (WorkspaceSnapshot, self._values())
+
+    def __copy__(self) -> WorkspaceSnapshot:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> WorkspaceSnapshot:
+        return self
+
+    # conversions
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WorkspaceSnapshot:
@@ -159,7 +273,17 @@ class WorkspaceSnapshot:
 
     def to_dict(self) -> dict[str, str]:
         """Return the fields as a plain dict of strings (ids in canonical lowercase form)."""
-        return {name: str(getattr(self, name)) for name in FIELDS}
+        return {
+            "session_id": self._session_id,
+            "repo_id": self._repo_id,
+            "agent_id": self.agent_id,
+            "agent_name": self.agent_name,
+            "changeset_id": self._changeset_id,
+            "intent": self.intent,
+            "base_commit": self.base_commit,
+            "state": self.state,
+            "mode": self.mode,
+        }
 
     @classmethod
     def from_json(cls, text: str | bytes) -> WorkspaceSnapshot:
@@ -178,11 +302,13 @@ class WorkspaceSnapshot:
         """Return the snapshot as a compact JSON object (see `to_dict`)."""
         return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
 
-    @property
-    def key(self) -> str:
-        """The Kafka key: the canonical lowercase UUID string of `session_id`."""
-        return str(self.session_id)
-
     def replace(self, **changes: Any) -> WorkspaceSnapshot:
-        """Return a copy with some fields changed (validated like a new snapshot)."""
-        return dataclasses.replace(self, **changes)
+        """Return a copy with some fields changed (validated like a new snapshot).
+
+        Raises:
+            ValidationError: a changed field is invalid, or not a snapshot field.
+        """
+        unknown = sorted(set(changes) - set(FIELDS))
+        if unknown:
+            raise ValidationError(f"unknown field(s): {', '.join(unknown)}", field=unknown[0])
+        return WorkspaceSnapshot(**{**self.to_dict(), **changes})

@@ -605,7 +605,7 @@ class SnapshotView:
         for key in [k for k in self._data if k not in seen]:
             old = self._data.pop(key)
             self._unindex(key, old)
-            self._notify(Change(old.session_id, old, None))
+            self._notify(Change(uuid.UUID(key), old, None))
         log.info("view of %s re-read the log: %d sessions", self.config.topic, len(self._data))
 
     def _after_read(self) -> None:
@@ -703,8 +703,9 @@ class SnapshotView:
         except DecodeError as exc:
             self._bad_record(record, exc)
             return
-        session_uuid, new = event.session_id, event.snapshot
-        key = str(session_uuid)
+        key, new = event.key, event.snapshot
+        if new is not None:
+            key = new.key  # the same text; keep one string object per session
         if self._resync_seen is not None:
             self._resync_seen.add(key)
         self._records_applied += 1
@@ -713,9 +714,9 @@ class SnapshotView:
             self._hidden.pop(key, None)
         elif self._ttl_ms is not None and not self._renew(key, event.timestamp_ms):
             new = None  # already older than the TTL: hidden, like an expired cache entry
-        self._put(key, session_uuid, new)
+        self._put(key, new)
 
-    def _put(self, key: str, session_uuid: uuid.UUID, new: WorkspaceSnapshot | None) -> None:
+    def _put(self, key: str, new: WorkspaceSnapshot | None) -> None:
         """Make `new` the session's snapshot (None: delete), keeping indexes and subscribers."""
         old = self._data.get(key)
         if new is None:
@@ -733,7 +734,7 @@ class SnapshotView:
                 self._unindex(key, old)
             self._index(key, new)
         if self._subscribers:
-            self._notify(Change(session_uuid, old, new))
+            self._notify(Change(uuid.UUID(key), old, new))
 
     def _renew(self, key: str, timestamp_ms: int) -> bool:
         """Record a session's latest record time; False if that is already past the TTL."""
@@ -766,7 +767,7 @@ class SnapshotView:
                 snapshot = self._data.get(key)
                 if snapshot is not None:
                     self._expired += 1
-                    self._put(key, snapshot.session_id, None)
+                    self._put(key, None)
 
     def expired_sessions(self) -> list[uuid.UUID]:
         """Sessions hidden because their latest record is older than the TTL, not yet evicted.
@@ -780,13 +781,13 @@ class SnapshotView:
             stream._push(change)
 
     def _index(self, key: str, snapshot: WorkspaceSnapshot) -> None:
-        self._by_repo.setdefault(str(snapshot.repo_id), set()).add(key)
+        self._by_repo.setdefault(snapshot.repo_key, set()).add(key)
         self._by_agent.setdefault(snapshot.agent_id, set()).add(key)
         self._by_state.setdefault(snapshot.state, set()).add(key)
 
     def _unindex(self, key: str, snapshot: WorkspaceSnapshot) -> None:
         for index, value in (
-            (self._by_repo, str(snapshot.repo_id)),
+            (self._by_repo, snapshot.repo_key),
             (self._by_agent, snapshot.agent_id),
             (self._by_state, snapshot.state),
         ):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
+import inspect
 import json
 import pickle
 import uuid
@@ -47,7 +47,8 @@ def make(**changes: Any) -> WorkspaceSnapshot:
 
 
 def test_field_order_matches_the_schema_order() -> None:
-    assert tuple(f.name for f in dataclasses.fields(WorkspaceSnapshot)) == FIELDS
+    assert tuple(make().to_dict()) == FIELDS
+    assert tuple(inspect.signature(WorkspaceSnapshot).parameters) == FIELDS
     assert set(ID_FIELDS) | set(TEXT_FIELDS) == set(FIELDS)
     assert not set(ID_FIELDS) & set(TEXT_FIELDS)
 
@@ -61,10 +62,11 @@ def test_ids_given_as_strings_are_stored_as_uuid_objects() -> None:
     assert snap.changeset_id == uuid.UUID(CHANGESET)
 
 
-def test_uuid_objects_are_kept_as_given() -> None:
+def test_uuid_objects_are_kept_as_equal_values() -> None:
     session = uuid.uuid4()
     snap = make(session_id=session)
-    assert snap.session_id is session
+    assert snap.session_id == session
+    assert snap.key == str(session)
 
 
 @pytest.mark.parametrize(
@@ -183,20 +185,20 @@ def test_replace_validates_like_construction() -> None:
 
 def test_snapshot_is_frozen() -> None:
     snap = make()
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError, match="immutable"):
         snap.state = "merged"  # type: ignore[misc]
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError, match="immutable"):
         del snap.intent
+    with pytest.raises(AttributeError, match="immutable"):
+        snap.session_id = uuid.uuid4()  # type: ignore[misc]
     assert snap.state == "active"
 
 
 def test_snapshot_is_slotted() -> None:
     snap = make()
     assert not hasattr(snap, "__dict__")
-    assert set(WorkspaceSnapshot.__slots__) == set(FIELDS)
-    # No room for a new attribute. CPython 3.10/3.11 raise TypeError here rather than
-    # AttributeError (frozen __setattr__ + slots=True quirk); either way nothing is stored.
-    with pytest.raises((AttributeError, TypeError)):
+    assert {name.lstrip("_") for name in WorkspaceSnapshot.__slots__} == set(FIELDS)
+    with pytest.raises(AttributeError):
         snap.extra = 1  # type: ignore[attr-defined]
     assert not hasattr(snap, "extra")
 
@@ -363,7 +365,7 @@ def test_from_record_builds_the_same_value_as_the_constructor(snap: WorkspaceSna
     assert hash(built) == hash(snap)
     assert all(type(getattr(built, name)) is uuid.UUID for name in ID_FIELDS)
     assert pickle.loads(pickle.dumps(built)) == snap
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         built.state = "merged"  # type: ignore[misc]
 
 
