@@ -152,7 +152,7 @@ class SnapshotPublisher:
             )
             if self.config.history_topic:
                 await ensure_topic(
-                    self.config.replace(topic=self.config.history_topic),
+                    self.config.replace(topic=self.config.history_topic, history_topic=None),
                     partitions=self._partitions,
                     allow_non_compacted=True,
                     extra_configs={"cleanup.policy": "delete",

@@ -294,7 +294,8 @@ class SnapshotView:
             if self._ensure_topic:
                 await _ensure_topic(self.config, allow_non_compacted=self._allow_non_compacted)
             if self._dead_letter_topic is not None:
-                await _ensure_topic(self.config.replace(topic=self._dead_letter_topic))
+                await _ensure_topic(self.config.replace(topic=self._dead_letter_topic,
+                                                        history_topic=None))
                 producer = AIOKafkaProducer(acks="all", linger_ms=20,
                                             **self.config.client_kwargs())
                 await start_client(producer, self.config, "dead-letter producer")
