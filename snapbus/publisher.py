@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import datetime
 import logging
+import time
 import uuid
 import warnings
 from collections.abc import Iterable
@@ -66,6 +67,19 @@ class Receipt:
 
 
 _State = Literal["new", "started", "stopped"]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _with_stamp(md: Any, stamp: int) -> Any:
+    """Give a record's metadata the timestamp the record was sent with (CreateTime topics).
+
+    aiokafka reports the first record's timestamp for every record of a batch; the record's
+    own timestamp is the one snapbus set, unless the broker assigned LogAppendTime.
+    """
+    return md._replace(timestamp=stamp) if md.timestamp_type == 0 else md
 
 
 class SnapshotPublisher:
@@ -250,16 +264,17 @@ class SnapshotPublisher:
         self, producer: AIOKafkaProducer,
         encoded: list[tuple[tuple[bytes, bytes], uuid.UUID]],
     ) -> list[Receipt]:
+        stamp = _now_ms()
         futures = [
-            (await producer.send(self.topic, value, key=key), session_id)
+            (await producer.send(self.topic, value, key=key, timestamp_ms=stamp), session_id)
             for (key, value), session_id in encoded
         ]
         history = self.config.history_topic
-        extra = [await producer.send(history, value, key=key)
+        extra = [await producer.send(history, value, key=key, timestamp_ms=stamp)
                  for (key, value), _ in encoded] if history else []
         done = (await asyncio.gather(*(f for f, _ in futures), *extra))[: len(futures)]
         return [
-            self._receipt(md, session_id, False)
+            self._receipt(_with_stamp(md, stamp), session_id, False)
             for md, (_, session_id) in zip(done, futures, strict=True)
         ]
 
@@ -290,12 +305,14 @@ class SnapshotPublisher:
     async def _send_once(self, producer: AIOKafkaProducer, key: bytes,
                          value: bytes | None) -> Any:
         """Enqueue the record (waiting for buffer space) and wait for its acknowledgement."""
-        future = await producer.send(self.topic, value, key=key)
+        stamp = _now_ms()
+        future = await producer.send(self.topic, value, key=key, timestamp_ms=stamp)
         if self.config.history_topic:
-            extra = await producer.send(self.config.history_topic, value, key=key)
+            extra = await producer.send(self.config.history_topic, value, key=key,
+                                        timestamp_ms=stamp)
             result, _ = await asyncio.gather(future, extra)
-            return result
-        return await future
+            return _with_stamp(result, stamp)
+        return _with_stamp(await future, stamp)
 
     def _receipt(self, md: Any, session_id: uuid.UUID, tombstone: bool) -> Receipt:
         return Receipt(md.topic, md.partition, md.offset, md.timestamp, session_id, tombstone)
