@@ -27,6 +27,7 @@ from rich.table import Table
 from snapbus.config import KafkaConfig
 from snapbus.publisher import Receipt, SnapshotPublisher
 from snapbus.snapshot import WorkspaceSnapshot
+from snapbus.topic import ensure_topic
 from snapbus.view import ChangeStream, SnapshotView
 
 __all__ = ["DemoResult", "run_demo"]
@@ -172,6 +173,31 @@ def _progress(pods: list[_Pod], started: float, duration: float) -> Table:
     return table
 
 
+async def _prime_partitions(config: KafkaConfig) -> None:
+    """Write one no-op tombstone (nil session id) to each partition, one at a time.
+
+    Tansu 0.6 (the embedded broker) can lose a partition's very first records when several
+    producers write them at once; writing one record alone first avoids it. No session has the
+    nil id, so views ignore the tombstones. Harmless on Apache Kafka.
+    """
+    from aiokafka import AIOKafkaProducer
+
+    from snapbus._kafka import start_client
+    from snapbus.topic import describe_topic
+
+    info = await describe_topic(config)
+    producer = AIOKafkaProducer(acks="all", **config.client_kwargs())
+    await start_client(producer, config, "demo warm-up producer")
+    try:
+        for partition in range(info.partitions):
+            await (await producer.send(config.topic, None, key=_NIL_KEY, partition=partition))
+    finally:
+        await producer.stop()
+
+
+_NIL_KEY = b"00000000-0000-0000-0000-000000000000"
+
+
 @contextlib.asynccontextmanager
 async def _broker_for(config: KafkaConfig | None) -> AsyncIterator[KafkaConfig]:
     if config is not None:
@@ -223,6 +249,9 @@ async def run_demo(
         console.print(f"[bold]snapbus demo[/]: {pods} pods on {cfg.bootstrap_servers}, "
                       f"topic [cyan]{cfg.topic}[/]")
         members: list[_Pod] = []
+        if config is None:  # a fresh topic on the embedded broker
+            await ensure_topic(cfg)
+            await _prime_partitions(cfg)
         for i in range(pods):
             publisher = await stack.enter_async_context(SnapshotPublisher(cfg))
             view = await stack.enter_async_context(

@@ -1,0 +1,236 @@
+"""Cold rebuild: how long a new pod takes to load the whole topic into memory.
+
+The topic is written once (pre-encoded, by a fast bare producer): 300k records over 100k
+sessions (quick: 30k over 10k), 12 partitions. Then each run times, from a cold client (connect
+included) until every partition reached the high watermark its fetches reported:
+
+- ``bare aiokafka, no decode``: the baseline. assign + seek_to_beginning + getmany until each
+  position >= the high watermark reported by Fetch (BROKER.md: not ListOffsets). Reads bytes
+  and throws them away: the transport floor.
+- ``bare aiokafka + fastavro -> dict``: the same loop, decoding every value with fastavro into a
+  plain dict upsert keyed by the key string (tombstones pop). What a minimal hand-written view
+  would do.
+- ``snapbus SnapshotView start``: ``async with SnapshotView(config, fetch_max_wait_ms=W)``
+  until it returns live (ensure_topic, key/value validation, `WorkspaceSnapshot` values,
+  secondary indexes, change detection included). Checks ``len(view)`` equals the sessions
+  expected.
+
+The bare consumers use the same fetch settings as snapbus's reader (fetch_max_wait_ms, 4 MiB per
+partition, 64 MiB per fetch), so the difference is what each does with the records.
+
+    python benchmarks/bench_rebuild.py [--runs N] [--quick] [--profile]
+
+``--profile`` runs one extra view start under cProfile and prints the top functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import sys
+import time
+from typing import Any
+
+try:
+    from benchmarks import common
+except ImportError:  # run as a script: benchmarks/ is on sys.path
+    import common  # type: ignore[no-redef]
+
+FETCH_MAX_WAIT_MS = 100  # SnapshotView's default
+TICK_S = 0.005
+
+
+class _StallMeter:
+    """Measures the longest time the event loop could not run a 5 ms ticker (a blocked loop
+    delays every other coroutine of the pod: health checks, request handlers)."""
+
+    def __init__(self) -> None:
+        self.max_stall = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.perf_counter()
+            self.max_stall = max(self.max_stall, now - last - TICK_S)
+            last = now
+
+    async def __aenter__(self) -> _StallMeter:
+        self._task = asyncio.create_task(self._tick())
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+def _consumer(bootstrap: str) -> Any:
+    from aiokafka import AIOKafkaConsumer
+
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
+
+
+async def _bare_read(bootstrap: str, topic: str, decode: bool) -> tuple[float, int, int]:
+    """Return (seconds, records read, sessions held)."""
+    import fastavro
+    from aiokafka import TopicPartition
+
+    from snapbus.codec import HEADER_SIZE, default_codec
+
+    parsed = default_codec().writer.parsed
+    reader = fastavro.schemaless_reader
+    view: dict[str, dict[str, Any]] = {}
+    t0 = time.perf_counter()
+    consumer = _consumer(bootstrap)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        targets: dict[TopicPartition, int] = {}
+        count = 0
+        while True:
+            batches = await consumer.getmany(timeout_ms=FETCH_MAX_WAIT_MS)
+            for records in batches.values():
+                count += len(records)
+                if decode:
+                    for r in records:
+                        if r.value is None:
+                            view.pop(r.key.decode(), None)
+                        else:
+                            buf = io.BytesIO(r.value)
+                            buf.seek(HEADER_SIZE)
+                            view[r.key.decode()] = reader(buf, parsed, None)
+            done = True
+            for tp in tps:
+                if tp not in targets:
+                    hw = consumer.highwater(tp)
+                    if hw is None:
+                        done = False
+                        continue
+                    targets[tp] = hw
+                if await consumer.position(tp) < targets[tp]:
+                    done = False
+            if done:
+                return time.perf_counter() - t0, count, len(view)
+    finally:
+        await consumer.stop()
+
+
+async def _view(config: Any) -> tuple[float, int, Any]:
+    from snapbus.view import SnapshotView
+
+    t0 = time.perf_counter()
+    view = SnapshotView(config, fetch_max_wait_ms=FETCH_MAX_WAIT_MS, start_timeout_s=600)
+    await view.start()
+    elapsed = time.perf_counter() - t0
+    try:
+        if view.status != "live":
+            raise RuntimeError(f"view did not go live: {view.status} {view.status_reason}")
+        return elapsed, len(view), view.stats
+    finally:
+        await view.stop()
+
+
+async def _profile_view(config: Any, top: int = 25) -> str:
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    await _view(config)
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return out.getvalue()
+
+
+async def run(runs: int, quick: bool, profile: bool = False) -> list[dict[str, Any]]:
+    n_sessions, n_records = (10_000, 30_000) if quick else (100_000, 300_000)
+    records = common.make_records(n_sessions, n_records, seed=11)
+    expected = common.expected_sessions(records)
+    pairs = common.encode_pairs(records)
+    del records
+    mib = sum(len(k) + len(v or b"") for k, v in pairs) / 2**20
+    params = {"records": n_records, "sessions": n_sessions, "partitions": common.PARTITIONS,
+              "fetch_max_wait_ms": FETCH_MAX_WAIT_MS, "payload_mib": round(mib, 1)}
+    c = common.Collector("rebuild", params)
+    baseline = "bare aiokafka, no decode"
+    c.table("seconds", f"Cold rebuild, {n_records:,} records over {n_sessions:,} sessions "
+            f"({mib:.0f} MiB)", "seconds", baseline=baseline, higher_is_better=False,
+            note=f"fetch_max_wait_ms={FETCH_MAX_WAIT_MS} for every case; times include "
+                 "connecting. Records/s = records / seconds.")
+    c.table("rate", "Cold rebuild rate", "records/s", baseline=baseline, higher_is_better=True)
+    c.table("stall", "Longest event-loop stall during the rebuild", "ms", baseline=baseline,
+            higher_is_better=False,
+            note="How long a 5 ms ticker task in the same loop was kept from running at worst. "
+                 "The bare loops use aiokafka's default max_records (everything prefetched); "
+                 "snapbus's reader reads at most 20,000 records per getmany.")
+    async with common.bench_broker() as broker:
+        bootstrap = broker.bootstrap_servers
+        config = await common.new_topic(bootstrap, "rebuild")
+        produce_s = await common.bulk_produce(bootstrap, config.topic, pairs)
+        print(f"(wrote {len(pairs):,} records in {produce_s:.1f} s, "
+              f"{len(pairs) / produce_s:,.0f} records/s)", file=sys.stderr)
+        del pairs
+
+        async def raw() -> float:
+            seconds, count, _ = await _bare_read(bootstrap, config.topic, decode=False)
+            if count < n_records:  # the broker never compacts; Kafka may have, so only warn
+                print(f"(bare read saw {count} records of {n_records})", file=sys.stderr)
+            return seconds
+
+        async def decoded() -> float:
+            seconds, _, sessions = await _bare_read(bootstrap, config.topic, decode=True)
+            if sessions != expected:
+                raise RuntimeError(f"bare decode holds {sessions} sessions, expected {expected}")
+            return seconds
+
+        async def view() -> float:
+            seconds, sessions, stats = await _view(config)
+            if sessions != expected:
+                raise RuntimeError(f"view holds {sessions} sessions, expected {expected}")
+            if stats.decode_errors:
+                raise RuntimeError(f"view saw {stats.decode_errors} decode errors")
+            return seconds
+
+        cases = [(baseline, raw), ("bare aiokafka + fastavro -> dict", decoded),
+                 (f"snapbus SnapshotView start (len == {expected:,} checked)", view)]
+        await raw()  # untimed warm-up: the broker's first full read of the topic
+        for _ in range(runs):
+            for name, case in cases:
+                async with _StallMeter() as meter:
+                    seconds = await case()
+                c.add("seconds", name, seconds)
+                c.add("rate", name, n_records / seconds)
+                c.add("stall", name, 1000 * meter.max_stall)
+        if profile:
+            print(await _profile_view(config), file=sys.stderr)
+        await common.delete_topic(bootstrap, config.topic)
+    return c.results()
+
+
+if __name__ == "__main__":
+    profile = "--profile" in sys.argv
+    if profile:
+        sys.argv.remove("--profile")
+
+    async def _run(runs: int, quick: bool) -> list[dict[str, Any]]:
+        return await run(runs, quick, profile=profile)
+
+    common.main(_run, __doc__.splitlines()[0])
