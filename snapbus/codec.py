@@ -129,6 +129,16 @@ class Codec:
         """Encode a snapshot as a single-object Avro value."""
         return self.encode_record(snapshot.to_dict())
 
+    def header_ok(self, data: bytes | bytearray | memoryview | None) -> bool:
+        """Whether a value is a tombstone or starts with a valid header of a known schema.
+
+        A cheap check that does not decode the body: `decode` can still fail on the body.
+        """
+        if data is None:
+            return True
+        return (len(data) >= HEADER_SIZE and data[0:2] == MARKER
+                and bytes(data[2:HEADER_SIZE]) in self.store)
+
     def decode_record(self, data: bytes | bytearray | memoryview | None) -> dict[str, Any]:
         """Decode a value into a plain record resolved to this codec's reader schema.
 

@@ -88,6 +88,7 @@ async def replay(
     codec: Codec | None = None,
     fetch_max_wait_ms: int = 100,
     progress: Progress | None = None,
+    quiet: bool = False,
 ) -> AsyncIterator[Event]:
     """Yield the log's events between two bounds, in offset order within each partition.
 
@@ -102,6 +103,7 @@ async def replay(
         errors: ``"skip"`` (default: undecodable records are logged and skipped) or
             ``"raise"`` (raise `DecodeError`).
         progress: called after each batch with (records read, records to read).
+        quiet: do not log skipped records (the caller counts them).
 
     Raises:
         TopicError: the topic does not exist.
@@ -142,8 +144,10 @@ async def replay(
                     except DecodeError as exc:
                         if errors == "raise":
                             raise
-                        log.warning("skipping bad record at %s[%d]@%d (%s): %s", record.topic,
-                                    record.partition, record.offset, exc.reason, exc)
+                        if not quiet:
+                            log.warning("skipping bad record at %s[%d]@%d (%s): %s",
+                                        record.topic, record.partition, record.offset,
+                                        exc.reason, exc)
                         continue
                     yield event
             if progress is not None:

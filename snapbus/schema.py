@@ -152,6 +152,9 @@ class SchemaStore:
         """Return the schema with that fingerprint, or None when unknown."""
         return self._by_fingerprint.get(fingerprint)
 
+    def __contains__(self, fingerprint: object) -> bool:
+        return fingerprint in self._by_fingerprint
+
     def __iter__(self) -> Iterator[Schema]:
         return iter(self._by_fingerprint.values())
 

@@ -47,7 +47,7 @@ from snapbus.codec import Codec, default_codec
 from snapbus.config import KafkaConfig, validate_topic_name
 from snapbus.errors import DecodeError, SnapbusError, ViewError
 from snapbus.publisher import Receipt
-from snapbus.reader import BarrierProbe, PartitionReader, decode_record
+from snapbus.reader import BarrierProbe, Event, PartitionReader, decode_record
 from snapbus.snapshot import WorkspaceSnapshot, parse_uuid
 from snapbus.topic import ensure_topic as _ensure_topic
 
@@ -59,6 +59,7 @@ ViewStatus = Literal["starting", "catching_up", "live", "degraded", "failed", "s
 """Where the view is in its life: see `SnapshotView.status`."""
 
 _LOGGED_DECODE_ERRORS = 20
+_APPLY_CHUNK = 2000  # records applied between two yields to the event loop
 
 
 class Change(NamedTuple):
@@ -82,6 +83,9 @@ class ViewStats:
     """Sessions currently in the view."""
     records_applied: int
     """Records applied (upserts plus tombstones), bad records excluded."""
+    records_superseded: int
+    """Records of the initial replay skipped undecoded because a later record of the same
+    session replaced them."""
     tombstones: int
     """Tombstones applied."""
     decode_errors: int
@@ -236,6 +240,9 @@ class SnapshotView:
         self._dead_lettered = 0
         self._resyncs = 0
         self._resync_seen: set[str] | None = None
+        self._stash: dict[bytes | None, ConsumerRecord[bytes, bytes]] | None = {}
+        self._records_superseded = 0
+        self._serving = False
         if ttl_s is not None and ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
         self._ttl_ms = None if ttl_s is None else int(ttl_s * 1000)
@@ -319,6 +326,7 @@ class SnapshotView:
         if self._failure is not None:
             await self.stop()
             raise ViewError(f"view failed during start: {self._failure}") from self._failure
+        self._serving = True
         if not self._caught_up.is_set():
             behind = sum(self._reader.lag().values())
             self._set_status(
@@ -403,6 +411,7 @@ class SnapshotView:
             status=self._status,
             sessions=len(self._data),
             records_applied=self._records_applied,
+            records_superseded=self._records_superseded,
             tombstones=self._tombstones,
             decode_errors=self._decode_errors,
             last_offsets=dict(self._last_offsets),
@@ -547,10 +556,21 @@ class SnapshotView:
                     continue
                 failures = 0
                 for partition, records in batches.items():
-                    for record in records:
-                        self._apply(record)
+                    if self._stash is not None:
+                        self._stash_records(records)
+                    else:
+                        for start in range(0, len(records), _APPLY_CHUNK):
+                            for record in records[start:start + _APPLY_CHUNK]:
+                                self._apply(record)
+                            if len(records) > _APPLY_CHUNK:
+                                await asyncio.sleep(0)  # let readers and waiters run
                     if records:
                         self._last_offsets[partition] = records[-1].offset
+                if self._stash is not None and (
+                    self._serving or self._offset_waiters or self._barriers
+                    or reader.caught_up_to_start()
+                ):
+                    await self._flush_stash()
                 if self._dead_letters:
                     await self._send_dead_letters()
                 if self._ttl_ms is not None:
@@ -698,12 +718,62 @@ class SnapshotView:
             if self._decode_errors == _LOGGED_DECODE_ERRORS:
                 log.warning("further bad records are counted in stats but not logged")
 
-    def _apply(self, record: ConsumerRecord[bytes, bytes]) -> None:
+    def _stash_records(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        """Initial replay: keep only each key's latest record; decode it at the end.
+
+        A record whose header already shows it cannot be decoded (empty, bad marker, unknown
+        schema) is handled at once, so it never replaces the key's previous good record.
+        """
+        stash, valid = self._stash, self._codec.header_ok
+        assert stash is not None
+        for record in records:
+            if valid(record.value):
+                stash[record.key] = record
+                self._records_superseded += 1
+            else:
+                self._apply(record)
+
+    async def _flush_stash(self) -> None:
+        """Decode and apply the latest record of every key seen during the initial replay."""
+        stash, self._stash = self._stash, None
+        assert stash is not None
+        self._records_superseded -= len(stash)
+        repair: set[bytes] = set()
+        for count, record in enumerate(stash.values(), 1):
+            error = self._apply(record)
+            if error is not None and error.reason != "bad_key" and record.key is not None:
+                repair.add(record.key)  # an earlier good record of that key may exist
+            if count % _APPLY_CHUNK == 0:
+                await asyncio.sleep(0)
+        if repair:
+            await self._repair(repair)
+
+    async def _repair(self, keys: set[bytes]) -> None:
+        """Find the last good record of keys whose latest record was bad, and apply it."""
+        from snapbus.replay import replay  # the bounded reader; imported late: replay uses us
+
+        positions = dict(self._reader.positions)
+        found: dict[str, Event] = {}
+        async for event in replay(self.config, until=positions, use_history=False,
+                                  codec=self._codec, fetch_max_wait_ms=self._fetch_wait_ms,
+                                  quiet=True):
+            if event.key.encode("ascii") in keys:
+                found[event.key] = event
+        for event in found.values():
+            self._apply_event(event)
+        log.info("view of %s: %d session(s) kept their last good snapshot after a bad record",
+                 self.config.topic, len(found))
+
+    def _apply(self, record: ConsumerRecord[bytes, bytes]) -> DecodeError | None:
         try:
             event = decode_record(record, self._codec)
         except DecodeError as exc:
             self._bad_record(record, exc)
-            return
+            return exc
+        self._apply_event(event)
+        return None
+
+    def _apply_event(self, event: Event) -> None:
         key, new = event.key, event.snapshot
         if new is not None:
             key = new.key  # the same text; keep one string object per session
@@ -731,9 +801,10 @@ class SnapshotView:
             if old == new:
                 return
             self._data[key] = new
-            if old is not None:
-                self._unindex(key, old)
-            self._index(key, new)
+            if old is None:
+                self._index(key, new)
+            else:
+                self._reindex(key, old, new)
         if self._subscribers:
             self._notify(Change(uuid.UUID(key), old, new))
 
@@ -785,6 +856,19 @@ class SnapshotView:
         self._by_repo.setdefault(snapshot.repo_key, set()).add(key)
         self._by_agent.setdefault(snapshot.agent_id, set()).add(key)
         self._by_state.setdefault(snapshot.state, set()).add(key)
+
+    def _reindex(self, key: str, old: WorkspaceSnapshot, new: WorkspaceSnapshot) -> None:
+        for index, before, after in (
+            (self._by_repo, old.repo_key, new.repo_key),
+            (self._by_agent, old.agent_id, new.agent_id),
+            (self._by_state, old.state, new.state),
+        ):
+            if before != after:
+                members = index[before]
+                members.discard(key)
+                if not members:
+                    del index[before]
+                index.setdefault(after, set()).add(key)
 
     def _unindex(self, key: str, snapshot: WorkspaceSnapshot) -> None:
         for index, value in (
