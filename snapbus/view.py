@@ -745,6 +745,7 @@ class SnapshotView:
                 repair.add(record.key)  # an earlier good record of that key may exist
             if count % _APPLY_CHUNK == 0:
                 await asyncio.sleep(0)
+        stash.clear()
         if repair:
             await self._repair(repair)
 
