@@ -643,6 +643,55 @@ def schema_check(candidate: str, folder: str | None) -> None:
                f"(fingerprint {new.fingerprint.hex()})")
 
 
+# ---------------------------------------------------------------------------- serve
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1",
+              help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080,
+              help="Port to listen on (0: a free one).")
+@click.option("--allow-writes", is_flag=True,
+              help="Enable PUT and DELETE /sessions/{id} (default: read-only).")
+@click.option("--ttl", "ttl_s", type=click.FloatRange(0, min_open=True),
+              help="Hide sessions whose latest record is older than this many seconds.")
+@click.option("--janitor", is_flag=True,
+              help="With --ttl: also publish tombstones for expired sessions (needs write "
+                   "access to the topic, even without --allow-writes).")
+@click.option("--janitor-interval", type=click.FloatRange(0.1), default=30.0,
+              help="Seconds between janitor sweeps.")
+@click.option("--fetch-max-wait-ms", type=click.IntRange(1, 10_000), default=100,
+              help="The view's fetch wait: lower is fresher, higher is idler.")
+@click.option("--log-json", is_flag=True, help="Log JSON lines on stderr.")
+def serve(host: str, port: int, allow_writes: bool, ttl_s: float | None, janitor: bool,
+          janitor_interval: float, fetch_max_wait_ms: int, log_json: bool) -> None:
+    """Serve the sessions over HTTP for pods that do not run Python, until Ctrl-C.
+
+    GET /sessions/{id}, /sessions?repo=&agent=&state=, /changes (server-sent events),
+    /metrics (Prometheus), /healthz and /readyz; with --allow-writes also PUT and DELETE
+    /sessions/{id}. Needs the extra snapbus[serve].
+    """
+    if janitor and ttl_s is None:
+        raise click.UsageError("--janitor needs --ttl")
+    try:
+        from snapbus.serve import run_server
+    except ImportError as exc:
+        raise click.ClickException(str(exc)) from None
+    if log_json:
+        from snapbus.logs import configure_logging
+
+        configure_logging(json=True, level=logging.getLogger().level)
+
+    def listening(url: str) -> None:
+        mode = "read-write" if allow_writes else "read-only"
+        click.echo(f"serving {url} ({mode}); Ctrl-C to stop")
+        sys.stdout.flush()
+
+    _run(run_server(_config(), host=host, port=port, allow_writes=allow_writes, ttl_s=ttl_s,
+                    janitor=janitor, janitor_interval_s=janitor_interval,
+                    fetch_max_wait_ms=fetch_max_wait_ms, on_listening=listening))
+
+
 def main() -> None:
     """Entry point of the ``snapbus`` console script."""
     cli(prog_name="snapbus")

@@ -53,14 +53,14 @@ class Janitor:
         self.evicted += count
         if count:
             log.info("janitor evicted %d expired session(s) from %s", count,
-                     self.publisher.topic)
+                     self.publisher.topic, extra={"topic": self.publisher.topic})
         return count
 
     async def _run(self) -> None:
         while True:
             try:
                 await self.sweep()
-            except (SnapbusError, TimeoutError) as exc:
+            except (SnapbusError, asyncio.TimeoutError) as exc:
                 log.warning("janitor sweep failed, retrying in %.0f s: %s", self.interval_s, exc)
             await asyncio.sleep(self.interval_s)
 

@@ -21,7 +21,7 @@ import uuid
 import warnings
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, UnknownError
@@ -32,6 +32,8 @@ from snapbus.config import KafkaConfig
 from snapbus.errors import PublishError, ValidationError
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.topic import DEFAULT_PARTITIONS, ensure_topic
+
+_Self = TypeVar("_Self", bound="SnapshotPublisher")
 
 __all__ = ["DEFAULT_MAX_VALUE_BYTES", "Receipt", "SnapshotPublisher"]
 
@@ -184,7 +186,7 @@ class SnapshotPublisher:
         if producer is not None:
             await producer.stop()
 
-    async def __aenter__(self) -> SnapshotPublisher:
+    async def __aenter__(self: _Self) -> _Self:
         await self.start()
         return self
 
@@ -297,7 +299,8 @@ class SnapshotPublisher:
             except UnknownError as exc:  # some brokers answer a transient failure this way
                 if loop.time() >= deadline:
                     raise self._publish_error(exc) from exc
-                log.debug("publish of %s got %r; retrying", session_id, exc)
+                log.debug("publish of %s got %r; retrying", session_id, exc,
+                          extra={"session_id": str(session_id), "topic": self.topic})
                 await asyncio.sleep(0.05)
             except (KafkaError, asyncio.TimeoutError) as exc:
                 raise self._publish_error(exc) from exc

@@ -150,7 +150,8 @@ class PartitionReader:
             **config.client_kwargs(),
             **dict(consumer_options or {}),
         }
-        self._consumer = AIOKafkaConsumer(**options)
+        self._options = options
+        self._client: AIOKafkaConsumer | None = None  # made in open(): nothing to leak before
         self._tps: dict[int, TopicPartition] = {}
         self.end_targets: dict[int, int] = {}
         """The first high watermark each partition's fetch reported (the log end at start)."""
@@ -160,6 +161,12 @@ class PartitionReader:
         """Partitions whose consumer position went backwards (an offset reset by the client)."""
         self._opened_ms = 0
         self._started = False
+
+    @property
+    def _consumer(self) -> AIOKafkaConsumer:
+        if self._client is None:
+            raise RuntimeError("the reader is not open")
+        return self._client
 
     @property
     def partitions(self) -> list[int]:
@@ -174,7 +181,8 @@ class PartitionReader:
             TopicError: the topic does not exist.
         """
         topic = self.config.topic
-        await start_client(self._consumer, self.config, "reader")
+        self._client = AIOKafkaConsumer(**self._options)
+        await start_client(self._client, self.config, "reader")
         self._started = True
         self._opened_ms = int(time.time() * 1000)
         partitions = self._consumer.partitions_for_topic(topic)
@@ -299,4 +307,16 @@ class PartitionReader:
         """Disconnect; safe to call twice."""
         if self._started:
             self._started = False
-            await asyncio.shield(self._consumer.stop())
+            consumer = self._consumer
+            stopping = asyncio.ensure_future(consumer.stop())
+            try:
+                await asyncio.shield(stopping)
+            except asyncio.CancelledError:
+                if not stopping.cancelled():
+                    raise  # we were cancelled; the stop goes on in the background
+                # aiokafka (issue #647) awaits the fetch tasks it just cancelled; one sleeping
+                # in a retry backoff (broker unreachable) re-raises that CancelledError before
+                # the client is closed. Finish the job instead of passing on a false cancel.
+                for task in list(getattr(consumer._fetcher, "_pending_tasks", ())):
+                    task.cancel()
+                await consumer._client.close()

@@ -37,7 +37,7 @@ import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator, Mapping
 from types import TracebackType
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaError
@@ -50,6 +50,8 @@ from snapbus.publisher import Receipt
 from snapbus.reader import BarrierProbe, Event, PartitionReader, decode_record
 from snapbus.snapshot import WorkspaceSnapshot, parse_uuid
 from snapbus.topic import ensure_topic as _ensure_topic
+
+_Self = TypeVar("_Self", bound="SnapshotView")
 
 __all__ = ["Change", "ChangeStream", "Health", "SnapshotView", "ViewStats", "ViewStatus"]
 
@@ -179,6 +181,11 @@ class ChangeStream:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _coordinates(record: ConsumerRecord[bytes, bytes]) -> dict[str, Any]:
+    """Structured-log fields naming where a record is."""
+    return {"topic": record.topic, "partition": record.partition, "offset": record.offset}
 
 
 def _canonical(session_id: uuid.UUID | str) -> str:
@@ -358,7 +365,7 @@ class SnapshotView:
         if producer is not None:
             await producer.stop()
 
-    async def __aenter__(self) -> SnapshotView:
+    async def __aenter__(self: _Self) -> _Self:
         await self.start()
         return self
 
@@ -427,7 +434,8 @@ class SnapshotView:
     def _set_status(self, status: ViewStatus, reason: str | None = None) -> None:
         if status != self._status:
             log.info("view of %s: %s -> %s%s", self.config.topic, self._status, status,
-                     f" ({reason})" if reason else "")
+                     f" ({reason})" if reason else "",
+                     extra={"topic": self.config.topic, "status": status})
         self._status = status
         self._status_reason = reason
 
@@ -585,7 +593,8 @@ class SnapshotView:
     def _fail(self, exc: BaseException) -> None:
         self._failure = exc
         self._set_status("failed", f"{type(exc).__name__}: {exc}")
-        log.error("view of %s failed: %s", self.config.topic, self._status_reason)
+        log.error("view of %s failed: %s", self.config.topic, self._status_reason,
+                  extra={"topic": self.config.topic, "status": "failed"})
         self._end_waiters(ViewError(f"the view failed: {exc}"))
 
     def _check_health(self) -> None:
@@ -616,7 +625,7 @@ class SnapshotView:
     def _begin_resync(self, partitions: list[int]) -> None:
         log.warning("view of %s: partitions %s now end before the view's position (the broker "
                     "lost records, or the topic was re-created); re-reading the whole log",
-                    self.config.topic, partitions)
+                    self.config.topic, partitions, extra={"topic": self.config.topic})
         self._resyncs += 1
         self._resync_seen = set()
         self._reader.restart_from_beginning()
@@ -627,7 +636,8 @@ class SnapshotView:
             old = self._data.pop(key)
             self._unindex(key, old)
             self._notify(Change(uuid.UUID(key), old, None))
-        log.info("view of %s re-read the log: %d sessions", self.config.topic, len(self._data))
+        log.info("view of %s re-read the log: %d sessions", self.config.topic, len(self._data),
+                 extra={"topic": self.config.topic})
 
     def _after_read(self) -> None:
         reader = self._reader
@@ -639,7 +649,7 @@ class SnapshotView:
             self._caught_up.set()
             self._set_status("live")
             log.info("view of %s caught up: %d sessions in %.2f s", self.config.topic,
-                     len(self._data), self._catch_up_seconds)
+                     len(self._data), self._catch_up_seconds, extra={"topic": self.config.topic})
         if self._offset_waiters:
             positions = reader.positions
             pending = []
@@ -697,7 +707,7 @@ class SnapshotView:
                                              key=key, headers=headers)
             except KafkaError as exc:
                 log.warning("cannot copy bad record %s to the dead-letter topic: %r",
-                            key.decode(), exc)
+                            key.decode(), exc, extra=_coordinates(record))
                 continue
             future.add_done_callback(self._dead_letter_done)
 
@@ -714,7 +724,8 @@ class SnapshotView:
             self._dead_letters.append((record, error))
         if self._decode_errors <= _LOGGED_DECODE_ERRORS:
             log.warning("skipping bad record at %s[%d]@%d (%s): %s", record.topic,
-                        record.partition, record.offset, error.reason, error)
+                        record.partition, record.offset, error.reason, error,
+                        extra=_coordinates(record))
             if self._decode_errors == _LOGGED_DECODE_ERRORS:
                 log.warning("further bad records are counted in stats but not logged")
 
@@ -763,7 +774,7 @@ class SnapshotView:
         for event in found.values():
             self._apply_event(event)
         log.info("view of %s: %d session(s) kept their last good snapshot after a bad record",
-                 self.config.topic, len(found))
+                 self.config.topic, len(found), extra={"topic": self.config.topic})
 
     def _apply(self, record: ConsumerRecord[bytes, bytes]) -> DecodeError | None:
         try:

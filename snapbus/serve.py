@@ -1,0 +1,481 @@
+"""An HTTP sidecar serving a `SnapshotView` to pods that do not run Python (``snapbus[serve]``).
+
+``snapbus serve`` (or `run_server`) keeps one view of the topic and serves it; `create_app`
+builds the same ASGI application (Starlette) around a view the caller already runs.
+
+==========================  ====================================================================
+``GET /sessions/{id}``      the session's snapshot fields as JSON; 404 if absent, 400 if the
+                            id is not a UUID
+``GET /sessions``           ``{"sessions": [...], "count": n}``, sorted by session id; filters
+                            ``repo`` (UUID), ``agent``, ``state`` use the view's indexes and
+                            combine; 400 for a malformed repo id or an unknown parameter
+``GET /changes``            server-sent events: a comment line once subscribed, then one
+                            ``event: change`` per change with data ``{"session_id", "old",
+                            "new"}`` (``old`` null: created; ``new`` null: deleted or
+                            expired); ``event: error`` if the client fell too far behind,
+                            ``event: end`` when the view stops; ``: keepalive`` comments
+``GET /metrics``            Prometheus metrics (`snapbus.metrics`)
+``GET /healthz``            200 unless the view failed or stopped (503); the `Health` as JSON
+``GET /readyz``             200 only while the view is caught up and live, else 503; same JSON
+``PUT /sessions/{id}``      writes only: publish the JSON body (the snapshot fields;
+                            ``session_id`` may be omitted, else must equal the path), wait
+                            until this view shows it, answer ``{"snapshot", "receipt"}``;
+                            400 for a body that is not JSON, 422 for invalid fields, 503 if
+                            the broker did not acknowledge, 504 if the view did not show it
+``DELETE /sessions/{id}``   writes only: publish a tombstone, wait until the view applied it,
+                            answer ``{"deleted": was_present, "receipt"}``
+==========================  ====================================================================
+
+Writes are off unless a publisher is given (``--allow-writes``); without one, PUT and DELETE
+answer 405 saying so. Errors are JSON ``{"error": message}`` (plus ``"field"`` when one field
+is at fault). Reads answer from memory whatever the view holds: route traffic by ``/readyz``
+to serve only complete, fresh data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import signal
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import Any
+
+try:
+    import uvicorn
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import choose_encoder
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        "snapbus.serve needs Starlette, uvicorn and prometheus-client: "
+        "pip install 'snapbus[serve]'"
+    ) from exc
+
+from snapbus.config import KafkaConfig
+from snapbus.errors import ConfigError, PublishError, ValidationError, ViewError
+from snapbus.janitor import Janitor
+from snapbus.metrics import InstrumentedPublisher, PublisherMetrics, ViewMetrics
+from snapbus.publisher import Receipt, SnapshotPublisher
+from snapbus.snapshot import WorkspaceSnapshot, parse_uuid
+from snapbus.view import Change, SnapshotView
+
+__all__ = ["MAX_BODY_BYTES", "create_app", "run_server", "serving"]
+
+log = logging.getLogger("snapbus.serve")
+
+MAX_BODY_BYTES = 2_000_000
+"""Largest PUT body accepted (413 beyond); the encoded snapshot has its own limit."""
+
+_FILTERS = ("repo", "agent", "state")
+
+
+def _error(status: int, message: str, *, field: str | None = None,
+           headers: Mapping[str, str] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": message}
+    if field is not None:
+        body["field"] = field
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _receipt(receipt: Receipt) -> dict[str, Any]:
+    return {"topic": receipt.topic, "partition": receipt.partition, "offset": receipt.offset,
+            "timestamp_ms": receipt.timestamp_ms}
+
+
+def _change_event(change: Change) -> str:
+    data = {
+        "session_id": str(change.session_id),
+        "old": change.old.to_dict() if change.old is not None else None,
+        "new": change.new.to_dict() if change.new is not None else None,
+    }
+    return _event("change", data)
+
+
+def _event(name: str, data: dict[str, Any]) -> str:
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class _Service:
+    """The request handlers, over one view and an optional publisher."""
+
+    def __init__(self, view: SnapshotView, publisher: SnapshotPublisher | None,
+                 registry: CollectorRegistry, *, write_timeout_s: float, heartbeat_s: float,
+                 max_pending: int) -> None:
+        self.view = view
+        self.publisher = publisher
+        self.registry = registry
+        self.write_timeout_s = write_timeout_s
+        self.heartbeat_s = heartbeat_s
+        self.max_pending = max_pending
+        self.closing = asyncio.Event()
+        """Set when the server shuts down: open event streams end."""
+
+    # ------------------------------------------------------------------ reads
+
+    async def session(self, request: Request) -> Response:
+        method = request.method
+        if method in ("PUT", "DELETE") and self.publisher is None:
+            return _error(405, "writes are disabled on this server; start it with "
+                               "`snapbus serve --allow-writes` to PUT or DELETE sessions",
+                          headers={"Allow": "GET, HEAD"})
+        try:
+            session_id = parse_uuid(request.path_params["session_id"], field="session_id")
+        except ValidationError as exc:
+            return _error(400, str(exc), field=exc.field)
+        if method == "PUT":
+            return await self._put(request, session_id)
+        if method == "DELETE":
+            return await self._delete(session_id)
+        snapshot = self.view.get(session_id)
+        if snapshot is None:
+            return _error(404, f"session {session_id} is not in the view of topic "
+                               f"{self.view.config.topic!r}")
+        return JSONResponse(snapshot.to_dict())
+
+    async def sessions(self, request: Request) -> Response:
+        params = request.query_params
+        unknown = sorted(set(params) - set(_FILTERS))
+        if unknown:
+            return _error(400, f"unknown query parameter(s): {', '.join(unknown)}; "
+                               f"filter with {', '.join(_FILTERS)}")
+        repo, agent, state = (params.get(name) for name in _FILTERS)
+        view = self.view
+        if repo is not None:
+            try:
+                repo = str(parse_uuid(repo, field="repo"))
+            except ValidationError as exc:
+                return _error(400, str(exc), field="repo")
+            found = view.by_repo(repo)
+        elif agent is not None:
+            found = view.by_agent(agent)
+        elif state is not None:
+            found = view.by_state(state)
+        else:
+            found = view.snapshots()
+        selected = sorted(
+            (s for s in found
+             if (repo is None or str(s.repo_id) == repo)
+             and (agent is None or s.agent_id == agent)
+             and (state is None or s.state == state)),
+            key=lambda s: str(s.session_id),
+        )
+        return JSONResponse({"sessions": [s.to_dict() for s in selected],
+                             "count": len(selected)})
+
+    async def changes(self, request: Request) -> Response:
+        if self.view.status in ("failed", "stopped"):
+            return _error(503, f"the view is {self.view.status}: no changes will come",
+                          headers={"Retry-After": "5"})
+        return StreamingResponse(
+            self._events(), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _events(self) -> AsyncIterator[str]:
+        stream = self.view.changes(max_pending=self.max_pending)
+        closing = asyncio.ensure_future(self.closing.wait())
+        pending: asyncio.Future[Change] | None = None
+        try:
+            yield f": subscribed to {self.view.config.topic}\n\n"
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(stream))
+                waiting: set[asyncio.Future[Any]] = {pending, closing}
+                done, _ = await asyncio.wait(waiting, timeout=self.heartbeat_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if closing in done:
+                    yield _event("end", {"reason": "the server is shutting down"})
+                    return
+                if pending not in done:
+                    yield ": keepalive\n\n"
+                    continue
+                finished, pending = pending, None
+                try:
+                    change = finished.result()
+                except StopAsyncIteration:
+                    yield _event("end", {"reason": "the view stopped"})
+                    return
+                except ViewError as exc:
+                    yield _event("error", {"error": str(exc)})
+                    return
+                yield _change_event(change)
+        finally:
+            stream.close()
+            closing.cancel()
+            if pending is not None:
+                pending.cancel()
+
+    async def metrics(self, request: Request) -> Response:
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encoder(self.registry), headers={"Content-Type": content_type})
+
+    async def healthz(self, request: Request) -> Response:
+        health = self.view.health()
+        ok = health.status not in ("failed", "stopped")
+        return JSONResponse(dataclasses.asdict(health), status_code=200 if ok else 503)
+
+    async def readyz(self, request: Request) -> Response:
+        health = self.view.health()
+        return JSONResponse(dataclasses.asdict(health), status_code=200 if health.ready else 503)
+
+    # ------------------------------------------------------------------ writes
+
+    async def _put(self, request: Request, session_id: uuid.UUID) -> Response:
+        assert self.publisher is not None
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                return _error(413, f"the body is over {MAX_BODY_BYTES} bytes")
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            return _error(400, f"the body is not valid JSON: {exc}")
+        if not isinstance(data, dict):
+            return _error(422, "the body must be a JSON object of snapshot fields, not "
+                               f"{type(data).__name__}")
+        if "session_id" in data:
+            try:
+                given = parse_uuid(data["session_id"], field="session_id")
+            except ValidationError as exc:
+                return _error(422, str(exc), field="session_id")
+            if given != session_id:
+                return _error(422, f"session_id in the body ({given}) differs from the one "
+                                   f"in the path ({session_id}); omit it or make them equal",
+                              field="session_id")
+        try:
+            snapshot = WorkspaceSnapshot.from_dict({**data, "session_id": str(session_id)})
+            receipt = await self.publisher.publish(snapshot)
+        except ValidationError as exc:
+            return _error(422, str(exc), field=exc.field)
+        except PublishError as exc:
+            return _error(503, str(exc), headers={"Retry-After": "1"})
+        return await self._written(receipt, {"snapshot": snapshot.to_dict()})
+
+    async def _delete(self, session_id: uuid.UUID) -> Response:
+        assert self.publisher is not None
+        present = session_id in self.view
+        try:
+            receipt = await self.publisher.evict(session_id)
+        except PublishError as exc:
+            return _error(503, str(exc), headers={"Retry-After": "1"})
+        return await self._written(receipt, {"deleted": present})
+
+    async def _written(self, receipt: Receipt, body: dict[str, Any]) -> Response:
+        """Answer once the view applied the record: the client reads its own write."""
+        try:
+            await self.view.wait_for(receipt, timeout=self.write_timeout_s)
+        except asyncio.TimeoutError:
+            return _error(504, f"stored at {receipt.topic}[{receipt.partition}]@"
+                               f"{receipt.offset}, but the view did not apply it within "
+                               f"{self.write_timeout_s:g} s")
+        except ViewError as exc:
+            return _error(503, f"stored at {receipt.topic}[{receipt.partition}]@"
+                               f"{receipt.offset}, but {exc}")
+        return JSONResponse({**body, "receipt": _receipt(receipt)})
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return _error(exc.status_code, exc.detail, headers=exc.headers)
+
+
+def create_app(
+    view: SnapshotView,
+    publisher: SnapshotPublisher | None = None,
+    *,
+    registry: CollectorRegistry | None = None,
+    write_timeout_s: float = 10.0,
+    heartbeat_s: float = 15.0,
+    max_pending: int = 10_000,
+) -> Starlette:
+    """Build the ASGI application serving `view` (see the module docstring for the routes).
+
+    The caller starts and stops the view and publisher; the application only uses them.
+
+    Args:
+        view: the view to serve.
+        publisher: enables PUT and DELETE when given (it should write the view's topic).
+        registry: the Prometheus registry ``/metrics`` serves; the view's metrics are
+            registered on it (default: a new registry). Register publisher metrics there too
+            (an `InstrumentedPublisher` whose `PublisherMetrics` uses this registry).
+        write_timeout_s: how long a write waits for the view to apply it (504 after).
+        heartbeat_s: seconds between keep-alive comments on ``/changes``.
+        max_pending: changes an event-stream client may fall behind before the server ends
+            its stream with ``event: error`` (it may reconnect, then re-read ``/sessions``).
+    """
+    registry = registry if registry is not None else CollectorRegistry()
+    ViewMetrics(view, registry)
+    service = _Service(view, publisher, registry, write_timeout_s=write_timeout_s,
+                       heartbeat_s=heartbeat_s, max_pending=max_pending)
+    app = Starlette(
+        routes=[
+            Route("/sessions", service.sessions, methods=["GET"]),
+            Route("/sessions/{session_id}", service.session, methods=["GET", "PUT", "DELETE"]),
+            Route("/changes", service.changes, methods=["GET"]),
+            Route("/metrics", service.metrics, methods=["GET"]),
+            Route("/healthz", service.healthz, methods=["GET"]),
+            Route("/readyz", service.readyz, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: _http_error},
+    )
+    app.state.snapbus = service
+    return app
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to its caller (uvicorn re-raises them on exit)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind and listen, so that address errors surface here, with a clear message."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Starlette, host: str = "127.0.0.1", port: int = 0,
+                  *, access_log: bool = False) -> AsyncIterator[str]:
+    """Serve `app` with uvicorn in the running event loop; yield its base URL.
+
+    Port 0 picks a free port. On exit the server stops: event streams of a `create_app`
+    application end, then open requests get a few seconds to finish.
+
+    Raises:
+        ConfigError: the address cannot be listened on.
+    """
+    async with _serving(app, _listen(host, port), access_log=access_log) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def _serving(app: Starlette, sock: socket.socket, *,
+                   access_log: bool) -> AsyncIterator[str]:
+    bound_host, bound_port = sock.getsockname()[:2]
+    url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+    config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=access_log,
+                            timeout_graceful_shutdown=5, ws="none")
+    server = _Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="snapbus-serve")
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise ConfigError(f"the HTTP server on port {bound_port} did not start")
+            await asyncio.sleep(0.01)
+        yield f"http://{url_host}:{bound_port}"
+    finally:
+        service = getattr(app.state, "snapbus", None)
+        if isinstance(service, _Service):
+            service.closing.set()
+        server.should_exit = True
+        try:
+            await task
+        finally:
+            sock.close()
+
+
+async def run_server(
+    config: KafkaConfig,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    allow_writes: bool = False,
+    ttl_s: float | None = None,
+    janitor: bool = False,
+    janitor_interval_s: float = 30.0,
+    fetch_max_wait_ms: int = 100,
+    on_listening: Callable[[str], None] | None = None,
+) -> None:
+    """Run the sidecar until SIGINT or SIGTERM: a view of the topic, served over HTTP.
+
+    The server listens while the view replays the topic (``/readyz`` answers 503 until it
+    is live). A publisher is started if writes are allowed or a janitor runs; the janitor
+    (with a TTL) deletes expired sessions from the topic every `janitor_interval_s`.
+
+    Args:
+        on_listening: called with the base URL once the server listens.
+
+    Raises:
+        ConfigError: the address cannot be listened on, or a janitor without a TTL.
+        KafkaUnavailableError, TopicError: the view or the publisher cannot start.
+    """
+    if janitor and ttl_s is None:
+        raise ConfigError("a janitor needs a TTL: it deletes the sessions the TTL expired")
+    registry = CollectorRegistry()
+    from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
+
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handled: list[signal.Signals] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signum, stop.set)
+            handled.append(signum)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            # Cheap checks first, so that a failure leaves nothing half started.
+            sock = _listen(host, port)
+            stack.callback(sock.close)
+            publisher: InstrumentedPublisher | None = None
+            if allow_writes or janitor:
+                publisher = InstrumentedPublisher(config, metrics=PublisherMetrics(registry))
+                await stack.enter_async_context(publisher)  # creates the topic if missing
+            view = SnapshotView(config, ttl_s=ttl_s, fetch_max_wait_ms=fetch_max_wait_ms,
+                                ensure_topic=False)
+            stack.push_async_callback(view.stop)
+            app = create_app(view, publisher if allow_writes else None, registry=registry)
+            url = await stack.enter_async_context(
+                _serving(app, sock, access_log=log.isEnabledFor(logging.INFO)))
+            log.info("serving %s on %s (%s)", config.topic, url,
+                     "writes allowed" if allow_writes else "read-only")
+            if on_listening is not None:
+                on_listening(url)
+            starting = asyncio.create_task(view.start())
+            stopping = asyncio.create_task(stop.wait())
+            try:
+                await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not starting.done():  # stopped during the initial replay
+                    return
+                starting.result()  # raises why the view could not start
+                if janitor and publisher is not None:
+                    await stack.enter_async_context(
+                        Janitor(view, publisher, interval_s=janitor_interval_s))
+                await stopping
+            finally:
+                for task in (starting, stopping):
+                    if not task.done():
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)

@@ -1,0 +1,232 @@
+"""TTL expiry in the view, renewal by ``touch``, and the janitor, against the real broker.
+
+TTLs are about a second. Tests wait on conditions with timeouts; the only plain waits are for
+the wall clock to pass a given point (a record's age is what a TTL is about).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from snapbus.config import KafkaConfig
+from snapbus.janitor import Janitor
+from snapbus.publisher import Receipt, SnapshotPublisher
+from snapbus.snapshot import WorkspaceSnapshot
+from snapbus.view import Change, ChangeStream, SnapshotView
+
+if TYPE_CHECKING:
+    from tests.conftest import BrokerAddress
+
+TTL_S = 1.0
+WAIT_S = 30.0
+
+
+def make_snapshot(**changes: Any) -> WorkspaceSnapshot:
+    fields: dict[str, Any] = {
+        "session_id": uuid.uuid4(), "repo_id": uuid.uuid4(), "agent_id": "auth0|agent",
+        "agent_name": "agent-1", "changeset_id": uuid.uuid4(), "intent": "fix the build",
+        "base_commit": "0123456789abcdef", "state": "active", "mode": "ephemeral",
+    }
+    fields.update(changes)
+    return WorkspaceSnapshot(**fields)
+
+
+@pytest.fixture
+def config(broker: BrokerAddress, topic_name: str) -> KafkaConfig:
+    return KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=topic_name)
+
+
+def new_view(config: KafkaConfig, ttl_s: float | None = TTL_S) -> SnapshotView:
+    return SnapshotView(config, fetch_max_wait_ms=20, ttl_s=ttl_s)
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = WAIT_S) -> None:
+    """Wait until `predicate()` holds (a condition wait with a timeout, not a delay)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not reached within {timeout} s")
+        await asyncio.sleep(0.01)
+
+
+async def wall_clock_past(epoch_ms: float) -> None:
+    """Return once this host's clock is past `epoch_ms` (milliseconds since the epoch)."""
+    await asyncio.sleep(max(0.0, epoch_ms / 1000 - time.time()) + 0.01)
+
+
+def stamp_ms(receipt: Receipt) -> float:
+    assert receipt.timestamp_ms >= 0, "the broker gave no record timestamp"
+    return receipt.timestamp_ms
+
+
+async def next_change(stream: ChangeStream, timeout: float = WAIT_S) -> Change:
+    return await asyncio.wait_for(stream.__anext__(), timeout)
+
+
+async def test_expired_sessions_are_hidden_from_every_read(config: KafkaConfig) -> None:
+    repo = uuid.uuid4()
+    snapshot = make_snapshot(repo_id=repo, agent_id="ttl-agent", state="ttl-state")
+    async with SnapshotPublisher(config) as publisher, new_view(config) as view:
+        receipt = await publisher.publish(snapshot)
+        await view.wait_for(receipt, timeout=WAIT_S)
+        assert view.get(snapshot.session_id) == snapshot
+        assert list(view) == [snapshot.session_id]
+        assert view.by_repo(repo) == view.by_agent("ttl-agent") == [snapshot]
+
+        await eventually(lambda: snapshot.session_id not in view, timeout=TTL_S + WAIT_S)
+        assert time.time() * 1000 >= stamp_ms(receipt) + TTL_S * 1000  # not before its time
+        assert view.get(snapshot.session_id) is None
+        with pytest.raises(KeyError):
+            view[snapshot.session_id]
+        assert len(view) == 0
+        assert list(view) == []
+        assert view.snapshots() == []
+        assert view.by_repo(repo) == []
+        assert view.by_agent("ttl-agent") == []
+        assert view.by_state("ttl-state") == []
+        assert view.stats.expired == 1
+        assert view.stats.sessions == 0
+        assert view.expired_sessions() == [snapshot.session_id]
+
+
+async def test_touch_renews_a_session(config: KafkaConfig) -> None:
+    ttl_s = 1.5
+    renewed, left = make_snapshot(), make_snapshot()
+    async with SnapshotPublisher(config) as publisher, new_view(config, ttl_s) as view:
+        for snapshot in (renewed, left):
+            last = await publisher.publish(snapshot)
+            await view.wait_for(last, timeout=WAIT_S)
+        await wall_clock_past(stamp_ms(last) + ttl_s * 500)  # half the TTL later
+        touched = await publisher.touch(renewed)
+        await view.wait_for(touched, timeout=WAIT_S)
+
+        await eventually(lambda: left.session_id not in view, timeout=ttl_s + WAIT_S)
+        assert view.get(renewed.session_id) == renewed  # its age restarted at the touch
+        assert view.expired_sessions() == [left.session_id]
+
+        await eventually(lambda: renewed.session_id not in view, timeout=ttl_s + WAIT_S)
+        assert time.time() * 1000 >= stamp_ms(touched) + ttl_s * 1000
+        assert view.stats.expired == 2
+
+        # Touching an expired session brings it back, as publishing it again would.
+        await view.wait_for(await publisher.touch(left), timeout=WAIT_S)
+        assert view.get(left.session_id) == left
+        assert view.expired_sessions() == [renewed.session_id]
+
+
+async def test_expiry_is_a_change(config: KafkaConfig) -> None:
+    snapshot = make_snapshot()
+    async with (
+        SnapshotPublisher(config) as publisher,
+        new_view(config) as view,
+        view.changes() as stream,
+    ):
+        await publisher.publish(snapshot)
+        assert await next_change(stream) == (snapshot.session_id, None, snapshot)
+        expired = await next_change(stream, timeout=TTL_S + WAIT_S)
+        assert expired == Change(snapshot.session_id, snapshot, None)
+        assert snapshot.session_id not in view
+
+
+async def test_a_record_older_than_the_ttl_at_replay_is_hidden(config: KafkaConfig) -> None:
+    ttl_s = 1.5
+    old, fresh = make_snapshot(), make_snapshot()
+    async with SnapshotPublisher(config) as publisher:
+        receipt = await publisher.publish(old)
+        await wall_clock_past(stamp_ms(receipt) + ttl_s * 1000)
+        await publisher.publish(fresh)
+    async with new_view(config, ttl_s) as view:
+        assert old.session_id not in view
+        assert view.get(fresh.session_id) == fresh
+        assert len(view) == 1
+        assert view.by_agent(old.agent_id) == [fresh]
+        assert view.expired_sessions() == [old.session_id]
+        assert view.stats.expired == 0  # never shown, so never expired while shown
+    async with new_view(config, ttl_s=None) as plain:
+        assert set(plain) == {old.session_id, fresh.session_id}  # still on the topic
+
+
+async def test_janitor_deletes_expired_sessions_from_the_topic(config: KafkaConfig) -> None:
+    old = make_snapshot()
+    async with SnapshotPublisher(config) as publisher, new_view(config) as view:
+        await view.wait_for(await publisher.publish(old), timeout=WAIT_S)
+        await eventually(lambda: old.session_id in view.expired_sessions(),
+                         timeout=TTL_S + WAIT_S)
+        live = make_snapshot()
+        await view.wait_for(await publisher.publish(live), timeout=WAIT_S)
+
+        janitor = Janitor(view, publisher, interval_s=60)
+        assert await janitor.sweep() == 1
+        assert janitor.evicted == 1
+        assert await janitor.sweep() == 0  # its tombstone is applied: nothing left to do
+        assert view.expired_sessions() == []
+        assert view.stats.tombstones == 1
+        assert view.get(live.session_id) == live
+
+    async with new_view(config, ttl_s=None) as plain:
+        assert old.session_id not in plain
+        assert plain.get(live.session_id) == live
+        assert plain.stats.tombstones == 1
+
+
+async def test_two_janitors_at_once(config: KafkaConfig, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="snapbus.janitor")
+    doomed = [make_snapshot() for _ in range(3)]
+    renewed = make_snapshot()
+    changes: list[Change] = []
+
+    async def collect(stream: ChangeStream) -> None:
+        async for change in stream:
+            changes.append(change)
+
+    async with (
+        SnapshotPublisher(config) as first_publisher,
+        SnapshotPublisher(config) as second_publisher,
+        new_view(config) as first_view,
+        new_view(config) as second_view,
+        new_view(config, ttl_s=None) as watcher,
+        watcher.changes() as stream,
+    ):
+        collector = asyncio.create_task(collect(stream))
+
+        async def keep_alive() -> None:
+            """Renew one session as a live workspace would (pacing, not synchronisation)."""
+            while True:
+                await second_publisher.touch(renewed)
+                await asyncio.sleep(TTL_S / 4)
+
+        for snapshot in doomed:
+            await first_publisher.publish(snapshot)
+        keeper = asyncio.create_task(keep_alive())
+        try:
+            async with (
+                Janitor(first_view, first_publisher, interval_s=0.1) as first,
+                Janitor(second_view, second_publisher, interval_s=0.1) as second,
+            ):
+                await eventually(
+                    lambda: len([c for c in changes if c.new is None]) >= len(doomed)
+                    and all(s.session_id not in watcher for s in doomed),
+                    timeout=TTL_S + WAIT_S,
+                )
+                # Sweeping at the same moment again finds nothing: the renewed session lives.
+                assert list(await asyncio.gather(first.sweep(), second.sweep())) == [0, 0]
+        finally:
+            keeper.cancel()
+        await watcher.barrier(timeout=WAIT_S)
+        collector.cancel()
+
+    assert len(doomed) <= first.evicted + second.evicted <= 2 * len(doomed)
+    deleted = sorted(str(c.session_id) for c in changes if c.new is None)
+    assert deleted == sorted(str(s.session_id) for s in doomed)  # each gone exactly once
+    assert [c for c in changes if c.session_id == renewed.session_id] == [
+        Change(renewed.session_id, None, renewed)]  # created, then never deleted
+    assert [r.getMessage() for r in caplog.records if r.name == "snapbus.janitor"
+            and r.levelno >= logging.WARNING] == []
