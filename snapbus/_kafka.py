@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,11 +29,36 @@ async def start_client(client: Any, config: KafkaConfig, what: str) -> None:
         with contextlib.suppress(Exception):
             await client.close() if hasattr(client, "close") else await client.stop()
         detail = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc) or repr(exc)
+        if config.security_protocol in ("SSL", "SASL_SSL"):
+            tls_problem = await _tls_problem(config)
+            if tls_problem:
+                detail = f"{detail}; TLS handshake: {tls_problem}"
         raise KafkaUnavailableError(
             f"cannot reach Kafka at {config.bootstrap_servers} to start the {what} "
             f"within {config.connect_timeout_s:g} s ({detail}); check --bootstrap-servers "
             "or SNAPBUS_BOOTSTRAP_SERVERS"
         ) from exc
+
+
+async def _tls_problem(config: KafkaConfig) -> str | None:
+    """Try a TLS handshake with the first bootstrap server; return why it fails, if it does.
+
+    aiokafka only logs the cause of a failed TLS connection; this names it in the error.
+    """
+    host, _, port = config.bootstrap_servers.split(",")[0].rpartition(":")
+    context = config.client_kwargs()["ssl_context"]
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host.strip("[]"), int(port), ssl=context), timeout=5
+        )
+    except ssl.SSLError as exc:
+        return getattr(exc, "verify_message", None) or exc.reason or str(exc)
+    except (OSError, asyncio.TimeoutError):
+        return None
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
+    return None
 
 
 @contextlib.asynccontextmanager
