@@ -28,15 +28,20 @@ async def start_client(client: Any, config: KafkaConfig, what: str) -> None:
     except (asyncio.TimeoutError, KafkaConnectionError, KafkaError, OSError) as exc:
         with contextlib.suppress(Exception):
             await client.close() if hasattr(client, "close") else await client.stop()
-        detail = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc) or repr(exc)
+        if isinstance(exc, asyncio.TimeoutError):
+            detail = f"no answer within {config.connect_timeout_s:g} s"
+        else:
+            detail = str(exc) or repr(exc)
+        hint = "check --bootstrap-servers or SNAPBUS_BOOTSTRAP_SERVERS"
+        if config.security_protocol != "PLAINTEXT":
+            hint += f" and the {config.security_protocol} settings"
         if config.security_protocol in ("SSL", "SASL_SSL"):
             tls_problem = await _tls_problem(config)
             if tls_problem:
-                detail = f"{detail}; TLS handshake: {tls_problem}"
+                detail = f"{detail}; TLS handshake failed: {tls_problem}"
         raise KafkaUnavailableError(
             f"cannot reach Kafka at {config.bootstrap_servers} to start the {what} "
-            f"within {config.connect_timeout_s:g} s ({detail}); check --bootstrap-servers "
-            "or SNAPBUS_BOOTSTRAP_SERVERS"
+            f"({detail}); {hint}"
         ) from exc
 
 
