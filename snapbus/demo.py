@@ -56,6 +56,7 @@ class DemoResult:
     latency_p50_ms: float | None
     latency_p99_ms: float | None
     latency_samples: int
+    handoffs: int
     bootstrap_servers: str
     topic: str
 
@@ -80,6 +81,8 @@ class _Ledger:
         self.latest: dict[uuid.UUID, tuple[int, WorkspaceSnapshot | None]] = {}
         self.sent_at: dict[tuple[uuid.UUID, WorkspaceSnapshot | None], float] = {}
         self.latencies: list[float] = []
+        self.creators: dict[uuid.UUID, str] = {}
+        self.handoffs = 0
 
     def record(self, receipt: Receipt, value: WorkspaceSnapshot | None) -> None:
         previous = self.latest.get(receipt.session_id)
@@ -137,18 +140,21 @@ async def _pod_loop(
         live = [s for s in pod.view.snapshots() if s.session_id not in ledger.initial]
         merged = [s for s in live if s.state == "merged"]
         roll = rng.random()
-        if merged and (roll < 0.25 or len(live) >= max_sessions):
+        if merged and (roll < 0.12 or len(live) >= max_sessions):
             victim = rng.choice(merged)
             await _evict(pod, ledger, victim.session_id)
-        elif live and roll < 0.75:
+        elif live and roll < 0.65:
             current = rng.choice(live)  # any pod picks up any session
             state = _NEXT_STATE.get(current.state, current.state)
             update = current.replace(state=state, intent=f"{current.intent.split(' #')[0]} #{step}",
                                      agent_name=pod.name)
+            if ledger.creators.get(current.session_id, pod.name) != pod.name:
+                ledger.handoffs += 1
             await _publish(pod, ledger, update)
         else:
             snapshot = _new_snapshot(rng, pod.name, repos)
             pod.owned.add(snapshot.session_id)
+            ledger.creators[snapshot.session_id] = pod.name
             await _publish(pod, ledger, snapshot)
         next_at += interval
         await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
@@ -306,6 +312,7 @@ async def run_demo(
             latency_p50_ms=_percentile(latencies_ms, 50),
             latency_p99_ms=_percentile(latencies_ms, 99),
             latency_samples=len(latencies_ms),
+            handoffs=ledger.handoffs,
             bootstrap_servers=cfg.bootstrap_servers,
             topic=cfg.topic,
         )
@@ -326,6 +333,7 @@ def _summary(console: Console, result: DemoResult) -> None:
         ("operations (publishes + evictions)",
          f"{result.publishes + result.evictions} ({result.publishes} + {result.evictions})"),
         ("sessions at the end", result.sessions),
+        ("updates by a pod other than the creator", result.handoffs),
         ("views converged", "[green]yes[/]" if result.converged else "[red]NO[/]"),
         ("publish-to-visible p50", _fmt(result.latency_p50_ms)),
         ("publish-to-visible p99", _fmt(result.latency_p99_ms)),
