@@ -8,8 +8,8 @@ topic and return once this pod's view shows them (read your writes), reads are l
 from __future__ import annotations
 
 import uuid
-from types import TracebackType
 
+from snapbus._lifecycle import AsyncLifecycle
 from snapbus.config import KafkaConfig
 from snapbus.errors import ValidationError
 from snapbus.publisher import Receipt, SnapshotPublisher
@@ -19,7 +19,7 @@ from snapbus.view import SnapshotView
 __all__ = ["WorkspaceCache"]
 
 
-class WorkspaceCache:
+class WorkspaceCache(AsyncLifecycle):
     """Cache-style access to workspace snapshots, backed by the topic (an async context manager).
 
     ``async with WorkspaceCache(config) as cache: await cache.cache_workspace(id, snapshot)``
@@ -57,17 +57,7 @@ class WorkspaceCache:
         finally:
             await self.publisher.stop()
 
-    async def __aenter__(self) -> WorkspaceCache:
-        await self.start()
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def cache_workspace(
         self, session_id: uuid.UUID | str, snapshot: WorkspaceSnapshot

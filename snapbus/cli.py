@@ -430,21 +430,13 @@ async def list_sessions(repo_id: str | None, agent_id: str | None, state: str | 
     if as_of is not None:
         from snapbus.replay import rebuild
 
-        found = list((await rebuild(_config(), as_of=as_of)).values())
+        found = [s for s in (await rebuild(_config(), as_of=as_of)).values()
+                 if (repo_id is None or s.repo_key == repo_id)
+                 and (agent_id is None or s.agent_id == agent_id)
+                 and (state is None or s.state == state)]
     else:
         async with _view() as view:
-            if repo_id is not None:
-                found = view.by_repo(repo_id)
-            elif agent_id is not None:
-                found = view.by_agent(agent_id)
-            elif state is not None:
-                found = view.by_state(state)
-            else:
-                found = view.snapshots()
-    found = [s for s in found
-             if (repo_id is None or str(s.repo_id) == repo_id)
-             and (agent_id is None or s.agent_id == agent_id)
-             and (state is None or s.state == state)]
+            found = view.select(repo_id=repo_id, agent_id=agent_id, state=state)
     if as_json:
         click.echo(json.dumps([s.to_dict() for s in found], indent=2, ensure_ascii=False))
     else:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 
+from snapbus._lifecycle import AsyncLifecycle
 from snapbus.errors import SnapbusError
 from snapbus.publisher import SnapshotPublisher
 from snapbus.view import SnapshotView
@@ -27,7 +28,7 @@ __all__ = ["Janitor"]
 log = logging.getLogger("snapbus.janitor")
 
 
-class Janitor:
+class Janitor(AsyncLifecycle):
     """Evicts the sessions a TTL view has expired, every `interval_s` (an async context manager).
 
     The view and the publisher must already be started; the janitor does not stop them.
@@ -77,9 +78,4 @@ class Janitor:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def __aenter__(self) -> Janitor:
-        await self.start()
-        return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()

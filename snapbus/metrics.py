@@ -234,10 +234,6 @@ class InstrumentedPublisher(SnapshotPublisher):
         self.metrics = metrics if metrics is not None else PublisherMetrics()
         """Where the publisher's metrics are recorded."""
 
-    async def __aenter__(self) -> InstrumentedPublisher:
-        await self.start()
-        return self
-
     async def _observed(self, operation: Operation, call: Awaitable[T], records: int = 1) -> T:
         start = time.perf_counter()
         try:

@@ -20,20 +20,18 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterable
-from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, UnknownError
 
 from snapbus._kafka import start_client
+from snapbus._lifecycle import AsyncLifecycle
 from snapbus.codec import Codec, default_codec, encode_key
 from snapbus.config import KafkaConfig
 from snapbus.errors import PublishError, ValidationError
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.topic import DEFAULT_PARTITIONS, ensure_topic
-
-_Self = TypeVar("_Self", bound="SnapshotPublisher")
 
 __all__ = ["DEFAULT_MAX_VALUE_BYTES", "Receipt", "SnapshotPublisher"]
 
@@ -84,7 +82,7 @@ def _with_stamp(md: Any, stamp: int) -> Any:
     return md._replace(timestamp=stamp) if md.timestamp_type == 0 else md
 
 
-class SnapshotPublisher:
+class SnapshotPublisher(AsyncLifecycle):
     """Publishes snapshots and evictions to the snapshot topic (an async context manager).
 
     ``async with SnapshotPublisher(config) as publisher: await publisher.publish(snapshot)``
@@ -186,17 +184,7 @@ class SnapshotPublisher:
         if producer is not None:
             await producer.stop()
 
-    async def __aenter__(self: _Self) -> _Self:
-        await self.start()
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if getattr(self, "_state", None) == "started":

@@ -148,26 +148,11 @@ class _Service:
             return _error(400, f"unknown query parameter(s): {', '.join(unknown)}; "
                                f"filter with {', '.join(_FILTERS)}")
         repo, agent, state = (params.get(name) for name in _FILTERS)
-        view = self.view
-        if repo is not None:
-            try:
-                repo = str(parse_uuid(repo, field="repo"))
-            except ValidationError as exc:
-                return _error(400, str(exc), field="repo")
-            found = view.by_repo(repo)
-        elif agent is not None:
-            found = view.by_agent(agent)
-        elif state is not None:
-            found = view.by_state(state)
-        else:
-            found = view.snapshots()
-        selected = sorted(
-            (s for s in found
-             if (repo is None or str(s.repo_id) == repo)
-             and (agent is None or s.agent_id == agent)
-             and (state is None or s.state == state)),
-            key=lambda s: str(s.session_id),
-        )
+        try:
+            found = self.view.select(repo_id=repo, agent_id=agent, state=state)
+        except ValidationError as exc:
+            return _error(400, str(exc).replace("repo_id", "repo"), field="repo")
+        selected = sorted(found, key=lambda s: s.key)
         return JSONResponse({"sessions": [s.to_dict() for s in selected],
                              "count": len(selected)})
 

@@ -36,13 +36,13 @@ import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator, Mapping
-from types import TracebackType
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaError
 
 from snapbus._kafka import start_client
+from snapbus._lifecycle import AsyncLifecycle
 from snapbus.codec import Codec, default_codec
 from snapbus.config import KafkaConfig, validate_topic_name
 from snapbus.errors import DecodeError, SnapbusError, ViewError
@@ -50,8 +50,6 @@ from snapbus.publisher import Receipt
 from snapbus.reader import BarrierProbe, Event, PartitionReader, decode_record
 from snapbus.snapshot import WorkspaceSnapshot, parse_uuid
 from snapbus.topic import ensure_topic as _ensure_topic
-
-_Self = TypeVar("_Self", bound="SnapshotView")
 
 __all__ = ["Change", "ChangeStream", "Health", "SnapshotView", "ViewStats", "ViewStatus"]
 
@@ -192,7 +190,7 @@ def _canonical(session_id: uuid.UUID | str) -> str:
     return str(parse_uuid(session_id, field="session_id"))
 
 
-class SnapshotView:
+class SnapshotView(AsyncLifecycle):
     """The latest snapshot of every session, kept in memory and in sync with the topic.
 
     ``async with SnapshotView(config) as view: view.get(session_id)``
@@ -365,18 +363,6 @@ class SnapshotView:
         if producer is not None:
             await producer.stop()
 
-    async def __aenter__(self: _Self) -> _Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if getattr(self, "_task", None) is not None:
             _warn(f"{self!r} was never stopped", ResourceWarning, stacklevel=1)
@@ -494,6 +480,34 @@ class SnapshotView:
     def by_state(self, state: str) -> list[WorkspaceSnapshot]:
         """Return the snapshots of every session in that lifecycle state."""
         return self._select(self._by_state, state)
+
+    def select(
+        self,
+        *,
+        repo_id: uuid.UUID | str | None = None,
+        agent_id: str | None = None,
+        state: str | None = None,
+    ) -> list[WorkspaceSnapshot]:
+        """Return the snapshots matching every filter given (all of them when none is).
+
+        Walks the smallest of the indexes involved, so the cost follows the smallest match.
+
+        Raises:
+            ValidationError: `repo_id` is not a UUID.
+        """
+        repo = None if repo_id is None else str(parse_uuid(repo_id, field="repo_id"))
+        indexed = [index.get(key, set()) for index, key in (
+            (self._by_repo, repo), (self._by_agent, agent_id), (self._by_state, state))
+            if key is not None]
+        if not indexed:
+            return self.snapshots()
+        data = self._data
+        return [
+            snapshot for snapshot in (data[key] for key in min(indexed, key=len))
+            if (repo is None or snapshot.repo_key == repo)
+            and (agent_id is None or snapshot.agent_id == agent_id)
+            and (state is None or snapshot.state == state)
+        ]
 
     # ------------------------------------------------------------------ waiting
 

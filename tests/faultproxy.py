@@ -28,13 +28,13 @@ import dataclasses
 import socket
 import ssl as ssl_module
 import uuid
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 from snapbus.broker import EmbeddedBroker
 from snapbus.publisher import Receipt
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.view import SnapshotView
+from tests.helpers import eventually, make_snapshot
 
 __all__ = [
     "FaultCounters",
@@ -352,34 +352,6 @@ async def proxied_broker(
 
 
 # ---------------------------------------------------------------------------- shared helpers
-
-
-def make_snapshot(**changes: Any) -> WorkspaceSnapshot:
-    """A valid snapshot of a new session; `changes` override fields."""
-    fields: dict[str, Any] = {
-        "session_id": uuid.uuid4(),
-        "repo_id": uuid.uuid4(),
-        "agent_id": "auth0|agent",
-        "agent_name": "agent-1",
-        "changeset_id": uuid.uuid4(),
-        "intent": "refactor the parser",
-        "base_commit": "0123456789abcdef0123456789abcdef01234567",
-        "state": "active",
-        "mode": "ephemeral",
-    }
-    fields.update(changes)
-    return WorkspaceSnapshot(**fields)
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 30.0,
-                     what: str = "condition") -> None:
-    """Wait until `predicate()` holds (a condition wait with a timeout, not a delay)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 Value = WorkspaceSnapshot | None

@@ -12,29 +12,13 @@ from snapbus.cache import WorkspaceCache
 from snapbus.config import KafkaConfig
 from snapbus.errors import PublishError, TopicError, ValidationError
 from snapbus.publisher import SnapshotPublisher
-from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.view import SnapshotView
+from tests.helpers import make_snapshot
 
 if TYPE_CHECKING:
     from tests.conftest import BrokerAddress
 
 WAIT_S = 30.0
-
-
-def make_snapshot(**changes: Any) -> WorkspaceSnapshot:
-    fields: dict[str, Any] = {
-        "session_id": uuid.uuid4(),
-        "repo_id": uuid.uuid4(),
-        "agent_id": "auth0|agent",
-        "agent_name": "agent-1",
-        "changeset_id": uuid.uuid4(),
-        "intent": "refactor the parser",
-        "base_commit": "0123456789abcdef0123456789abcdef01234567",
-        "state": "active",
-        "mode": "ephemeral",
-    }
-    fields.update(changes)
-    return WorkspaceSnapshot(**fields)
 
 
 def new_cache(config: KafkaConfig, **publisher_options: Any) -> WorkspaceCache:

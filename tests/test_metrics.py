@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import sys
 import uuid
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -19,6 +17,7 @@ from snapbus.errors import PublishError, ValidationError
 from snapbus.metrics import InstrumentedPublisher, PublisherMetrics, ViewMetrics
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.view import SnapshotView
+from tests.helpers import eventually
 
 if TYPE_CHECKING:
     from tests.conftest import BrokerAddress
@@ -49,15 +48,6 @@ def scrape(registry: CollectorRegistry) -> Samples:
 
 def labels(**values: str) -> frozenset[tuple[str, str]]:
     return frozenset(values.items())
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = WAIT_S) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not reached within {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 async def test_scraped_values_match_the_view_and_publisher(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -16,28 +15,12 @@ from snapbus.codec import decode, encode
 from snapbus.config import KafkaConfig
 from snapbus.errors import KafkaUnavailableError, PublishError, ValidationError
 from snapbus.publisher import Receipt, SnapshotPublisher
-from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.topic import DEFAULT_PARTITIONS, ensure_topic
 from snapbus.view import SnapshotView
+from tests.helpers import make_snapshot
 
 if TYPE_CHECKING:
     from tests.conftest import BrokerAddress
-
-
-def make_snapshot(**changes: Any) -> WorkspaceSnapshot:
-    fields: dict[str, Any] = {
-        "session_id": uuid.uuid4(),
-        "repo_id": uuid.uuid4(),
-        "agent_id": "auth0|agent",
-        "agent_name": "agent-1",
-        "changeset_id": uuid.uuid4(),
-        "intent": "refactor the parser",
-        "base_commit": "0123456789abcdef0123456789abcdef01234567",
-        "state": "active",
-        "mode": "ephemeral",
-    }
-    fields.update(changes)
-    return WorkspaceSnapshot(**fields)
 
 
 async def read_topic(

@@ -15,7 +15,7 @@ import json
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -30,6 +30,7 @@ from snapbus.metrics import InstrumentedPublisher, PublisherMetrics
 from snapbus.serve import create_app, serving
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.view import SnapshotView
+from tests.helpers import eventually, make_snapshot
 
 if TYPE_CHECKING:
     from tests.conftest import BrokerAddress
@@ -37,42 +38,11 @@ if TYPE_CHECKING:
 WAIT_S = 30.0
 
 
-def make_snapshot(**changes: Any) -> WorkspaceSnapshot:
-    fields: dict[str, Any] = {
-        "session_id": uuid.uuid4(),
-        "repo_id": uuid.uuid4(),
-        "agent_id": "auth0|agent",
-        "agent_name": "agent-1",
-        "changeset_id": uuid.uuid4(),
-        "intent": "refactor the parser",
-        "base_commit": "0123456789abcdef0123456789abcdef01234567",
-        "state": "active",
-        "mode": "ephemeral",
-    }
-    fields.update(changes)
-    return WorkspaceSnapshot(**fields)
-
-
 def body_of(snapshot: WorkspaceSnapshot, *, with_id: bool = False) -> dict[str, str]:
     data = snapshot.to_dict()
     if not with_id:
         del data["session_id"]
     return data
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float = WAIT_S) -> None:
-    """Wait until `predicate()` (maybe a coroutine) is true: a condition wait with a timeout."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not reached within {timeout} s")
-        await asyncio.sleep(0.02)
 
 
 @dataclasses.dataclass

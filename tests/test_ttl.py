@@ -10,7 +10,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -20,6 +19,7 @@ from snapbus.janitor import Janitor
 from snapbus.publisher import Receipt, SnapshotPublisher
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.view import Change, ChangeStream, SnapshotView
+from tests.helpers import eventually
 
 if TYPE_CHECKING:
     from tests.conftest import BrokerAddress
@@ -45,16 +45,6 @@ def config(broker: BrokerAddress, topic_name: str) -> KafkaConfig:
 
 def new_view(config: KafkaConfig, ttl_s: float | None = TTL_S) -> SnapshotView:
     return SnapshotView(config, fetch_max_wait_ms=20, ttl_s=ttl_s)
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = WAIT_S) -> None:
-    """Wait until `predicate()` holds (a condition wait with a timeout, not a delay)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not reached within {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 async def wall_clock_past(epoch_ms: float) -> None:

@@ -12,7 +12,6 @@ import itertools
 import random
 import socket
 import uuid
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
@@ -27,6 +26,7 @@ from snapbus.publisher import Receipt, SnapshotPublisher
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.topic import DEFAULT_PARTITIONS, ensure_topic
 from snapbus.view import Change, ChangeStream, SnapshotView
+from tests.helpers import eventually, make_snapshot
 
 if TYPE_CHECKING:
     from tests.conftest import BrokerAddress
@@ -40,34 +40,8 @@ SMALL_FETCHES = {"fetch_max_bytes": 512, "max_partition_fetch_bytes": 512}
 # ---------------------------------------------------------------------------- helpers
 
 
-def make_snapshot(**changes: Any) -> WorkspaceSnapshot:
-    fields: dict[str, Any] = {
-        "session_id": uuid.uuid4(),
-        "repo_id": uuid.uuid4(),
-        "agent_id": "auth0|agent",
-        "agent_name": "agent-1",
-        "changeset_id": uuid.uuid4(),
-        "intent": "refactor the parser",
-        "base_commit": "0123456789abcdef0123456789abcdef01234567",
-        "state": "active",
-        "mode": "ephemeral",
-    }
-    fields.update(changes)
-    return WorkspaceSnapshot(**fields)
-
-
 def new_view(config: KafkaConfig, **options: Any) -> SnapshotView:
     return SnapshotView(config, fetch_max_wait_ms=FETCH_WAIT_MS, **options)
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = WAIT_S) -> None:
-    """Wait until `predicate()` holds (a condition wait with a timeout, not a delay)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not reached within {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 async def next_change(stream: ChangeStream, timeout: float = WAIT_S) -> Change:
@@ -206,6 +180,7 @@ class Capture:
     by_repo: dict[uuid.UUID, list[WorkspaceSnapshot]]
     by_agent: dict[str, list[WorkspaceSnapshot]]
     by_state: dict[str, list[WorkspaceSnapshot]]
+    selected: dict[tuple[uuid.UUID, str, str], list[WorkspaceSnapshot]]
     records_applied: int
     tombstones: int
     decode_errors: int
@@ -220,6 +195,8 @@ def capture(view: SnapshotView, plan: Plan) -> Capture:
         by_repo={r: view.by_repo(r) for r in plan.repos},
         by_agent={a: view.by_agent(a) for a in plan.agents},
         by_state={s: view.by_state(s) for s in plan.states},
+        selected={(r, a, s): view.select(repo_id=r, agent_id=a, state=s)
+                  for r, a, s in itertools.product(plan.repos, plan.agents, plan.states)},
         records_applied=stats.records_applied,
         tombstones=stats.tombstones,
         decode_errors=stats.decode_errors,
@@ -374,6 +351,12 @@ async def test_indexes_match_the_model(workload: WorkloadResult) -> None:
             expected = {s.session_id for s in model.values() if s.state == state}
             assert {s.session_id for s in found} == expected
             assert len(found) == len(expected)
+        for (repo, agent, state), found in view.selected.items():
+            expected = {s.session_id for s in model.values()
+                        if (s.repo_id, s.agent_id, s.state) == (repo, agent, state)}
+            assert {s.session_id for s in found} == expected
+            assert len(found) == len(expected)
+        assert sum(len(v) for v in view.selected.values()) == len(model)
         # every live session is found by each index
         assert sum(len(v) for v in view.by_repo.values()) == len(model)
         assert sum(len(v) for v in view.by_agent.values()) == len(model)
