@@ -21,8 +21,11 @@ Consistency contract
   their partition and offset, and skipped: they never stop the view and never erase or alter
   the last good snapshot of their key.
 - **Changes**: `changes()` streams every applied change as ``(session_id, old, new)``, in
-  order per session (``old`` None: created; ``new`` None: deleted). Re-publishing an equal
-  snapshot is not a change.
+  order per session (``old`` None: created; ``new`` None: deleted or expired). Re-publishing
+  an equal snapshot is not a change. The initial replay decodes only each session's latest
+  record, so a subscriber that joins before `start` sees each session's final state once.
+- **Expiry** (optional ``ttl_s``): sessions whose latest record is older than the TTL are
+  hidden from every read, as the cache snapbus replaces expired its entries.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from snapbus._kafka import start_client
 from snapbus._lifecycle import AsyncLifecycle
 from snapbus.codec import Codec, default_codec
 from snapbus.config import KafkaConfig, validate_topic_name
-from snapbus.errors import DecodeError, SnapbusError, ViewError
+from snapbus.errors import ConfigError, DecodeError, SnapbusError, ViewError
 from snapbus.publisher import Receipt
 from snapbus.reader import BarrierProbe, Event, PartitionReader, decode_record
 from snapbus.snapshot import WorkspaceSnapshot, parse_uuid
@@ -249,7 +252,7 @@ class SnapshotView(AsyncLifecycle):
         self._records_superseded = 0
         self._serving = False
         if ttl_s is not None and ttl_s <= 0:
-            raise ValueError("ttl_s must be positive")
+            raise ConfigError(f"ttl_s must be positive, not {ttl_s}")
         self._ttl_ms = None if ttl_s is None else int(ttl_s * 1000)
         self._stamps: dict[str, int] = {}
         self._expiry: list[tuple[int, str]] = []
@@ -528,7 +531,8 @@ class SnapshotView(AsyncLifecycle):
         if receipt.topic != self.config.topic:
             raise ViewError(f"receipt is for topic {receipt.topic!r}, the view reads "
                             f"{self.config.topic!r}")
-        if self._reader.positions.get(receipt.partition, 0) > receipt.offset:
+        applied = self._stash is None  # records read during the initial replay wait there
+        if applied and self._reader.positions.get(receipt.partition, 0) > receipt.offset:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._offset_waiters.append((receipt.partition, receipt.offset, future))
