@@ -86,6 +86,11 @@ def parse_uuid(value: object, *, field: str = "id") -> uuid.UUID:
     )
 
 
+def _is_canonical(text: str) -> bool:
+    """Whether `text` is a UUID in canonical lowercase hyphenated form (no parsing)."""
+    return _canonical_match(text) is not None
+
+
 def _canonical_id(value: object, field: str) -> str:
     """Return the canonical lowercase string of a UUID given as text or `uuid.UUID`."""
     if type(value) is str and _canonical_match(value):
@@ -186,6 +191,23 @@ class WorkspaceSnapshot:
                 or type(state) is not str or type(mode) is not str):
             for name in ("intent", "base_commit", "state", "mode"):
                 _text(record[name], name)
+        _set(snapshot, "intent", intent)
+        _set(snapshot, "base_commit", base_commit)
+        _set(snapshot, "state", _intern(state))
+        _set(snapshot, "mode", _intern(mode))
+        return snapshot
+
+    @classmethod
+    def _from_trusted(cls, values: tuple[Any, ...]) -> WorkspaceSnapshot:
+        """Rebuild a snapshot from `_values()` output that snapbus itself wrote and verified
+        (a checkpoint): no validation, labels interned."""
+        snapshot: WorkspaceSnapshot = _new(cls)
+        sid, rid, agent_id, agent_name, cid, intent, base_commit, state, mode = values[:9]
+        _set(snapshot, "_session_id", sid)
+        _set(snapshot, "_repo_id", _intern(rid))
+        _set(snapshot, "agent_id", _intern(agent_id))
+        _set(snapshot, "agent_name", _intern(agent_name))
+        _set(snapshot, "_changeset_id", cid)
         _set(snapshot, "intent", intent)
         _set(snapshot, "base_commit", base_commit)
         _set(snapshot, "state", _intern(state))

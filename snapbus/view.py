@@ -25,7 +25,8 @@ Consistency contract
   an equal snapshot is not a change. The initial replay decodes only each session's latest
   record, so a subscriber that joins before `start` sees each session's final state once.
 - **Expiry** (optional ``ttl_s``): sessions whose latest record is older than the TTL are
-  hidden from every read, as the cache snapbus replaces expired its entries.
+  removed from every read together (within one fetch wait of their expiry, as the background
+  task sweeps them), as the cache snapbus replaces expired its entries.
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaError
 
+from snapbus import checkpoint
 from snapbus._kafka import start_client
 from snapbus._lifecycle import AsyncLifecycle
 from snapbus.codec import Codec, default_codec
@@ -51,7 +54,7 @@ from snapbus.config import KafkaConfig, validate_topic_name
 from snapbus.errors import ConfigError, DecodeError, SnapbusError, ViewError
 from snapbus.publisher import Receipt
 from snapbus.reader import BarrierProbe, Event, PartitionReader, decode_record
-from snapbus.snapshot import WorkspaceSnapshot, parse_uuid
+from snapbus.snapshot import WorkspaceSnapshot, _is_canonical, parse_uuid
 from snapbus.topic import ensure_topic as _ensure_topic
 
 __all__ = ["Change", "ChangeStream", "Health", "SnapshotView", "ViewStats", "ViewStatus"]
@@ -109,6 +112,8 @@ class ViewStats:
     """Times the view re-read the whole log because the broker's log ended before it."""
     expired: int
     """Sessions hidden because their latest record grew older than the TTL."""
+    checkpoint_sessions: int | None
+    """Sessions loaded from a checkpoint at start; None when none was used."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -220,6 +225,10 @@ class SnapshotView(AsyncLifecycle):
             replaces expired its entries (record timestamps are compared with this host's
             clock); `SnapshotPublisher.touch` renews a session. See `snapbus.janitor` to
             also delete them from the topic.
+        checkpoint_path: a local file to start from and to save to: `start` loads it (when it
+            exists and is valid) and reads only the records after it, `stop` saves the state
+            there, and `save_checkpoint` saves it on demand. A corrupt, foreign or stale file
+            falls back to a full replay (see `snapbus.checkpoint`).
         consumer_options: extra keyword arguments for `aiokafka.AIOKafkaConsumer`.
     """
 
@@ -236,9 +245,12 @@ class SnapshotView(AsyncLifecycle):
         fail_after_s: float | None = None,
         dead_letter_topic: str | None = None,
         ttl_s: float | None = None,
+        checkpoint_path: str | Path | None = None,
         consumer_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config if config is not None else KafkaConfig.from_env()
+        self._checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
+        self._checkpoint_loaded: int | None = None
         self._stale_after_s = stale_after_s
         self._fail_after_s = fail_after_s
         self._dead_letter_topic = (validate_topic_name(dead_letter_topic)
@@ -320,6 +332,8 @@ class SnapshotView(AsyncLifecycle):
             self._status = "stopped"
             await self._close_dead_letters()
             raise
+        if self._checkpoint_path is not None and self._checkpoint_path.exists():
+            await self._load_checkpoint(self._checkpoint_path)
         self._status = "catching_up"
         self._task = asyncio.create_task(self._run(), name=f"snapbus-view:{self.config.topic}")
         caught_up = asyncio.create_task(self._caught_up.wait())
@@ -350,6 +364,13 @@ class SnapshotView(AsyncLifecycle):
         """
         if self._status == "stopped" and self._task is None:
             return
+        if self._checkpoint_path is not None and self._can_checkpoint():
+            try:
+                await self.save_checkpoint()
+            except (OSError, SnapbusError) as exc:
+                log.warning("view of %s: could not save the checkpoint %s: %s",
+                            self.config.topic, self._checkpoint_path, exc,
+                            extra={"topic": self.config.topic})
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -369,6 +390,63 @@ class SnapshotView(AsyncLifecycle):
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if getattr(self, "_task", None) is not None:
             _warn(f"{self!r} was never stopped", ResourceWarning, stacklevel=1)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _can_checkpoint(self) -> bool:
+        return (self._task is not None and self._caught_up.is_set() and self._stash is None
+                and self._resync_seen is None and self._status != "failed")
+
+    async def save_checkpoint(self, path: str | Path | None = None) -> int:
+        """Save the view's state and offsets to a checkpoint file; return its size in bytes.
+
+        The state and offsets are captured at one instant (no await in between); the file is
+        written in a worker thread, atomically.
+
+        Raises:
+            ViewError: the view is not running, or has not caught up yet.
+            ConfigError: no path given and the view has no `checkpoint_path`.
+        """
+        target = Path(path) if path is not None else self._checkpoint_path
+        if target is None:
+            raise ConfigError("save_checkpoint needs a path (or SnapshotView(checkpoint_path=))")
+        if not self._can_checkpoint():
+            raise ViewError(f"cannot checkpoint a view that is {self._status} and not caught up")
+        stamps, now = self._stamps, checkpoint.now_ms()
+        rows = [(*s._values(), stamps.get(key, now)) for key, s in self._data.items()]
+        snapshot = checkpoint.Checkpoint(
+            self.config.topic, len(self._reader.partitions), dict(self._reader.positions),
+            rows, now)  # type: ignore[arg-type]
+        size = await asyncio.to_thread(checkpoint.write_checkpoint, target, snapshot)
+        log.info("view of %s saved %d sessions to %s (%d bytes)", self.config.topic,
+                 len(rows), target, size, extra={"topic": self.config.topic})
+        return size
+
+    async def _load_checkpoint(self, path: Path) -> None:
+        reader = self._reader
+        try:
+            saved = await asyncio.to_thread(checkpoint.read_checkpoint, path,
+                                            topic=self.config.topic,
+                                            partitions=len(reader.partitions))
+        except checkpoint.CheckpointError as exc:
+            log.warning("view of %s: ignoring checkpoint, replaying the whole topic: %s",
+                        self.config.topic, exc, extra={"topic": self.config.topic})
+            return
+        from_trusted = WorkspaceSnapshot._from_trusted
+        for count, row in enumerate(saved.rows, 1):
+            snapshot = from_trusted(row)
+            key = snapshot.key
+            if self._ttl_ms is not None and not self._renew(key, row[9]):
+                continue
+            self._data[key] = snapshot
+            self._index(key, snapshot)
+            if count % (10 * _APPLY_CHUNK) == 0:
+                await asyncio.sleep(0)
+        for partition, offset in saved.offsets.items():
+            reader.seek(partition, offset)
+        self._checkpoint_loaded = len(self._data)
+        log.info("view of %s loaded %d sessions from %s", self.config.topic, len(self._data),
+                 path, extra={"topic": self.config.topic})
 
     # ------------------------------------------------------------------ status
 
@@ -418,6 +496,7 @@ class SnapshotView(AsyncLifecycle):
             dead_lettered=self._dead_lettered,
             resyncs=self._resyncs,
             expired=self._expired,
+            checkpoint_sessions=self._checkpoint_loaded,
         )
 
     def _set_status(self, status: ViewStatus, reason: str | None = None) -> None:
@@ -438,11 +517,14 @@ class SnapshotView(AsyncLifecycle):
         Raises:
             ValidationError: `session_id` is not a UUID.
         """
-        if isinstance(session_id, str):  # fast path for the canonical form (keys are str)
-            found = self._data.get(session_id)
-            if found is not None:
-                return found
-        return self._data.get(_canonical(session_id), default)
+        data = self._data
+        if type(session_id) is str:  # the fast path: keys are canonical strings
+            found = data.get(session_id)
+            if found is None and not _is_canonical(session_id):
+                found = data.get(_canonical(session_id))
+        else:
+            found = data.get(_canonical(session_id))
+        return default if found is None else found
 
     def __getitem__(self, session_id: uuid.UUID | str) -> WorkspaceSnapshot:
         found = self.get(session_id)
@@ -474,7 +556,9 @@ class SnapshotView(AsyncLifecycle):
 
     def by_repo(self, repo_id: uuid.UUID | str) -> list[WorkspaceSnapshot]:
         """Return the snapshots of every session on that repository."""
-        return self._select(self._by_repo, str(parse_uuid(repo_id, field="repo_id")))
+        if type(repo_id) is not str or not _is_canonical(repo_id):
+            repo_id = str(parse_uuid(repo_id, field="repo_id"))
+        return self._select(self._by_repo, repo_id)
 
     def by_agent(self, agent_id: str) -> list[WorkspaceSnapshot]:
         """Return the snapshots of every session of that agent."""

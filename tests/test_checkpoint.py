@@ -1,0 +1,144 @@
+"""Checkpoints: a view saves its state and offsets, and restarts from them."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from snapbus import KafkaConfig, SnapshotPublisher, SnapshotView, WorkspaceSnapshot
+from snapbus.checkpoint import (
+    MAGIC,
+    Checkpoint,
+    CheckpointError,
+    read_checkpoint,
+    write_checkpoint,
+)
+from tests.conftest import BrokerAddress
+from tests.helpers import make_snapshot
+
+FETCH_WAIT_MS = 20
+
+
+def rows(snapshots: list[WorkspaceSnapshot]) -> list[tuple[str | int, ...]]:
+    return [(*s.to_dict().values(), 1_700_000_000_000 + i) for i, s in enumerate(snapshots)]
+
+
+def sample(path: Path, topic: str = "sessions", partitions: int = 3) -> Checkpoint:
+    checkpoint = Checkpoint(topic, partitions, {0: 5, 1: 0, 2: 7},
+                            rows([make_snapshot() for _ in range(4)]),  # type: ignore[arg-type]
+                            1_700_000_000_000)
+    write_checkpoint(path, checkpoint)
+    return checkpoint
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "view.ckpt"
+    written = sample(path)
+    assert read_checkpoint(path, topic="sessions", partitions=3) == written
+    assert [p.name for p in path.parent.iterdir()] == ["view.ckpt"]  # no temporary left
+
+
+def test_corrupt_truncated_foreign_and_other_versions_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "view.ckpt"
+    sample(path)
+    data = path.read_bytes()
+
+    flipped = bytearray(data)
+    flipped[-3] ^= 0x40
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        read_checkpoint(path, topic="sessions", partitions=3)
+
+    path.write_bytes(data[:-10])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        read_checkpoint(path, topic="sessions", partitions=3)
+
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match="for topic 'sessions' with 3 partitions"):
+        read_checkpoint(path, topic="other", partitions=3)
+    with pytest.raises(CheckpointError, match="not 'sessions' with 12"):
+        read_checkpoint(path, topic="sessions", partitions=12)
+
+    path.write_bytes(MAGIC + struct.pack(">II", 99, 2) + b"{}")
+    with pytest.raises(CheckpointError, match="format 99"):
+        read_checkpoint(path, topic="sessions", partitions=3)
+
+    path.write_bytes(b"PK\x03\x04 a zip file")
+    with pytest.raises(CheckpointError, match="not a snapbus checkpoint"):
+        read_checkpoint(path, topic="sessions", partitions=3)
+
+    header_len = struct.unpack_from(">II", data, len(MAGIC))[1]
+    start = len(MAGIC) + 8
+    header = json.loads(data[start:start + header_len])
+    del header["sha256"]
+    broken = json.dumps(header).encode()
+    path.write_bytes(MAGIC + struct.pack(">II", 1, len(broken)) + broken
+                     + data[start + header_len:])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        read_checkpoint(path, topic="sessions", partitions=3)
+
+    with pytest.raises(CheckpointError, match="cannot read"):
+        read_checkpoint(tmp_path / "missing.ckpt", topic="sessions", partitions=3)
+
+
+async def test_restart_from_a_checkpoint_reads_only_the_tail(
+    broker: BrokerAddress, topic_name: str, tmp_path: Path
+) -> None:
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    path = tmp_path / "view.ckpt"
+    first = [make_snapshot(agent_name=f"agent-{i}") for i in range(40)]
+    async with SnapshotPublisher(config) as publisher:
+        await publisher.publish_many(first)
+        async with SnapshotView(config, fetch_max_wait_ms=FETCH_WAIT_MS,
+                                checkpoint_path=path) as view:
+            assert view.stats.checkpoint_sessions is None  # no file yet: a full replay
+            await view.barrier(timeout=30)
+        assert path.exists()  # saved on stop
+
+        tail = [first[0].replace(state="merged"), make_snapshot(agent_name="late")]
+        await publisher.publish_many(tail)
+        await publisher.evict(first[1].session_id)
+
+    async with SnapshotView(config, fetch_max_wait_ms=FETCH_WAIT_MS,
+                            checkpoint_path=path) as restarted, \
+            SnapshotView(config, fetch_max_wait_ms=FETCH_WAIT_MS) as full:
+        stats = restarted.stats
+        assert stats.checkpoint_sessions == len(first)
+        assert stats.records_applied + stats.records_superseded == len(tail) + 1
+        assert {s.key: s for s in restarted.snapshots()} == {s.key: s for s in full.snapshots()}
+        assert restarted.by_state("merged") == [tail[0]]
+        assert first[1].session_id not in restarted
+
+
+async def test_bad_or_stale_checkpoints_fall_back_to_the_log(
+    broker: BrokerAddress, topic_name: str, tmp_path: Path
+) -> None:
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    snapshots = [make_snapshot() for _ in range(10)]
+    async with SnapshotPublisher(config) as publisher:
+        await publisher.publish_many(snapshots)
+    expected = {s.key: s for s in snapshots}
+
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(MAGIC + b"garbage")
+    async with SnapshotView(config, fetch_max_wait_ms=FETCH_WAIT_MS,
+                            checkpoint_path=corrupt) as view:
+        assert view.stats.checkpoint_sessions is None
+        assert {s.key: s for s in view.snapshots()} == expected
+
+    # a checkpoint whose offsets lie beyond the log (the topic was re-created since), holding
+    # a session the log does not have: the view notices and re-reads the whole log
+    stale = tmp_path / "stale.ckpt"
+    ghost = make_snapshot(agent_name="ghost")
+    write_checkpoint(stale, Checkpoint(topic_name, 12, dict.fromkeys(range(12), 10_000),
+                                       rows([ghost]), 0))  # type: ignore[arg-type]
+    async with SnapshotView(config, fetch_max_wait_ms=FETCH_WAIT_MS,
+                            checkpoint_path=stale) as view:
+        assert view.stats.checkpoint_sessions == 1
+        await view.barrier(timeout=30)
+        assert view.stats.resyncs >= 1
+        assert {s.key: s for s in view.snapshots()} == expected
+        assert view.status == "live"
