@@ -105,7 +105,7 @@ class Codec:
     build a `Codec` to write with another schema version or to learn extra schemas.
     """
 
-    __slots__ = ("_header", "_reader", "store", "writer")
+    __slots__ = ("_header", "_headers", "_reader", "store", "writer")
 
     def __init__(self, store: SchemaStore | None = None, *, writer: Schema | None = None) -> None:
         self.store = store if store is not None else SchemaStore.from_dir()
@@ -113,6 +113,7 @@ class Codec:
         self.store.add(self.writer)
         self._reader = self.store.current
         self._header = MARKER + self.writer.fingerprint
+        self._headers: tuple[bytes, ...] = ()
 
     def encode_record(self, record: dict[str, Any]) -> bytes:
         """Encode a plain record (ids as strings) with the writer schema, framed."""
@@ -136,8 +137,16 @@ class Codec:
         """
         if data is None:
             return True
-        return (len(data) >= HEADER_SIZE and data[0:2] == MARKER
-                and bytes(data[2:HEADER_SIZE]) in self.store)
+        if isinstance(data, bytes):
+            return data.startswith(self._known_headers())
+        return bytes(data[:HEADER_SIZE]).startswith(self._known_headers())
+
+    def _known_headers(self) -> tuple[bytes, ...]:
+        """``C3 01`` + fingerprint of every schema in the store (cached until it grows)."""
+        headers = self._headers
+        if len(headers) != len(self.store):
+            headers = self._headers = tuple(MARKER + s.fingerprint for s in self.store)
+        return headers
 
     def decode_record(self, data: bytes | bytearray | memoryview | None) -> dict[str, Any]:
         """Decode a value into a plain record resolved to this codec's reader schema.
