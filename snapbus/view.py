@@ -537,12 +537,15 @@ class SnapshotView(AsyncLifecycle):
             ValidationError: `session_id` is not a UUID.
         """
         data = self._data
-        if type(session_id) is str:  # the fast path: keys are canonical strings
-            found = data.get(session_id)
-            if found is None and not _is_canonical(session_id):
-                found = data.get(_canonical(session_id))
-        else:
-            found = data.get(_canonical(session_id))
+        try:
+            found = data.get(session_id)  # type: ignore[arg-type]  # fast path: str keys
+        except TypeError:  # unhashable: let _canonical say what is wrong with it
+            found = None
+        if found is not None:
+            return found
+        if type(session_id) is str and _is_canonical(session_id):
+            return default
+        found = data.get(_canonical(session_id))
         return default if found is None else found
 
     def __getitem__(self, session_id: uuid.UUID | str) -> WorkspaceSnapshot:
