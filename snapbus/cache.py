@@ -57,8 +57,6 @@ class WorkspaceCache(AsyncLifecycle):
         finally:
             await self.publisher.stop()
 
-
-
     async def cache_workspace(
         self, session_id: uuid.UUID | str, snapshot: WorkspaceSnapshot
     ) -> Receipt:

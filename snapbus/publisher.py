@@ -184,8 +184,6 @@ class SnapshotPublisher(AsyncLifecycle):
         if producer is not None:
             await producer.stop()
 
-
-
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if getattr(self, "_state", None) == "started":
             _warn(f"{self!r} was never stopped", ResourceWarning, stacklevel=1)
