@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, UnknownError
+from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from snapbus._kafka import start_client
 from snapbus._lifecycle import AsyncLifecycle
@@ -67,6 +68,32 @@ class Receipt:
 
 
 _State = Literal["new", "started", "stopped"]
+
+
+class _MurmurPartitioner:
+    """Kafka's default partitioner (murmur2 of the key), remembering recent keys' hashes.
+
+    The same sessions are published again and again, and aiokafka's murmur2 is pure Python
+    (several microseconds a key); the result is identical to aiokafka's default partitioner.
+    """
+
+    __slots__ = ("_hashes", "_size")
+
+    def __init__(self, size: int = 65_536) -> None:
+        self._hashes: dict[bytes, int] = {}
+        self._size = size
+
+    def __call__(self, key: bytes | None, all_partitions: list[int],
+                 available: list[int]) -> int:
+        if key is None:
+            result: int = DefaultPartitioner()(key, all_partitions, available)
+            return result
+        hashed = self._hashes.get(key)
+        if hashed is None:
+            if len(self._hashes) >= self._size:
+                self._hashes.clear()
+            hashed = self._hashes[key] = murmur2(key) & 0x7FFFFFFF
+        return all_partitions[hashed % len(all_partitions)]
 
 
 def _now_ms() -> int:
@@ -137,6 +164,7 @@ class SnapshotPublisher(AsyncLifecycle):
             "compression_type": compression_type,
             "enable_idempotence": enable_idempotence,
             "request_timeout_ms": max(1000, int(delivery_timeout_s * 1000)),
+            "partitioner": _MurmurPartitioner(),
             **(producer_options or {}),
         }
         self._producer: AIOKafkaProducer | None = None

@@ -312,3 +312,19 @@ async def test_unreachable_cluster_raises_unavailable(ensure: bool) -> None:
     with pytest.raises(PublishError, match="not started"):
         await publisher.publish(make_snapshot())
     await publisher.stop()
+
+
+def test_the_cached_partitioner_is_kafkas_default_partitioner() -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from snapbus.publisher import _MurmurPartitioner
+
+    cached = _MurmurPartitioner(size=64)  # small: the cache is cleared and refilled too
+    default = DefaultPartitioner()
+    keys = [make_snapshot().key.encode() for _ in range(300)]
+    for partitions in (1, 3, 12, 50):
+        all_partitions = list(range(partitions))
+        for key in keys + keys[:50]:  # hits and misses
+            assert cached(key, all_partitions, all_partitions) == default(
+                key, all_partitions, all_partitions)
+    assert cached(None, [0, 1], [1]) == 1  # no key: an available partition, like the default
