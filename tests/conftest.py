@@ -8,8 +8,9 @@ Set ``SNAPBUS_TEST_BOOTSTRAP_SERVERS`` to run the integration tests against an e
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 from uuid import uuid4
@@ -50,6 +51,17 @@ async def broker() -> AsyncIterator[BrokerAddress]:
         return
     async with EmbeddedBroker() as embedded:
         yield embedded
+
+
+@pytest.fixture
+def quiet_aiokafka() -> Iterator[None]:
+    """Silence aiokafka, which logs every failed reconnect or handshake as an error: for tests
+    whose faults are on purpose (``pytestmark = pytest.mark.usefixtures("quiet_aiokafka")``)."""
+    logger = logging.getLogger("aiokafka")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    yield
+    logger.setLevel(level)
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from aiokafka.admin import AIOKafkaAdminClient
+
 from snapbus.snapshot import WorkspaceSnapshot
 
 WAIT_S = 30.0
@@ -44,3 +46,13 @@ async def eventually(predicate: Callable[[], Any], timeout: float = WAIT_S,
         if loop.time() > deadline:
             raise AssertionError(f"{what} not reached within {timeout} s")
         await asyncio.sleep(0.01)
+
+
+async def list_topics(bootstrap_servers: str) -> set[str]:
+    """Every topic on the cluster (a whole-cluster listing never auto-creates anything)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()

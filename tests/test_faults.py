@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import logging
 import random
 import tracemalloc
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 import pytest
@@ -54,7 +53,7 @@ from tests.faultproxy import (
     proxied_broker,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("quiet_aiokafka")]
 
 FETCH_WAIT_MS = 20
 WAIT_S = 30.0
@@ -78,16 +77,6 @@ async def proxy(network: tuple[FaultProxy, EmbeddedBroker]) -> AsyncIterator[Fau
     proxy.heal()
     yield proxy
     proxy.heal()
-
-
-@pytest.fixture(autouse=True)
-def quiet_aiokafka() -> Iterator[None]:
-    """aiokafka logs every failed reconnect as an error; the faults here are on purpose."""
-    logger = logging.getLogger("aiokafka")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    yield
-    logger.setLevel(level)
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -15,9 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from snapbus.config import KafkaConfig
 from snapbus.errors import PublishError, ValidationError
 from snapbus.metrics import InstrumentedPublisher, PublisherMetrics, ViewMetrics
-from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.view import SnapshotView
-from tests.helpers import eventually
+from tests.helpers import eventually, make_snapshot
 
 if TYPE_CHECKING:
     from tests.conftest import BrokerAddress
@@ -25,16 +24,6 @@ if TYPE_CHECKING:
 WAIT_S = 30.0
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def make_snapshot(**changes: Any) -> WorkspaceSnapshot:
-    fields: dict[str, Any] = {
-        "session_id": uuid.uuid4(), "repo_id": uuid.uuid4(), "agent_id": "auth0|agent",
-        "agent_name": "agent-1", "changeset_id": uuid.uuid4(), "intent": "fix the build",
-        "base_commit": "0123456789abcdef", "state": "active", "mode": "ephemeral",
-    }
-    fields.update(changes)
-    return WorkspaceSnapshot(**fields)
 
 
 def scrape(registry: CollectorRegistry) -> Samples:

@@ -28,12 +28,11 @@ import asyncio
 import datetime
 import ipaddress
 import json
-import logging
 import os
 import ssl
 import struct
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +49,7 @@ from snapbus.publisher import SnapshotPublisher
 from snapbus.view import SnapshotView
 from tests.faultproxy import FaultProxy, make_snapshot, proxied_broker
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("quiet_aiokafka")]
 
 WAIT_S = 30.0
 SASL_HANDSHAKE = 17
@@ -182,16 +181,6 @@ def tls(tls_proxy: FaultProxy) -> FaultProxy:
     tls_proxy.heal()
     tls_proxy.captured.clear()
     return tls_proxy
-
-
-@pytest.fixture(autouse=True)
-def quiet_aiokafka() -> Iterator[None]:
-    """aiokafka logs every refused handshake as an error; the refusals here are on purpose."""
-    logger = logging.getLogger("aiokafka")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    yield
-    logger.setLevel(level)
 
 
 def ssl_config(proxy: FaultProxy, topic: str, cafile: Path, **changes: object) -> KafkaConfig:

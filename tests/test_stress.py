@@ -16,10 +16,8 @@ writes, and the largest staleness any view reported.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import random
-from collections.abc import Iterator
 
 import pytest
 
@@ -29,22 +27,13 @@ from snapbus.publisher import SnapshotPublisher
 from snapbus.view import SnapshotView
 from tests.faultproxy import WriteModel, eventually, make_snapshot, proxied_broker
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("quiet_aiokafka")]
 
 SEED = int(os.environ.get("STRESS_SEED", "20240501"))
 DURATION_S = 20.0
 SESSIONS = 150
 PUBLISHERS = 3
 VIEWS = 3
-
-
-@pytest.fixture(autouse=True)
-def quiet_aiokafka() -> Iterator[None]:
-    logger = logging.getLogger("aiokafka")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    yield
-    logger.setLevel(level)
 
 
 @pytest.mark.timeout(180)

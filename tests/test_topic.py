@@ -12,19 +12,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from snapbus.config import KafkaConfig
 from snapbus.errors import KafkaUnavailableError, TopicError, ValidationError
 from snapbus.topic import DEFAULT_PARTITIONS, describe_topic, ensure_topic
+from tests.helpers import list_topics
 
 if TYPE_CHECKING:
     from tests.conftest import BrokerAddress
-
-
-async def list_topics(bootstrap_servers: str) -> set[str]:
-    """Every topic on the cluster (a whole-cluster listing never auto-creates anything)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
-    await admin.start()
-    try:
-        return set(await admin.list_topics())
-    finally:
-        await admin.close()
 
 
 async def create_plain_topic(bootstrap_servers: str, topic: str, partitions: int = 3) -> None:

@@ -10,32 +10,21 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
 from snapbus.config import KafkaConfig
 from snapbus.janitor import Janitor
 from snapbus.publisher import Receipt, SnapshotPublisher
-from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.view import Change, ChangeStream, SnapshotView
-from tests.helpers import eventually
+from tests.helpers import eventually, make_snapshot
 
 if TYPE_CHECKING:
     from tests.conftest import BrokerAddress
 
 TTL_S = 1.0
 WAIT_S = 30.0
-
-
-def make_snapshot(**changes: Any) -> WorkspaceSnapshot:
-    fields: dict[str, Any] = {
-        "session_id": uuid.uuid4(), "repo_id": uuid.uuid4(), "agent_id": "auth0|agent",
-        "agent_name": "agent-1", "changeset_id": uuid.uuid4(), "intent": "fix the build",
-        "base_commit": "0123456789abcdef", "state": "active", "mode": "ephemeral",
-    }
-    fields.update(changes)
-    return WorkspaceSnapshot(**fields)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from snapbus.publisher import Receipt, SnapshotPublisher
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.topic import DEFAULT_PARTITIONS, ensure_topic
 from snapbus.view import Change, ChangeStream, SnapshotView
-from tests.helpers import eventually, make_snapshot
+from tests.helpers import eventually, list_topics, make_snapshot
 
 if TYPE_CHECKING:
     from tests.conftest import BrokerAddress
@@ -46,15 +46,6 @@ def new_view(config: KafkaConfig, **options: Any) -> SnapshotView:
 
 async def next_change(stream: ChangeStream, timeout: float = WAIT_S) -> Change:
     return await asyncio.wait_for(stream.__anext__(), timeout)
-
-
-async def list_topics(bootstrap_servers: str) -> set[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
-    await admin.start()
-    try:
-        return set(await admin.list_topics())
-    finally:
-        await admin.close()
 
 
 async def create_plain_topic(bootstrap_servers: str, topic: str) -> None:
