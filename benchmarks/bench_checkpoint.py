@@ -15,7 +15,6 @@ Also reported: the checkpoint's size and the time to save it.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -87,11 +86,5 @@ async def run(runs: int, quick: bool, scale: bool = False) -> list[dict[str, Any
 
 
 if __name__ == "__main__":
-    scale = "--scale" in sys.argv
-    if scale:
-        sys.argv.remove("--scale")
-
-    async def _run(runs: int, quick: bool) -> list[dict[str, Any]]:
-        return await run(runs, quick, scale=scale)
-
-    common.main(_run, __doc__.splitlines()[0] if __doc__ else "")
+    common.main(run, __doc__.splitlines()[0] if __doc__ else "",
+                flags={"--scale": "1M sessions instead of 100k"})

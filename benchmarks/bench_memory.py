@@ -219,11 +219,5 @@ async def run(runs: int, quick: bool, scale: bool = False) -> list[dict[str, Any
 
 
 if __name__ == "__main__":
-    scale = "--scale" in sys.argv
-    if scale:
-        sys.argv.remove("--scale")
-
-    async def _run(runs: int, quick: bool) -> list[dict[str, Any]]:
-        return await run(runs, quick, scale=scale)
-
-    common.main(_run, __doc__.splitlines()[0])
+    common.main(run, __doc__.splitlines()[0] if __doc__ else "",
+                flags={"--scale": "also one pass at 1M sessions (minutes, GBs)"})

@@ -226,11 +226,5 @@ async def run(runs: int, quick: bool, profile: bool = False) -> list[dict[str, A
 
 
 if __name__ == "__main__":
-    profile = "--profile" in sys.argv
-    if profile:
-        sys.argv.remove("--profile")
-
-    async def _run(runs: int, quick: bool) -> list[dict[str, Any]]:
-        return await run(runs, quick, profile=profile)
-
-    common.main(_run, __doc__.splitlines()[0])
+    common.main(run, __doc__.splitlines()[0] if __doc__ else "",
+                flags={"--profile": "also profile one view start (cProfile)"})

@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -408,10 +408,17 @@ def environment() -> str:
 
 
 def main(
-    run: Callable[[int, bool], Awaitable[list[dict[str, Any]]]], description: str
+    run: Callable[..., Awaitable[list[dict[str, Any]]]], description: str,
+    *, flags: Mapping[str, str] | None = None,
 ) -> None:
-    """Command line for one benchmark module: parse flags, run, print Markdown."""
+    """Command line for one benchmark module: parse flags, run, print Markdown.
+
+    `flags` maps extra on/off options of the module (``{"--scale": "..."}``, option -> help)
+    to keyword arguments of `run` (``scale=True``).
+    """
     parser = argparse.ArgumentParser(description=description)
+    for flag, help_text in (flags or {}).items():
+        parser.add_argument(flag, action="store_true", help=help_text)
     parser.add_argument("--runs", type=int, default=None,
                         help=f"measured runs per case (default {DEFAULT_RUNS}, "
                              f"{QUICK_RUNS} with --quick)")
@@ -423,7 +430,9 @@ def main(
         parser.error("--runs must be at least 1")
     print(f"_start: {environment()}_", file=sys.stderr)
     t0 = time.perf_counter()
-    results = asyncio.run(run(runs, args.quick))
+    extra = {flag.lstrip("-").replace("-", "_"): True for flag in (flags or {})
+             if getattr(args, flag.lstrip("-").replace("-", "_"))}
+    results = asyncio.run(run(runs, args.quick, **extra))
     elapsed = time.perf_counter() - t0
     print(render(results))
     params = results[0]["params"] if results else {}
