@@ -451,8 +451,10 @@ class SnapshotView(AsyncLifecycle):
                         self.config.topic, exc, extra={"topic": self.config.topic})
             return
         from_trusted, rows, chunk = WorkspaceSnapshot._from_trusted, saved.rows, 10 * _APPLY_CHUNK
-        for start in range(0, len(rows), chunk):
-            with _gc_paused():
+        offsets = saved.offsets
+        del saved
+        with _gc_paused():  # for the whole load: the rows are a million more tracked objects
+            for start in range(0, len(rows), chunk):
                 for row in rows[start:start + chunk]:
                     snapshot = from_trusted(row)
                     key = snapshot.key
@@ -460,8 +462,9 @@ class SnapshotView(AsyncLifecycle):
                         continue
                     self._data[key] = snapshot
                     self._index(key, snapshot)
-            await asyncio.sleep(0)
-        for partition, offset in saved.offsets.items():
+                await asyncio.sleep(0)
+            del rows
+        for partition, offset in offsets.items():
             reader.seek(partition, offset)
         self._checkpoint_loaded = len(self._data)
         log.info("view of %s loaded %d sessions from %s", self.config.topic, len(self._data),
