@@ -70,7 +70,6 @@ class _Pod:
     rng: random.Random
     publishes: int = 0
     evictions: int = 0
-    owned: set[uuid.UUID] = dataclasses.field(default_factory=set)
 
 
 class _Ledger:
@@ -153,7 +152,6 @@ async def _pod_loop(
             await _publish(pod, ledger, update)
         else:
             snapshot = _new_snapshot(rng, pod.name, repos)
-            pod.owned.add(snapshot.session_id)
             ledger.creators[snapshot.session_id] = pod.name
             await _publish(pod, ledger, snapshot)
         next_at += interval

@@ -100,13 +100,14 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _with_stamp(md: Any, stamp: int) -> Any:
-    """Give a record's metadata the timestamp the record was sent with (CreateTime topics).
+def _receipt(md: Any, stamp: int, session_id: uuid.UUID, tombstone: bool) -> Receipt:
+    """The receipt of an acknowledged record that was sent with timestamp `stamp`.
 
     aiokafka reports the first record's timestamp for every record of a batch; the record's
     own timestamp is the one snapbus set, unless the broker assigned LogAppendTime.
     """
-    return md._replace(timestamp=stamp) if md.timestamp_type == 0 else md
+    timestamp = stamp if md.timestamp_type == 0 else md.timestamp
+    return Receipt(md.topic, md.partition, md.offset, timestamp, session_id, tombstone)
 
 
 class SnapshotPublisher(AsyncLifecycle):
@@ -290,7 +291,7 @@ class SnapshotPublisher(AsyncLifecycle):
                  for (key, value), _ in encoded] if history else []
         done = (await asyncio.gather(*(f for f, _ in futures), *extra))[: len(futures)]
         return [
-            self._receipt(_with_stamp(md, stamp), session_id, False)
+            _receipt(md, stamp, session_id, False)
             for md, (_, session_id) in zip(done, futures, strict=True)
         ]
 
@@ -306,10 +307,12 @@ class SnapshotPublisher(AsyncLifecycle):
         deadline = loop.time() + self._delivery_timeout_s
         while True:
             try:
+                stamp = _now_ms()
                 md = await asyncio.wait_for(
-                    self._send_once(producer, key, value), max(0.0, deadline - loop.time())
+                    self._send_once(producer, key, value, stamp),
+                    max(0.0, deadline - loop.time()),
                 )
-                return self._receipt(md, session_id, value is None)
+                return _receipt(md, stamp, session_id, value is None)
             except UnknownError as exc:  # some brokers answer a transient failure this way
                 if loop.time() >= deadline:
                     raise self._publish_error(exc) from exc
@@ -320,19 +323,15 @@ class SnapshotPublisher(AsyncLifecycle):
                 raise self._publish_error(exc) from exc
 
     async def _send_once(self, producer: AIOKafkaProducer, key: bytes,
-                         value: bytes | None) -> Any:
+                         value: bytes | None, stamp: int) -> Any:
         """Enqueue the record (waiting for buffer space) and wait for its acknowledgement."""
-        stamp = _now_ms()
         future = await producer.send(self.topic, value, key=key, timestamp_ms=stamp)
         if self.config.history_topic:
             extra = await producer.send(self.config.history_topic, value, key=key,
                                         timestamp_ms=stamp)
             result, _ = await asyncio.gather(future, extra)
-            return _with_stamp(result, stamp)
-        return _with_stamp(await future, stamp)
-
-    def _receipt(self, md: Any, session_id: uuid.UUID, tombstone: bool) -> Receipt:
-        return Receipt(md.topic, md.partition, md.offset, md.timestamp, session_id, tombstone)
+            return result
+        return await future
 
     def _publish_error(self, exc: BaseException) -> PublishError:
         if isinstance(exc, asyncio.TimeoutError):

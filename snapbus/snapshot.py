@@ -105,6 +105,21 @@ def _text(value: object, field: str) -> str:
     return str(value)
 
 
+def _fill(snapshot: WorkspaceSnapshot, sid: str, rid: str, agent_id: str, agent_name: str,
+          cid: str, intent: str, base_commit: str, state: str, mode: str) -> WorkspaceSnapshot:
+    """Set a snapshot's fields from validated values, interning the repeated labels."""
+    _set(snapshot, "_session_id", sid)
+    _set(snapshot, "_repo_id", _intern(rid))
+    _set(snapshot, "agent_id", _intern(agent_id))
+    _set(snapshot, "agent_name", _intern(agent_name))
+    _set(snapshot, "_changeset_id", cid)
+    _set(snapshot, "intent", intent)
+    _set(snapshot, "base_commit", base_commit)
+    _set(snapshot, "state", _intern(state))
+    _set(snapshot, "mode", _intern(mode))
+    return snapshot
+
+
 class WorkspaceSnapshot:
     """The latest state of one workspace session: an agent working on a repository.
 
@@ -149,15 +164,18 @@ class WorkspaceSnapshot:
         state: str,
         mode: str,
     ) -> None:
-        _set(self, "_session_id", _canonical_id(session_id, "session_id"))
-        _set(self, "_repo_id", _intern(_canonical_id(repo_id, "repo_id")))
-        _set(self, "agent_id", _intern(_text(agent_id, "agent_id")))
-        _set(self, "agent_name", _intern(_text(agent_name, "agent_name")))
-        _set(self, "_changeset_id", _canonical_id(changeset_id, "changeset_id"))
-        _set(self, "intent", _text(intent, "intent"))
-        _set(self, "base_commit", _text(base_commit, "base_commit"))
-        _set(self, "state", _intern(_text(state, "state")))
-        _set(self, "mode", _intern(_text(mode, "mode")))
+        _fill(
+            self,
+            _canonical_id(session_id, "session_id"),
+            _canonical_id(repo_id, "repo_id"),
+            _text(agent_id, "agent_id"),
+            _text(agent_name, "agent_name"),
+            _canonical_id(changeset_id, "changeset_id"),
+            _text(intent, "intent"),
+            _text(base_commit, "base_commit"),
+            _text(state, "state"),
+            _text(mode, "mode"),
+        )
 
     @classmethod
     def _from_record(cls, record: Mapping[str, Any]) -> WorkspaceSnapshot:
@@ -169,50 +187,33 @@ class WorkspaceSnapshot:
             KeyError: a field is missing from `record`.
             ValidationError: a field is invalid (the error names it).
         """
-        snapshot: WorkspaceSnapshot = _new(cls)
         sid, rid, cid = record["session_id"], record["repo_id"], record["changeset_id"]
         agent_id, agent_name = record["agent_id"], record["agent_name"]
         intent, base_commit = record["intent"], record["base_commit"]
         state, mode = record["state"], record["mode"]
+        # the common case costs one regex per id and one type check per text; anything else
+        # goes through the constructor's checks, in the constructor's order
         if not (type(sid) is str and _canonical_match(sid)):
             sid = _canonical_id(sid, "session_id")
-        _set(snapshot, "_session_id", sid)
-        _set(snapshot, "_repo_id", _intern(
-            rid if type(rid) is str and _canonical_match(rid) else _canonical_id(rid, "repo_id")))
+        if not (type(rid) is str and _canonical_match(rid)):
+            rid = _canonical_id(rid, "repo_id")
         if type(agent_id) is not str or type(agent_name) is not str:
             _text(agent_id, "agent_id")
             _text(agent_name, "agent_name")
-        _set(snapshot, "agent_id", _intern(agent_id))
-        _set(snapshot, "agent_name", _intern(agent_name))
         if not (type(cid) is str and _canonical_match(cid)):
             cid = _canonical_id(cid, "changeset_id")
-        _set(snapshot, "_changeset_id", cid)
         if (type(intent) is not str or type(base_commit) is not str
                 or type(state) is not str or type(mode) is not str):
             for name in ("intent", "base_commit", "state", "mode"):
                 _text(record[name], name)
-        _set(snapshot, "intent", intent)
-        _set(snapshot, "base_commit", base_commit)
-        _set(snapshot, "state", _intern(state))
-        _set(snapshot, "mode", _intern(mode))
-        return snapshot
+        return _fill(_new(cls), sid, rid, agent_id, agent_name, cid, intent, base_commit,
+                     state, mode)
 
     @classmethod
     def _from_trusted(cls, values: tuple[Any, ...]) -> WorkspaceSnapshot:
         """Rebuild a snapshot from `_values()` output that snapbus itself wrote and verified
         (a checkpoint): no validation, labels interned."""
-        snapshot: WorkspaceSnapshot = _new(cls)
-        sid, rid, agent_id, agent_name, cid, intent, base_commit, state, mode = values[:9]
-        _set(snapshot, "_session_id", sid)
-        _set(snapshot, "_repo_id", _intern(rid))
-        _set(snapshot, "agent_id", _intern(agent_id))
-        _set(snapshot, "agent_name", _intern(agent_name))
-        _set(snapshot, "_changeset_id", cid)
-        _set(snapshot, "intent", intent)
-        _set(snapshot, "base_commit", base_commit)
-        _set(snapshot, "state", _intern(state))
-        _set(snapshot, "mode", _intern(mode))
-        return snapshot
+        return _fill(_new(cls), *values[:9])
 
     # ids: canonical strings inside, UUIDs outside
 

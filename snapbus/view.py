@@ -40,7 +40,7 @@ import logging
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -286,7 +286,7 @@ class SnapshotView(AsyncLifecycle):
         self._ttl_ms = None if ttl_s is None else int(ttl_s * 1000)
         self._stamps: dict[str, int] = {}
         self._expiry: list[tuple[int, str]] = []
-        self._hidden: dict[str, int] = {}
+        self._hidden: set[str] = set()  # expired, not yet tombstoned (for the janitor)
         self._expired = 0
         self._codec = codec if codec is not None else default_codec()
         self._start_timeout_s = start_timeout_s
@@ -667,12 +667,6 @@ class SnapshotView(AsyncLifecycle):
         self._subscribers.add(stream)
         return stream
 
-    async def iter_changes(self) -> AsyncIterator[Change]:
-        """Yield changes from now on, until the view stops (shorthand for `changes`)."""
-        async with self.changes() as stream:
-            async for change in stream:
-                yield change
-
     # ------------------------------------------------------------------ the loop
 
     async def _run(self) -> None:
@@ -925,7 +919,7 @@ class SnapshotView(AsyncLifecycle):
         self._records_applied += 1
         if new is None:
             self._tombstones += 1
-            self._hidden.pop(key, None)
+            self._hidden.discard(key)
         elif self._ttl_ms is not None and not self._renew(key, event.timestamp_ms):
             new = None  # already older than the TTL: hidden, like an expired cache entry
         self._put(key, new)
@@ -958,9 +952,9 @@ class SnapshotView(AsyncLifecycle):
         stamp = timestamp_ms if timestamp_ms >= 0 else now_ms
         if stamp + self._ttl_ms <= now_ms:
             self._stamps.pop(key, None)
-            self._hidden[key] = stamp
+            self._hidden.add(key)
             return False
-        self._hidden.pop(key, None)
+        self._hidden.discard(key)
         self._stamps[key] = stamp
         heapq.heappush(self._expiry, (stamp + self._ttl_ms, key))
         if len(self._expiry) > 2 * len(self._stamps) + 1024:
@@ -978,7 +972,7 @@ class SnapshotView(AsyncLifecycle):
             stamp = stamps.get(key)
             if stamp is not None and stamp + ttl == due:
                 del stamps[key]
-                self._hidden[key] = stamp
+                self._hidden.add(key)
                 snapshot = self._data.get(key)
                 if snapshot is not None:
                     self._expired += 1
