@@ -35,7 +35,7 @@ import io
 import random
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -144,29 +144,6 @@ async def _snapbus(
     return latencies, acks, cpu, broker_cpu
 
 
-@contextlib.asynccontextmanager
-async def _bare_consumer(bootstrap: str, topic: str, wait_ms: int) -> AsyncIterator[Any]:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=wait_ms,
-        max_partition_fetch_bytes=4 * 1024 * 1024,
-        fetch_max_bytes=64 * 1024 * 1024,
-    )
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        yield consumer
-    finally:
-        await consumer.stop()
-
-
 async def _bare(
     bootstrap: str, topic: str, wait_ms: int, warmup: list[tuple[bytes, bytes]],
     items: list[tuple[bytes, bytes]], idle_s: float, broker_pid: int | None,
@@ -180,7 +157,7 @@ async def _bare(
     parsed = default_codec().writer.parsed
     tracker = _Tracker()
     view: dict[bytes, Any] = {}
-    async with _bare_consumer(bootstrap, topic, wait_ms) as consumer:
+    async with common.bare_consumer(bootstrap, topic, wait_ms) as consumer:
 
         async def follow() -> None:
             while True:

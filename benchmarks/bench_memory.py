@@ -55,24 +55,14 @@ MAX_PASSES = 3  # the sizes are deterministic to a few bytes; a traced pass is s
 async def _bare_build(bootstrap: str, topic: str, decode: bool) -> dict[str, Any]:
     """Read the whole topic with a bare consumer; keep each key's latest value (or dict)."""
     import fastavro
-    from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from snapbus.codec import HEADER_SIZE, default_codec
 
     parsed = default_codec().writer.parsed
     reader = fastavro.schemaless_reader
     held: dict[str, Any] = {}
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-        auto_offset_reset="earliest", fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
-        max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024,
-    )
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        targets: dict[TopicPartition, int] = {}
+    async with common.bare_consumer(bootstrap, topic, FETCH_MAX_WAIT_MS) as consumer:
+        targets: dict[Any, int] = {}
         while True:
             batches = await consumer.getmany(timeout_ms=FETCH_MAX_WAIT_MS)
             for records in batches.values():
@@ -86,20 +76,8 @@ async def _bare_build(bootstrap: str, topic: str, decode: bool) -> dict[str, Any
                         held[key] = reader(buf, parsed, None)
                     else:
                         held[key] = r.value
-            done = True
-            for tp in tps:
-                if tp not in targets:
-                    hw = consumer.highwater(tp)
-                    if hw is None:
-                        done = False
-                        continue
-                    targets[tp] = hw
-                if await consumer.position(tp) < targets[tp]:
-                    done = False
-            if done:
+            if await common.reached_end(consumer, targets):
                 return held
-    finally:
-        await consumer.stop()
 
 
 async def _view_build(config: Any) -> Any:

@@ -69,24 +69,9 @@ class _StallMeter:
             await self._task
 
 
-def _consumer(bootstrap: str) -> Any:
-    from aiokafka import AIOKafkaConsumer
-
-    return AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
-        max_partition_fetch_bytes=4 * 1024 * 1024,
-        fetch_max_bytes=64 * 1024 * 1024,
-    )
-
-
 async def _bare_read(bootstrap: str, topic: str, decode: bool) -> tuple[float, int, int]:
     """Return (seconds, records read, sessions held)."""
     import fastavro
-    from aiokafka import TopicPartition
 
     from snapbus.codec import HEADER_SIZE, default_codec
 
@@ -94,13 +79,8 @@ async def _bare_read(bootstrap: str, topic: str, decode: bool) -> tuple[float, i
     reader = fastavro.schemaless_reader
     view: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
-    consumer = _consumer(bootstrap)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        targets: dict[TopicPartition, int] = {}
+    async with common.bare_consumer(bootstrap, topic, FETCH_MAX_WAIT_MS) as consumer:
+        targets: dict[Any, int] = {}
         count = 0
         while True:
             batches = await consumer.getmany(timeout_ms=FETCH_MAX_WAIT_MS)
@@ -114,20 +94,8 @@ async def _bare_read(bootstrap: str, topic: str, decode: bool) -> tuple[float, i
                             buf = io.BytesIO(r.value)
                             buf.seek(HEADER_SIZE)
                             view[r.key.decode()] = reader(buf, parsed, None)
-            done = True
-            for tp in tps:
-                if tp not in targets:
-                    hw = consumer.highwater(tp)
-                    if hw is None:
-                        done = False
-                        continue
-                    targets[tp] = hw
-                if await consumer.position(tp) < targets[tp]:
-                    done = False
-            if done:
+            if await common.reached_end(consumer, targets):
                 return time.perf_counter() - t0, count, len(view)
-    finally:
-        await consumer.stop()
 
 
 async def _view(config: Any) -> tuple[float, int, Any]:

@@ -246,6 +246,50 @@ def encode_pairs(
 # ----------------------------------------------------------------------------- measuring
 
 
+# ---------------------------------------------------------------------------- bare consumers
+
+
+@contextlib.asynccontextmanager
+async def bare_consumer(bootstrap: str, topic: str, wait_ms: int) -> AsyncIterator[Any]:
+    """A started group-less aiokafka consumer on every partition of `topic`, from the start,
+    with the fetch settings snapbus's reader uses (the baselines' consumer)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=wait_ms,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        yield consumer
+    finally:
+        await consumer.stop()
+
+
+async def reached_end(consumer: Any, targets: dict[Any, int]) -> bool:
+    """Whether every assigned partition reached the high watermark its first fetch reported
+    (BROKER.md: the right end target on every broker); `targets` remembers those marks."""
+    done = True
+    for tp in consumer.assignment():
+        if tp not in targets:
+            hw = consumer.highwater(tp)
+            if hw is None:
+                done = False
+                continue
+            targets[tp] = hw
+        if await consumer.position(tp) < targets[tp]:
+            done = False
+    return done
+
+
 def process_cpu_seconds(pid: int | None) -> float | None:
     """User+system CPU seconds of another process (Linux /proc), or None if unknown."""
     if pid is None:
