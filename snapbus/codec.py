@@ -22,7 +22,7 @@ import fastavro
 
 from snapbus.errors import DecodeError, ValidationError
 from snapbus.schema import Schema, SchemaStore
-from snapbus.snapshot import WorkspaceSnapshot
+from snapbus.snapshot import WorkspaceSnapshot, _is_canonical
 
 __all__ = [
     "HEADER_SIZE",
@@ -105,7 +105,7 @@ class Codec:
     build a `Codec` to write with another schema version or to learn extra schemas.
     """
 
-    __slots__ = ("_header", "_headers", "_reader", "store", "writer")
+    __slots__ = ("_header", "_headers", "_peek_plan", "_reader", "store", "writer")
 
     def __init__(self, store: SchemaStore | None = None, *, writer: Schema | None = None) -> None:
         self.store = store if store is not None else SchemaStore.from_dir()
@@ -114,6 +114,7 @@ class Codec:
         self._reader = self.store.current
         self._header = MARKER + self.writer.fingerprint
         self._headers: tuple[bytes, ...] = ()
+        self._peek_plan = _peek_plan(self._reader)
 
     def encode_record(self, record: dict[str, Any]) -> bytes:
         """Encode a plain record (ids as strings) with the writer schema, framed."""
@@ -138,11 +139,12 @@ class Codec:
         if data is None:
             return True
         if isinstance(data, bytes):
-            return data.startswith(self._known_headers())
-        return bytes(data[:HEADER_SIZE]).startswith(self._known_headers())
+            return data.startswith(self.known_headers())
+        return bytes(data[:HEADER_SIZE]).startswith(self.known_headers())
 
-    def _known_headers(self) -> tuple[bytes, ...]:
-        """``C3 01`` + fingerprint of every schema in the store (cached until it grows)."""
+    def known_headers(self) -> tuple[bytes, ...]:
+        """The headers a decodable value starts with: ``C3 01`` + fingerprint of every schema
+        in the store (cached until the store grows), for ``value.startswith(...)``."""
         headers = self._headers
         if len(headers) != len(self.store):
             headers = self._headers = tuple(MARKER + s.fingerprint for s in self.store)
@@ -195,6 +197,50 @@ class Codec:
             raise DecodeError("Avro body is not a record", reason="corrupt_body")
         return record
 
+    def peek(self, data: bytes) -> tuple[str, str, str, str] | None:
+        """Read (session_id, repo_id, agent_id, state) from a value without decoding the rest.
+
+        A view's initial replay indexes sessions with this and decodes the rest on first use.
+        Works for values written with the current schema, whose fields up to those four are
+        strings, and whose ids are canonical; returns None for anything else (then `decode`
+        says what is wrong, if anything). The values are what `decode` would give, though
+        `decode` may still find the rest of the value bad.
+        """
+        plan = self._peek_plan
+        if plan is None or not data.startswith(plan[0]):
+            return None
+        found = ["", "", "", ""]
+        pos = HEADER_SIZE
+        try:
+            for slot in plan[1]:
+                size = data[pos]  # an Avro long, zig-zag varint: almost always one byte
+                pos += 1
+                if size >= 0x80:
+                    size &= 0x7F
+                    shift = 7
+                    while True:
+                        byte = data[pos]
+                        pos += 1
+                        size |= (byte & 0x7F) << shift
+                        if byte < 0x80:
+                            break
+                        shift += 7
+                        if shift > 63:
+                            return None
+                if size & 1:
+                    return None  # a negative length
+                end = pos + (size >> 1)
+                if slot >= 0:
+                    if end > len(data):
+                        return None
+                    found[slot] = data[pos:end].decode()
+                pos = end
+        except (IndexError, UnicodeDecodeError):
+            return None
+        if pos > len(data) or not (_is_canonical(found[0]) and _is_canonical(found[1])):
+            return None
+        return found[0], found[1], found[2], found[3]
+
     def decode(self, data: bytes | bytearray | memoryview | None) -> WorkspaceSnapshot:
         """Decode a value into a `WorkspaceSnapshot`.
 
@@ -208,6 +254,27 @@ class Codec:
             raise DecodeError(f"record lacks field {exc}", reason="invalid_field") from None
         except ValidationError as exc:
             raise DecodeError(f"invalid field: {exc}", reason="invalid_field") from None
+
+
+_PEEKED = ("session_id", "repo_id", "agent_id", "state")
+
+
+def _peek_plan(schema: Schema) -> tuple[bytes, tuple[int, ...]] | None:
+    """For `Codec.peek`: the schema's header and, for each field up to the last one peeked,
+    its slot in the result (-1: skipped); None when one of those fields is not a plain string
+    (or a peeked field is missing)."""
+    slots: list[int] = []
+    for field in schema.parsed["fields"]:
+        kind = field["type"]
+        if isinstance(kind, dict):
+            kind = kind.get("type")
+        if kind != "string":
+            return None
+        name = field["name"]
+        slots.append(_PEEKED.index(name) if name in _PEEKED else -1)
+        if sum(slot >= 0 for slot in slots) == len(_PEEKED):
+            return MARKER + schema.fingerprint, tuple(slots)
+    return None
 
 
 _default: Codec | None = None

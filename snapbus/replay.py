@@ -140,13 +140,13 @@ async def replay(
                     if until_ms is not None and record.timestamp >= until_ms:
                         continue
                     try:
-                        event = decode_record(record, codec)
+                        event = decode_record(record, partition, codec)
                     except DecodeError as exc:
                         if errors == "raise":
                             raise
                         if not quiet:
                             log.warning("skipping bad record at %s[%d]@%d (%s): %s",
-                                        record.topic, record.partition, record.offset,
+                                        config.topic, partition, record.offset,
                                         exc.reason, exc)
                         continue
                     yield event

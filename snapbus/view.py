@@ -44,7 +44,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from snapbus import checkpoint
@@ -54,7 +54,7 @@ from snapbus.codec import Codec, default_codec
 from snapbus.config import KafkaConfig, validate_topic_name
 from snapbus.errors import ConfigError, DecodeError, SnapbusError, ViewError
 from snapbus.publisher import Receipt
-from snapbus.reader import BarrierProbe, Event, PartitionReader, decode_record
+from snapbus.reader import BarrierProbe, Event, PartitionReader, Record, decode_value
 from snapbus.snapshot import WorkspaceSnapshot, _is_canonical, parse_uuid
 from snapbus.topic import ensure_topic as _ensure_topic
 
@@ -207,9 +207,9 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _coordinates(record: ConsumerRecord[bytes, bytes]) -> dict[str, Any]:
+def _coordinates(topic: str, partition: int, offset: int) -> dict[str, Any]:
     """Structured-log fields naming where a record is."""
-    return {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+    return {"topic": topic, "partition": partition, "offset": offset}
 
 
 def _canonical(session_id: uuid.UUID | str) -> str:
@@ -247,6 +247,13 @@ class SnapshotView(AsyncLifecycle):
             exists and is valid) and reads only the records after it, `stop` saves the state
             there, and `save_checkpoint` saves it on demand. A corrupt, foreign or stale file
             falls back to a full replay (see `snapbus.checkpoint`).
+        decode: ``"lazy"`` (default): the initial replay reads only the indexed fields of each
+            session's latest record and decodes the rest on first use, as a GlobalKTable keeps
+            serialized values (a third of the time to go live). A value found bad then makes
+            that read raise `DecodeError`, is counted in `stats.decode_errors`, and is replaced
+            by the session's last good snapshot from the log moments later. ``"eager"``:
+            decode and validate every session before going live. Records arriving after
+            that are always decoded at once.
         consumer_options: extra keyword arguments for `aiokafka.AIOKafkaConsumer`.
     """
 
@@ -264,6 +271,7 @@ class SnapshotView(AsyncLifecycle):
         dead_letter_topic: str | None = None,
         ttl_s: float | None = None,
         checkpoint_path: str | Path | None = None,
+        decode: Literal["lazy", "eager"] = "lazy",
         consumer_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config if config is not None else KafkaConfig.from_env()
@@ -273,13 +281,19 @@ class SnapshotView(AsyncLifecycle):
         self._fail_after_s = fail_after_s
         self._dead_letter_topic = (validate_topic_name(dead_letter_topic)
                                    if dead_letter_topic is not None else None)
-        self._dead_letters: list[tuple[ConsumerRecord[bytes, bytes], DecodeError]] = []
+        self._dead_letters: list[tuple[int, Record, DecodeError]] = []
         self._dead_letter_producer: AIOKafkaProducer | None = None
         self._dead_lettered = 0
         self._resyncs = 0
         self._resync_seen: set[str] | None = None
-        self._stash: dict[bytes | None, ConsumerRecord[bytes, bytes]] | None = {}
+        # initial replay: each partition's latest record per key, decoded when caught up
+        self._stash: dict[int, dict[bytes | None, Record]] | None = {}
         self._records_superseded = 0
+        if decode not in ("lazy", "eager"):
+            raise ConfigError(f"decode must be 'lazy' or 'eager', not {decode!r}")
+        self._lazy = decode == "lazy"  # see _flush_stash
+        self._lazy_failed: dict[str, bytes] = {}  # key -> its bad value, until repaired
+        self._lazy_to_repair: set[str] = set()
         self._serving = False
         if ttl_s is not None and ttl_s <= 0:
             raise ConfigError(f"ttl_s must be positive, not {ttl_s}")
@@ -431,7 +445,12 @@ class SnapshotView(AsyncLifecycle):
         if not self._can_checkpoint():
             raise ViewError(f"cannot checkpoint a view that is {self._status} and not caught up")
         stamps, now = self._stamps, checkpoint.now_ms()
-        rows = [(*s._values(), stamps.get(key, now)) for key, s in self._data.items()]
+        rows = []
+        for key, entry in self._data.items():
+            try:
+                rows.append((*entry._values(), stamps.get(key, now)))
+            except DecodeError:
+                continue  # a bad value read lazily, waiting for its repair: not saved
         snapshot = checkpoint.Checkpoint(
             self.config.topic, len(self._reader.partitions), dict(self._reader.positions),
             rows, now)  # type: ignore[arg-type]
@@ -672,6 +691,12 @@ class SnapshotView(AsyncLifecycle):
     async def _run(self) -> None:
         reader = self._reader
         failures = 0
+        # The initial replay only builds long-lived state the cyclic collector cannot free,
+        # yet the collector's passes over the records and snapshots piling up took a third of
+        # a large replay: it is paused (process-wide) until the stash is applied.
+        gc_paused = self._stash is not None and gc.isenabled()
+        if gc_paused:
+            gc.disable()
         try:
             while True:
                 try:
@@ -686,12 +711,12 @@ class SnapshotView(AsyncLifecycle):
                 failures = 0
                 for partition, records in batches.items():
                     if self._stash is not None:
-                        self._stash_records(records)
+                        self._stash_records(partition, records)
                     else:
                         for start in range(0, len(records), _APPLY_CHUNK):
                             with _gc_paused():
                                 for record in records[start:start + _APPLY_CHUNK]:
-                                    self._apply(record)
+                                    self._apply(partition, record)
                             if len(records) > _APPLY_CHUNK:
                                 await asyncio.sleep(0)  # let readers and waiters run
                     if records:
@@ -701,6 +726,11 @@ class SnapshotView(AsyncLifecycle):
                     or reader.caught_up_to_start()
                 ):
                     await self._flush_stash()
+                if gc_paused and self._stash is None:
+                    gc_paused = False
+                    gc.enable()
+                if self._lazy_to_repair:
+                    await self._repair_lazy()
                 if self._dead_letters:
                     await self._send_dead_letters()
                 if self._ttl_ms is not None:
@@ -711,6 +741,9 @@ class SnapshotView(AsyncLifecycle):
             raise
         except BaseException as exc:
             self._fail(exc)
+        finally:
+            if gc_paused:
+                gc.enable()
 
     def _fail(self, exc: BaseException) -> None:
         self._failure = exc
@@ -813,23 +846,25 @@ class SnapshotView(AsyncLifecycle):
         letters, self._dead_letters = self._dead_letters, []
         if producer is None:
             return
-        for record, error in letters:
+        topic = self.config.topic
+        for partition, record, error in letters:
             headers = [
-                ("snapbus.source.topic", record.topic.encode()),
-                ("snapbus.source.partition", str(record.partition).encode()),
+                ("snapbus.source.topic", topic.encode()),
+                ("snapbus.source.partition", str(partition).encode()),
                 ("snapbus.source.offset", str(record.offset).encode()),
                 ("snapbus.source.timestamp", str(record.timestamp).encode()),
                 ("snapbus.error.reason", error.reason.encode()),
                 ("snapbus.error.message", str(error)[:1000].encode()),
                 ("snapbus.source.key", record.key or b""),
             ]
-            key = f"{record.topic}:{record.partition}:{record.offset}".encode()
+            key = f"{topic}:{partition}:{record.offset}".encode()
             try:
                 future = await producer.send(self._dead_letter_topic or "", record.value,
                                              key=key, headers=headers)
             except KafkaError as exc:
                 log.warning("cannot copy bad record %s to the dead-letter topic: %r",
-                            key.decode(), exc, extra=_coordinates(record))
+                            key.decode(), exc,
+                            extra=_coordinates(topic, partition, record.offset))
                 continue
             future.add_done_callback(self._dead_letter_done)
 
@@ -840,50 +875,104 @@ class SnapshotView(AsyncLifecycle):
         else:
             self._dead_lettered += 1
 
-    def _bad_record(self, record: ConsumerRecord[bytes, bytes], error: DecodeError) -> None:
+    def _bad_record(self, partition: int, record: Record, error: DecodeError) -> None:
         self._decode_errors += 1
         if self._dead_letter_topic is not None:
-            self._dead_letters.append((record, error))
+            self._dead_letters.append((partition, record, error))
         if self._decode_errors <= _LOGGED_DECODE_ERRORS:
-            log.warning("skipping bad record at %s[%d]@%d (%s): %s", record.topic,
-                        record.partition, record.offset, error.reason, error,
-                        extra=_coordinates(record))
+            topic = self.config.topic
+            log.warning("skipping bad record at %s[%d]@%d (%s): %s", topic, partition,
+                        record.offset, error.reason, error,
+                        extra=_coordinates(topic, partition, record.offset))
             if self._decode_errors == _LOGGED_DECODE_ERRORS:
                 log.warning("further bad records are counted in stats but not logged")
 
-    def _stash_records(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+    def _stash_records(self, partition: int, records: list[Record]) -> None:
         """Initial replay: keep only each key's latest record; decode it at the end.
 
         A record whose header already shows it cannot be decoded (empty, bad marker, unknown
         schema) is handled at once, so it never replaces the key's previous good record.
         """
-        stash, valid = self._stash, self._codec.header_ok
-        assert stash is not None
+        assert self._stash is not None
+        stash = self._stash.get(partition)
+        if stash is None:
+            stash = self._stash[partition] = {}
+        headers = self._codec.known_headers()
+        superseded = len(records)
         for record in records:
-            if valid(record.value):
+            value = record.value
+            if value is None or value.startswith(headers):
                 stash[record.key] = record
-                self._records_superseded += 1
             else:
-                self._apply(record)
+                superseded -= 1
+                self._apply(partition, record)
+        self._records_superseded += superseded
 
     async def _flush_stash(self) -> None:
         """Decode and apply the latest record of every key seen during the initial replay."""
-        stash, self._stash = self._stash, None
-        assert stash is not None
-        self._records_superseded -= len(stash)
+        stashes, self._stash = self._stash, None
+        assert stashes is not None
         repair: set[bytes] = set()
-        records = list(stash.values())
-        stash.clear()
-        for start in range(0, len(records), _APPLY_CHUNK):
-            with _gc_paused():
-                for record in records[start:start + _APPLY_CHUNK]:
-                    error = self._apply(record)
-                    if error is not None and error.reason != "bad_key" and record.key:
-                        repair.add(record.key)  # an earlier good record of that key may exist
-            await asyncio.sleep(0)
-        del records
+        for partition, stash in stashes.items():
+            self._records_superseded -= len(stash)
+            records = list(stash.values())
+            stash.clear()
+            for start in range(0, len(records), _APPLY_CHUNK):
+                with _gc_paused():
+                    for record in records[start:start + _APPLY_CHUNK]:
+                        if self._lazy and self._apply_lazy(record):
+                            continue
+                        error = self._apply(partition, record)
+                        if error is not None and error.reason != "bad_key" and record.key:
+                            repair.add(record.key)  # an earlier good record may exist
+                await asyncio.sleep(0)
+            del records
         if repair:
             await self._repair(repair)
+
+    def _apply_lazy(self, record: Record) -> bool:
+        """Apply a record of the initial replay without decoding it, when it allows: index
+        it by the fields `Codec.peek` reads; the rest is decoded on first use (`_load`).
+        Return False to have it decoded now (a tombstone, an older schema, a bad value)."""
+        value = record.value
+        if value is None:
+            return False
+        peeked = self._codec.peek(value)
+        if peeked is None:
+            return False
+        sid, rid, agent_id, state = peeked
+        if record.key != sid.encode():  # sid is canonical: so is the key then
+            return False
+        snapshot = WorkspaceSnapshot._lazy(sid, rid, agent_id, state, self._load, value)
+        self._apply_snapshot(sid, snapshot, record.timestamp)
+        return True
+
+    def _load(self, key: str, value: bytes) -> WorkspaceSnapshot:
+        """Decode a lazily applied value on its first use. A bad one (its header and indexed
+        fields were fine) is counted once, and the view restores the session's last good
+        snapshot from the log soon after; meanwhile reading it raises `DecodeError`."""
+        try:
+            return self._codec.decode(value)
+        except DecodeError as exc:
+            if self._lazy_failed.get(key) is not value:
+                self._lazy_failed[key] = value
+                self._lazy_to_repair.add(key)
+                self._decode_errors += 1
+                log.warning("bad record for session %s found on first read (%s): %s; "
+                            "restoring its last good snapshot", key, exc.reason, exc,
+                            extra={"topic": self.config.topic, "session_id": key})
+            raise
+
+    async def _repair_lazy(self) -> None:
+        """Replace the lazily applied values found bad since the last call (see `_load`)."""
+        keys, self._lazy_to_repair = self._lazy_to_repair, set()
+        await self._repair({key.encode() for key in keys})
+        for key in keys:
+            value = self._lazy_failed.pop(key, None)
+            current = self._data.get(key)
+            if current is not None and current._pending is not None \
+                    and current._pending[1] is value:
+                self._put(key, None)  # no good snapshot in the log: the session is gone
 
     async def _repair(self, keys: set[bytes]) -> None:
         """Find the last good record of keys whose latest record was bad, and apply it."""
@@ -897,51 +986,53 @@ class SnapshotView(AsyncLifecycle):
             if event.key.encode("ascii") in keys:
                 found[event.key] = event
         for event in found.values():
-            self._apply_event(event)
+            self._apply_snapshot(event.key, event.snapshot, event.timestamp_ms)
         log.info("view of %s: %d session(s) kept their last good snapshot after a bad record",
                  self.config.topic, len(found), extra={"topic": self.config.topic})
 
-    def _apply(self, record: ConsumerRecord[bytes, bytes]) -> DecodeError | None:
+    def _apply(self, partition: int, record: Record) -> DecodeError | None:
         try:
-            event = decode_record(record, self._codec)
+            key, snapshot = decode_value(record, self._codec)
         except DecodeError as exc:
-            self._bad_record(record, exc)
+            self._bad_record(partition, record, exc)
             return exc
-        self._apply_event(event)
+        self._apply_snapshot(key, snapshot, record.timestamp)
         return None
 
-    def _apply_event(self, event: Event) -> None:
-        key, new = event.key, event.snapshot
-        if new is not None:
-            key = new.key  # the same text; keep one string object per session
+    def _apply_snapshot(self, key: str, new: WorkspaceSnapshot | None, timestamp_ms: int
+                        ) -> None:
         if self._resync_seen is not None:
             self._resync_seen.add(key)
         self._records_applied += 1
         if new is None:
             self._tombstones += 1
             self._hidden.discard(key)
-        elif self._ttl_ms is not None and not self._renew(key, event.timestamp_ms):
+        elif self._ttl_ms is not None and not self._renew(key, timestamp_ms):
             new = None  # already older than the TTL: hidden, like an expired cache entry
         self._put(key, new)
 
     def _put(self, key: str, new: WorkspaceSnapshot | None) -> None:
         """Make `new` the session's snapshot (None: delete), keeping indexes and subscribers."""
-        old = self._data.get(key)
+        data = self._data
+        old = data.get(key)
         if new is None:
             if old is None:
                 return
-            del self._data[key]
+            del data[key]
             self._unindex(key, old)
             if self._ttl_ms is not None:
                 self._stamps.pop(key, None)
+        elif old is None:
+            data[key] = new
+            self._index(key, new)
         else:
-            if old == new:
-                return
-            self._data[key] = new
-            if old is None:
-                self._index(key, new)
-            else:
-                self._reindex(key, old, new)
+            try:
+                if old == new:
+                    return
+            except DecodeError:
+                pass  # `old` is a bad value read lazily (see _load): replace it
+            data[key] = new
+            self._reindex(key, old, new)
         if self._subscribers:
             self._notify(Change(uuid.UUID(key), old, new))
 
@@ -990,9 +1081,21 @@ class SnapshotView(AsyncLifecycle):
             stream._push(change)
 
     def _index(self, key: str, snapshot: WorkspaceSnapshot) -> None:
-        self._by_repo.setdefault(snapshot.repo_key, set()).add(key)
-        self._by_agent.setdefault(snapshot.agent_id, set()).add(key)
-        self._by_state.setdefault(snapshot.state, set()).add(key)
+        members = self._by_repo.get(snapshot.repo_key)
+        if members is None:
+            self._by_repo[snapshot.repo_key] = {key}
+        else:
+            members.add(key)
+        members = self._by_agent.get(snapshot.agent_id)
+        if members is None:
+            self._by_agent[snapshot.agent_id] = {key}
+        else:
+            members.add(key)
+        members = self._by_state.get(snapshot.state)
+        if members is None:
+            self._by_state[snapshot.state] = {key}
+        else:
+            members.add(key)
 
     def _reindex(self, key: str, old: WorkspaceSnapshot, new: WorkspaceSnapshot) -> None:
         for index, before, after in (

@@ -706,3 +706,42 @@ def test_load_schema_of_a_missing_file_fails(tmp_path: Path) -> None:
 def test_schema_from_memory_names_its_source() -> None:
     with pytest.raises(SchemaError, match="<inline>"):
         Schema({"type": "record", "name": "X", "fields": 3}, source="<inline>")
+
+
+# --- peek: the indexed fields without a full decode ------------------------------------------
+
+
+def peek_of(snap: WorkspaceSnapshot) -> tuple[str, str, str, str]:
+    return snap.key, snap.repo_key, snap.agent_id, snap.state
+
+
+@given(snapshots())
+def test_peek_reads_the_indexed_fields_as_decode_does(snap: WorkspaceSnapshot) -> None:
+    assert default_codec().peek(encode(snap)) == peek_of(snap)
+
+
+@given(st.data())
+@FUZZ
+def test_peek_of_mutated_encodings_is_none_or_what_decode_reads(data: st.DataObject) -> None:
+    snap = data.draw(snapshots(text=st.text(max_size=40)), label="snapshot")
+    buf = bytearray(encode(snap))
+    at = data.draw(st.integers(0, len(buf) - 1), label="at")
+    buf[at] = data.draw(st.integers(0, 255), label="byte")
+    if data.draw(st.booleans(), label="truncate"):
+        del buf[data.draw(st.integers(0, len(buf)), label="cut"):]
+    peeked = default_codec().peek(bytes(buf))  # never raises
+    try:
+        decoded = decode(bytes(buf))
+    except DecodeError:
+        return  # peek may still read the fields before the damage: the view decodes later
+    assert peeked is None or peeked == peek_of(decoded)
+
+
+def test_peek_declines_other_schemas_and_garbage(v1: Schema, v2: Schema) -> None:
+    old_writer = Codec(SchemaStore(v1))
+    new_reader = Codec(SchemaStore(v2, [v1]))
+    assert new_reader.peek(old_writer.encode(GOLDEN_SNAPSHOT)) is None  # not the current schema
+    assert old_writer.peek(old_writer.encode(GOLDEN_SNAPSHOT)) == peek_of(GOLDEN_SNAPSHOT)
+    for junk in (b"", MARKER, GOLDEN[:HEADER_SIZE], GOLDEN[:HEADER_SIZE] + b"\x01",
+                 GOLDEN[:HEADER_SIZE] + b"\xff" * 12):
+        assert default_codec().peek(junk) is None

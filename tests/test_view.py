@@ -21,7 +21,13 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from snapbus.codec import MARKER, encode
 from snapbus.config import KafkaConfig
-from snapbus.errors import KafkaUnavailableError, TopicError, ValidationError, ViewError
+from snapbus.errors import (
+    DecodeError,
+    KafkaUnavailableError,
+    TopicError,
+    ValidationError,
+    ViewError,
+)
 from snapbus.publisher import Receipt, SnapshotPublisher
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.topic import DEFAULT_PARTITIONS, ensure_topic
@@ -585,13 +591,37 @@ async def test_poison_records_are_counted_and_skipped(
         assert view.status == "live"
 
     # a view replaying the same log from scratch reaches the same state and the same count
-    async with new_view(config) as replayed:
+    async with new_view(config, decode="eager") as replayed:
         assert replayed.status == "live"
         assert replayed.stats.decode_errors == len(poison)
         assert replayed.get(garbage.session_id) == fixed
         for good in goods[1:]:
             assert replayed.get(good.session_id) == good
         assert len(replayed) == len(goods)
+
+    # decoding lazily, the truncated value's indexed fields read fine: it is found bad on
+    # first read, which raises, and the session's last good snapshot is restored from the log
+    async with new_view(config) as lazy:
+        assert lazy.stats.decode_errors == len(poison) - 1
+        assert lazy.by_state("merged")[0].key == truncated.key  # indexed from the bad value
+        with pytest.raises(DecodeError, match="corrupt Avro body"):
+            _ = lazy[truncated.session_id].intent
+        await eventually(lambda: readable(lazy, truncated.session_id) == truncated,
+                         what="the last good snapshot restored")
+        assert lazy.stats.decode_errors == len(poison)
+        assert lazy.by_state("merged") == []
+        for good in goods[1:]:
+            assert lazy.get(good.session_id) == good
+        assert len(lazy) == len(goods)
+
+
+def readable(view: SnapshotView, session_id: uuid.UUID) -> WorkspaceSnapshot | None:
+    """The session's snapshot, decoded; None while it is missing or bad."""
+    snapshot = view.get(session_id)
+    try:
+        return None if snapshot is None else WorkspaceSnapshot.from_dict(snapshot.to_dict())
+    except DecodeError:
+        return None
 
 
 # ---------------------------------------------------------------------------- topic checks
