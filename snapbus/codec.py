@@ -139,12 +139,11 @@ class Codec:
         if data is None:
             return True
         if isinstance(data, bytes):
-            return data.startswith(self.known_headers())
-        return bytes(data[:HEADER_SIZE]).startswith(self.known_headers())
+            return data.startswith(self._known_headers())
+        return bytes(data[:HEADER_SIZE]).startswith(self._known_headers())
 
-    def known_headers(self) -> tuple[bytes, ...]:
-        """The headers a decodable value starts with: ``C3 01`` + fingerprint of every schema
-        in the store (cached until the store grows), for ``value.startswith(...)``."""
+    def _known_headers(self) -> tuple[bytes, ...]:
+        """``C3 01`` + fingerprint of every schema in the store (cached until it grows)."""
         headers = self._headers
         if len(headers) != len(self.store):
             headers = self._headers = tuple(MARKER + s.fingerprint for s in self.store)

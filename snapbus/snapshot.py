@@ -118,6 +118,7 @@ def _fill(snapshot: WorkspaceSnapshot, sid: str, rid: str, agent_id: str, agent_
     _set(snapshot, "state", _intern(state))
     _set(snapshot, "mode", _intern(mode))
     _set(snapshot, "_pending", None)
+    _set(snapshot, "_loader", None)
     return snapshot
 
 
@@ -147,8 +148,8 @@ class WorkspaceSnapshot:
         ValidationError: on construction, when a field is invalid (the error names it).
     """
 
-    __slots__ = ("_changeset_id", "_pending", "_repo_id", "_session_id", "agent_id",
-                 "agent_name", "base_commit", "intent", "mode", "state")
+    __slots__ = ("_changeset_id", "_loader", "_pending", "_repo_id", "_session_id",
+                 "agent_id", "agent_name", "base_commit", "intent", "mode", "state")
 
     _session_id: str
     _repo_id: str
@@ -159,7 +160,8 @@ class WorkspaceSnapshot:
     base_commit: str
     state: str
     mode: str
-    _pending: tuple[Loader, bytes] | None
+    _pending: bytes | None  # a lazy snapshot's encoded value, until decoded
+    _loader: Loader | None  # and what decodes it
 
     def __init__(
         self,
@@ -229,16 +231,17 @@ class WorkspaceSnapshot:
         _set(snapshot, "_repo_id", _intern(rid))
         _set(snapshot, "agent_id", _intern(agent_id))
         _set(snapshot, "state", _intern(state))
-        _set(snapshot, "_pending", (loader, value))
+        _set(snapshot, "_pending", value)
+        _set(snapshot, "_loader", loader)
         return snapshot
 
     if not TYPE_CHECKING:  # (for type checkers, every attribute is declared above)
 
         def __getattr__(self, name: str) -> Any:
             # Only called for an unset slot: a lazy snapshot's deferred fields.
-            if name not in _DEFERRED or self._pending is None:
+            value, loader = self._pending, self._loader
+            if name not in _DEFERRED or value is None or loader is None:
                 raise AttributeError(f"'WorkspaceSnapshot' object has no attribute {name!r}")
-            loader, value = self._pending
             full = loader(self._session_id, value)  # raises DecodeError for a bad value
             if (full._session_id, full._repo_id, full.agent_id, full.state) != (
                     self._session_id, self._repo_id, self.agent_id, self.state):

@@ -37,9 +37,11 @@ import dataclasses
 import gc
 import heapq
 import logging
+import operator
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -207,6 +209,25 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+_record_key = operator.attrgetter("key")
+
+
+class _Loader:
+    """Decodes a lazy snapshot's value for the view that read it (`SnapshotView._load`), or
+    plainly once that view is gone: it holds the view weakly, so a stopped view's memory is
+    freed at once even while callers keep its snapshots."""
+
+    __slots__ = ("_codec", "_view")
+
+    def __init__(self, view: SnapshotView) -> None:
+        self._codec = view._codec
+        self._view = weakref.ref(view)
+
+    def __call__(self, key: str, value: bytes) -> WorkspaceSnapshot:
+        view = self._view()
+        return self._codec.decode(value) if view is None else view._load(key, value)
+
+
 def _coordinates(topic: str, partition: int, offset: int) -> dict[str, Any]:
     """Structured-log fields naming where a record is."""
     return {"topic": topic, "partition": partition, "offset": offset}
@@ -303,6 +324,7 @@ class SnapshotView(AsyncLifecycle):
         self._hidden: set[str] = set()  # expired, not yet tombstoned (for the janitor)
         self._expired = 0
         self._codec = codec if codec is not None else default_codec()
+        self._loader = _Loader(self)  # one, shared by every lazy snapshot
         self._start_timeout_s = start_timeout_s
         self._ensure_topic = ensure_topic
         self._allow_non_compacted = allow_non_compacted
@@ -890,23 +912,15 @@ class SnapshotView(AsyncLifecycle):
     def _stash_records(self, partition: int, records: list[Record]) -> None:
         """Initial replay: keep only each key's latest record; decode it at the end.
 
-        A record whose header already shows it cannot be decoded (empty, bad marker, unknown
-        schema) is handled at once, so it never replaces the key's previous good record.
+        Nothing is checked here (this runs for every record of the log): a bad latest record
+        is found when applied, and the session's last good one is then looked up in the log.
         """
         assert self._stash is not None
         stash = self._stash.get(partition)
         if stash is None:
             stash = self._stash[partition] = {}
-        headers = self._codec.known_headers()
-        superseded = len(records)
-        for record in records:
-            value = record.value
-            if value is None or value.startswith(headers):
-                stash[record.key] = record
-            else:
-                superseded -= 1
-                self._apply(partition, record)
-        self._records_superseded += superseded
+        stash.update(zip(map(_record_key, records), records, strict=True))
+        self._records_superseded += len(records)
 
     async def _flush_stash(self) -> None:
         """Decode and apply the latest record of every key seen during the initial replay."""
@@ -943,8 +957,15 @@ class SnapshotView(AsyncLifecycle):
         sid, rid, agent_id, state = peeked
         if record.key != sid.encode():  # sid is canonical: so is the key then
             return False
-        snapshot = WorkspaceSnapshot._lazy(sid, rid, agent_id, state, self._load, value)
-        self._apply_snapshot(sid, snapshot, record.timestamp)
+        snapshot = WorkspaceSnapshot._lazy(sid, rid, agent_id, state, self._loader, value)
+        data = self._data
+        if (sid in data or self._resync_seen is not None or self._ttl_ms is not None
+                or self._subscribers):
+            self._apply_snapshot(sid, snapshot, record.timestamp)
+        else:  # the usual case, what _apply_snapshot does then, without its checks
+            self._records_applied += 1
+            data[sid] = snapshot
+            self._index(sid, snapshot)
         return True
 
     def _load(self, key: str, value: bytes) -> WorkspaceSnapshot:
@@ -970,8 +991,7 @@ class SnapshotView(AsyncLifecycle):
         for key in keys:
             value = self._lazy_failed.pop(key, None)
             current = self._data.get(key)
-            if current is not None and current._pending is not None \
-                    and current._pending[1] is value:
+            if current is not None and current._pending is value:
                 self._put(key, None)  # no good snapshot in the log: the session is gone
 
     async def _repair(self, keys: set[bytes]) -> None:
