@@ -22,7 +22,7 @@ import fastavro
 
 from snapbus.errors import DecodeError, ValidationError
 from snapbus.schema import Schema, SchemaStore
-from snapbus.snapshot import WorkspaceSnapshot, _is_canonical
+from snapbus.snapshot import FIELDS, WorkspaceSnapshot, _is_canonical
 
 __all__ = [
     "HEADER_SIZE",
@@ -105,7 +105,8 @@ class Codec:
     build a `Codec` to write with another schema version or to learn extra schemas.
     """
 
-    __slots__ = ("_header", "_headers", "_peek_plan", "_reader", "store", "writer")
+    __slots__ = ("_header", "_headers", "_peek_plan", "_reader", "_strings_only", "store",
+                 "writer")
 
     def __init__(self, store: SchemaStore | None = None, *, writer: Schema | None = None) -> None:
         self.store = store if store is not None else SchemaStore.from_dir()
@@ -115,6 +116,10 @@ class Codec:
         self._header = MARKER + self.writer.fingerprint
         self._headers: tuple[bytes, ...] = ()
         self._peek_plan = _peek_plan(self._reader)
+        writer_fields = self.writer.parsed["fields"]
+        self._strings_only = [f["name"] for f in writer_fields] == list(FIELDS) and all(
+            (f["type"].get("type") if isinstance(f["type"], dict) else f["type"]) == "string"
+            for f in writer_fields)
 
     def encode_record(self, record: dict[str, Any]) -> bytes:
         """Encode a plain record (ids as strings) with the writer schema, framed."""
@@ -130,6 +135,18 @@ class Codec:
     def encode(self, snapshot: WorkspaceSnapshot) -> bytes:
         """Encode a snapshot as a single-object Avro value."""
         return self.encode_record(snapshot.to_dict())
+
+    def size_bound(self, snapshot: WorkspaceSnapshot) -> int | None:
+        """An upper bound of `encode(snapshot)`'s size without encoding it (exact for ASCII
+        text), or None when the writer schema is not the snapshot's fields as plain strings."""
+        if not self._strings_only:
+            return None
+        size = HEADER_SIZE
+        for text in snapshot._values():
+            # an Avro string: its length as a zig-zag varint (at most 5 bytes here), then
+            # UTF-8, at most 4 bytes per code point (1 when ASCII: `isascii` is O(1))
+            size += 5 + (len(text) if text.isascii() else 4 * len(text))
+        return size
 
     def header_ok(self, data: bytes | bytearray | memoryview | None) -> bool:
         """Whether a value is a tombstone or starts with a valid header of a known schema.

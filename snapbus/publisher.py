@@ -16,11 +16,12 @@ import asyncio
 import dataclasses
 import datetime
 import logging
+import sys
 import time
 import uuid
 import warnings
-from collections.abc import Iterable
-from typing import Any, Literal
+from collections.abc import Awaitable, Iterable
+from typing import Any, Literal, NoReturn, TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, UnknownError
@@ -54,10 +55,15 @@ class Receipt:
     """The record's offset in that partition."""
     timestamp_ms: int
     """The record's timestamp, milliseconds since the epoch (-1 if the broker gave none)."""
-    session_id: uuid.UUID
-    """The session the record is about."""
+    key: str
+    """The record key: the session id as a canonical lowercase UUID string."""
     tombstone: bool = False
     """True for an eviction."""
+
+    @property
+    def session_id(self) -> uuid.UUID:
+        """The session the record is about."""
+        return uuid.UUID(self.key)
 
     @property
     def timestamp(self) -> datetime.datetime | None:
@@ -100,14 +106,26 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _receipt(md: Any, stamp: int, session_id: uuid.UUID, tombstone: bool) -> Receipt:
+_T = TypeVar("_T")
+
+if sys.version_info >= (3, 11):
+
+    async def _within(awaitable: Awaitable[_T], seconds: float) -> _T:
+        """`asyncio.wait_for` without the task it creates (a third of a publish's cost)."""
+        async with asyncio.timeout(seconds):
+            return await awaitable
+else:  # pragma: no cover - Python 3.10
+    _within = asyncio.wait_for
+
+
+def _receipt(md: Any, stamp: int, key: str, tombstone: bool) -> Receipt:
     """The receipt of an acknowledged record that was sent with timestamp `stamp`.
 
     aiokafka reports the first record's timestamp for every record of a batch; the record's
     own timestamp is the one snapbus set, unless the broker assigned LogAppendTime.
     """
     timestamp = stamp if md.timestamp_type == 0 else md.timestamp
-    return Receipt(md.topic, md.partition, md.offset, timestamp, session_id, tombstone)
+    return Receipt(md.topic, md.partition, md.offset, timestamp, key, tombstone)
 
 
 class SnapshotPublisher(AsyncLifecycle):
@@ -229,12 +247,23 @@ class SnapshotPublisher(AsyncLifecycle):
             )
         value = self._codec.encode(snapshot)
         if len(value) > self._max_value_bytes:
-            raise ValidationError(
-                f"snapshot {snapshot.session_id} encodes to {len(value)} bytes, over the "
-                f"{self._max_value_bytes}-byte limit (shorten intent or raise max_value_bytes)",
-                field="intent",
-            )
+            self._too_large(snapshot, len(value))
         return snapshot.key.encode("ascii"), value
+
+    def _check(self, snapshot: WorkspaceSnapshot) -> None:
+        """Raise what `encode` would raise, mostly without encoding (see `Codec.size_bound`)."""
+        if not isinstance(snapshot, WorkspaceSnapshot):
+            self.encode(snapshot)
+        bound = self._codec.size_bound(snapshot)
+        if bound is None or bound > self._max_value_bytes:
+            self.encode(snapshot)
+
+    def _too_large(self, snapshot: WorkspaceSnapshot, size: int) -> NoReturn:
+        raise ValidationError(
+            f"snapshot {snapshot.session_id} encodes to {size} bytes, over the "
+            f"{self._max_value_bytes}-byte limit (shorten intent or raise max_value_bytes)",
+            field="intent",
+        )
 
     async def publish(self, snapshot: WorkspaceSnapshot) -> Receipt:
         """Publish a snapshot and return once the broker acknowledged it.
@@ -244,7 +273,7 @@ class SnapshotPublisher(AsyncLifecycle):
             PublishError: not acknowledged within `delivery_timeout_s`.
         """
         key, value = self.encode(snapshot)
-        return await self._send(key, value, snapshot.session_id)
+        return await self._send(key, value, snapshot.key)
 
     async def touch(self, snapshot: WorkspaceSnapshot) -> Receipt:
         """Publish the snapshot again to renew its age (for views that expire old sessions)."""
@@ -258,7 +287,7 @@ class SnapshotPublisher(AsyncLifecycle):
             PublishError: not acknowledged within `delivery_timeout_s`.
         """
         key = encode_key(session_id)
-        return await self._send(key, None, uuid.UUID(key.decode("ascii")))
+        return await self._send(key, None, key.decode("ascii"))
 
     async def publish_many(self, snapshots: Iterable[WorkspaceSnapshot]) -> list[Receipt]:
         """Publish several snapshots in as few broker round trips as possible.
@@ -269,31 +298,31 @@ class SnapshotPublisher(AsyncLifecycle):
             ValidationError: one snapshot is invalid; nothing was sent.
             PublishError: some record was not acknowledged (others may have been).
         """
-        encoded = [(self.encode(s), s.session_id) for s in snapshots]
+        snapshots = list(snapshots)
+        for snapshot in snapshots:
+            self._check(snapshot)
         producer = self._require_started()
         try:
-            return await asyncio.wait_for(self._send_many(producer, encoded),
+            return await asyncio.wait_for(self._send_many(producer, snapshots),
                                           self._delivery_timeout_s)
         except (KafkaError, asyncio.TimeoutError) as exc:
             raise self._publish_error(exc) from exc
 
-    async def _send_many(
-        self, producer: AIOKafkaProducer,
-        encoded: list[tuple[tuple[bytes, bytes], uuid.UUID]],
-    ) -> list[Receipt]:
+    async def _send_many(self, producer: AIOKafkaProducer,
+                         snapshots: list[WorkspaceSnapshot]) -> list[Receipt]:
+        # encoding as we send lets the first batches travel while the rest is encoded
         stamp = _now_ms()
-        futures = [
-            (await producer.send(self.topic, value, key=key, timestamp_ms=stamp), session_id)
-            for (key, value), session_id in encoded
-        ]
-        history = self.config.history_topic
-        extra = [await producer.send(history, value, key=key, timestamp_ms=stamp)
-                 for (key, value), _ in encoded] if history else []
-        done = (await asyncio.gather(*(f for f, _ in futures), *extra))[: len(futures)]
-        return [
-            _receipt(md, stamp, session_id, False)
-            for md, (_, session_id) in zip(done, futures, strict=True)
-        ]
+        topic, history, encode = self.topic, self.config.history_topic, self._codec.encode
+        futures = []
+        extra = []
+        for snapshot in snapshots:
+            key, value = snapshot.key.encode("ascii"), encode(snapshot)
+            futures.append(await producer.send(topic, value, key=key, timestamp_ms=stamp))
+            if history:
+                extra.append(await producer.send(history, value, key=key, timestamp_ms=stamp))
+        done = (await asyncio.gather(*futures, *extra))[: len(futures)]
+        return [_receipt(md, stamp, snapshot.key, False)
+                for md, snapshot in zip(done, snapshots, strict=True)]
 
     def _require_started(self) -> AIOKafkaProducer:
         if self._producer is None:
@@ -301,23 +330,23 @@ class SnapshotPublisher(AsyncLifecycle):
             raise PublishError(f"the publisher is {state}; use `async with SnapshotPublisher()`")
         return self._producer
 
-    async def _send(self, key: bytes, value: bytes | None, session_id: uuid.UUID) -> Receipt:
+    async def _send(self, key: bytes, value: bytes | None, session_key: str) -> Receipt:
         producer = self._require_started()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._delivery_timeout_s
         while True:
             try:
                 stamp = _now_ms()
-                md = await asyncio.wait_for(
+                md = await _within(
                     self._send_once(producer, key, value, stamp),
                     max(0.0, deadline - loop.time()),
                 )
-                return _receipt(md, stamp, session_id, value is None)
+                return _receipt(md, stamp, session_key, value is None)
             except UnknownError as exc:  # some brokers answer a transient failure this way
                 if loop.time() >= deadline:
                     raise self._publish_error(exc) from exc
-                log.debug("publish of %s got %r; retrying", session_id, exc,
-                          extra={"session_id": str(session_id), "topic": self.topic})
+                log.debug("publish of %s got %r; retrying", session_key, exc,
+                          extra={"session_id": session_key, "topic": self.topic})
                 await asyncio.sleep(0.05)
             except (KafkaError, asyncio.TimeoutError) as exc:
                 raise self._publish_error(exc) from exc

@@ -745,3 +745,21 @@ def test_peek_declines_other_schemas_and_garbage(v1: Schema, v2: Schema) -> None
     for junk in (b"", MARKER, GOLDEN[:HEADER_SIZE], GOLDEN[:HEADER_SIZE] + b"\x01",
                  GOLDEN[:HEADER_SIZE] + b"\xff" * 12):
         assert default_codec().peek(junk) is None
+
+
+@given(snapshots())
+def test_size_bound_is_an_upper_bound_exact_for_ascii(snap: WorkspaceSnapshot) -> None:
+    bound = default_codec().size_bound(snap)
+    assert bound is not None
+    assert bound >= len(encode(snap))
+    ascii_snap = snap.replace(**{name: getattr(snap, name).encode("ascii", "replace").decode()
+                                 for name in ("agent_id", "agent_name", "intent", "base_commit",
+                                              "state", "mode")})
+    # exact but for the length varints, counted as 5 bytes each
+    ascii_bound = default_codec().size_bound(ascii_snap)
+    assert ascii_bound is not None
+    assert 0 <= ascii_bound - len(encode(ascii_snap)) <= 9 * 4
+
+
+def test_size_bound_needs_the_plain_schema(v2: Schema) -> None:
+    assert Codec(SchemaStore(v2)).size_bound(GOLDEN_SNAPSHOT) is None

@@ -11,7 +11,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
-from snapbus.codec import decode, encode
+from snapbus.codec import decode, default_codec, encode
 from snapbus.config import KafkaConfig
 from snapbus.errors import KafkaUnavailableError, PublishError, ValidationError
 from snapbus.publisher import Receipt, SnapshotPublisher
@@ -197,11 +197,22 @@ async def test_invalid_input_is_rejected_before_sending(
             await publisher.publish_many([other, oversized])
         with pytest.raises(ValidationError):
             await publisher.publish_many([other, "not a snapshot"])  # type: ignore[list-item]
+        # the batch is checked by a size bound first: 2-byte characters are counted exactly
+        # when the bound (4 bytes each) is over the limit
+        with pytest.raises(ValidationError, match="4096-byte limit"):
+            await publisher.publish_many([other, make_snapshot(intent="é" * 2_100)])
+        fits = make_snapshot(intent="é" * 1_500)
+        bound = default_codec().size_bound(fits)
+        assert bound is not None
+        assert len(encode(fits)) < 4_096 < bound
+        stored_too = (await publisher.publish_many([fits]))[0]
 
     highwater, records = await read_topic(broker.bootstrap_servers, topic_name)
-    assert sum(highwater.values()) == 1
-    assert highwater[stored.partition] == stored.offset + 1
-    assert [decode(r.value) for r in records] == [good]
+    assert sum(highwater.values()) == 2
+    assert highwater[stored.partition] >= stored.offset + 1
+    assert sorted((decode(r.value) for r in records), key=lambda s: s.key) == sorted(
+        [good, fits], key=lambda s: s.key)
+    assert stored_too.key == fits.key
 
 
 async def test_publisher_not_running_raises_publish_error(

@@ -448,7 +448,7 @@ async def test_wait_for_rejects_receipt_of_another_topic(
     broker: BrokerAddress, topic_name: str
 ) -> None:
     config = KafkaConfig(broker.bootstrap_servers, topic_name)
-    foreign = Receipt("some-other-topic", 0, 0, -1, uuid.uuid4())
+    foreign = Receipt("some-other-topic", 0, 0, -1, str(uuid.uuid4()))
     async with new_view(config) as view:
         with pytest.raises(ViewError, match="some-other-topic"):
             await view.wait_for(foreign, timeout=WAIT_S)
@@ -806,7 +806,7 @@ async def test_stop_fails_pending_waits(broker: BrokerAddress, topic_name: str) 
 async def test_wait_before_start_raises(broker: BrokerAddress, topic_name: str) -> None:
     config = KafkaConfig(broker.bootstrap_servers, topic_name)
     view = new_view(config)
-    receipt = Receipt(topic_name, 0, 0, -1, uuid.uuid4())
+    receipt = Receipt(topic_name, 0, 0, -1, str(uuid.uuid4()))
     with pytest.raises(ViewError, match="not running"):
         await view.wait_for(receipt)
     with pytest.raises(ViewError, match="not running"):
