@@ -9,12 +9,14 @@ fall back to a full replay, never to a wrong state:
 - **stale** (the log was truncated or the topic re-created since): the view detects a log
   that ends before the saved offsets and re-reads the whole log.
 
-Format (version 1): the magic ``SNAPBUS-CHECKPOINT\\n``, a 4-byte big-endian version, a 4-byte
+Format (version 2): the magic ``SNAPBUS-CHECKPOINT\\n``, a 4-byte big-endian version, a 4-byte
 header length, a JSON header (topic, partitions, offsets, sessions, body digest, created), then
-the body: `marshal` of one tuple per session holding its nine fields (ids as canonical
-strings) and its latest record timestamp. The digest is verified before the body is read, so
-only the file this library wrote is ever unmarshalled. Writes are atomic: a temporary file in
-the same folder, fsync, then rename.
+the body: `marshal` of (sessions, indexes, stamps) as `Checkpoint` describes them. Sessions
+keep the form the view held them in: the encoded value as read from the topic when it was
+never decoded, else the nine fields; with the indexes saved too, loading is one `marshal`
+call plus turning the decoded ones back into snapshots. The digest is verified before the
+body is read, so only the file this library wrote is ever unmarshalled. Writes are atomic: a
+temporary file in the same folder, fsync, then rename.
 """
 
 from __future__ import annotations
@@ -33,16 +35,18 @@ from typing import Any
 
 from snapbus.errors import SnapbusError
 
-__all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "read_checkpoint",
-           "write_checkpoint"]
+__all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "dumps", "read_checkpoint",
+           "write_checkpoint", "write_file"]
 
 MAGIC = b"SNAPBUS-CHECKPOINT\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """The checkpoint format this version writes and reads."""
 _PREFIX = struct.Struct(">II")
 
-Row = tuple[str, str, str, str, str, str, str, str, str, int]
-"""One session: the nine snapshot fields in schema order, then the record timestamp (ms)."""
+Session = bytes | tuple[str, ...]
+"""One session: its encoded value, or its nine snapshot fields in schema order."""
+Index = dict[str, "set[str] | tuple[str, ...]"]
+"""An index: indexed value -> the keys of the sessions having it."""
 
 
 class CheckpointError(SnapbusError):
@@ -59,39 +63,52 @@ class Checkpoint:
     """How many partitions that topic had."""
     offsets: dict[int, int]
     """The next offset to read in each partition."""
-    rows: list[Row]
-    """Every session's fields and latest record timestamp."""
+    sessions: dict[str, Session]
+    """Every session by key (the canonical session id string)."""
+    indexes: tuple[Index, Index, Index]
+    """The view's indexes by repo_id, agent_id and state, consistent with `sessions`."""
+    stamps: dict[str, int]
+    """Sessions' latest record timestamps (ms), where the view tracked them (a TTL)."""
     created_ms: int
     """When the checkpoint was written (ms since the epoch)."""
 
 
 def write_checkpoint(path: str | Path, checkpoint: Checkpoint) -> int:
     """Write `checkpoint` to `path` atomically; return the file size in bytes."""
-    path = Path(path)
-    body = marshal.dumps(checkpoint.rows)
+    return write_file(path, dumps(checkpoint))
+
+
+def dumps(checkpoint: Checkpoint) -> bytes:
+    """Encode a checkpoint into the file's bytes. Reads the checkpoint's dicts and sets: call
+    it where nothing changes them meanwhile (the view: on its event loop)."""
+    # one call: the key strings shared by sessions, indexes and stamps stay shared on load
+    body = marshal.dumps((checkpoint.sessions, checkpoint.indexes, checkpoint.stamps))
     header = json.dumps({
         "topic": checkpoint.topic,
         "partitions": checkpoint.partitions,
         "offsets": {str(p): o for p, o in sorted(checkpoint.offsets.items())},
-        "sessions": len(checkpoint.rows),
+        "sessions": len(checkpoint.sessions),
         "sha256": hashlib.sha256(body).hexdigest(),
         "created_ms": checkpoint.created_ms,
     }).encode()
+    return b"".join((MAGIC, _PREFIX.pack(FORMAT_VERSION, len(header)), header, body))
+
+
+def write_file(path: str | Path, data: bytes) -> int:
+    """Write `data` to `path` atomically (temporary file, fsync, rename); return its size."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as out:
-            out.write(MAGIC)
-            out.write(_PREFIX.pack(FORMAT_VERSION, len(header)))
-            out.write(header)
-            out.write(body)
+            out.write(data)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return len(MAGIC) + _PREFIX.size + len(header) + len(body)
+    return len(data)
 
 
 def read_checkpoint(path: str | Path, *, topic: str, partitions: int) -> Checkpoint:
@@ -118,7 +135,7 @@ def read_checkpoint(path: str | Path, *, topic: str, partitions: int) -> Checkpo
         body = data[start + header_len:]
         digest_ok = hashlib.sha256(body).hexdigest() == header["sha256"]
         same_topic = header["topic"] == topic and header["partitions"] == partitions
-        rows = _unmarshal(body) if digest_ok and same_topic else None
+        state = _unmarshal(body) if digest_ok and same_topic else None
         offsets = {int(p): int(o) for p, o in header["offsets"].items()}
         sessions = int(header["sessions"])
     except (ValueError, KeyError, TypeError, EOFError, AttributeError) as exc:
@@ -129,13 +146,16 @@ def read_checkpoint(path: str | Path, *, topic: str, partitions: int) -> Checkpo
         raise CheckpointError(
             f"{path} is for topic {header['topic']!r} with {header['partitions']} "
             f"partitions, not {topic!r} with {partitions}")
-    if not isinstance(rows, list) or len(rows) != sessions:
-        raise CheckpointError(f"{path} is corrupt (session count differs)")
-    return Checkpoint(topic, partitions, offsets, rows, int(header.get("created_ms", 0)))
+    if not (isinstance(state, tuple) and len(state) == 3 and isinstance(state[0], dict)
+            and len(state[0]) == sessions and isinstance(state[1], tuple)
+            and len(state[1]) == 3 and isinstance(state[2], dict)):
+        raise CheckpointError(f"{path} is corrupt (unexpected contents)")
+    return Checkpoint(topic, partitions, offsets, state[0], state[1], state[2],
+                      int(header.get("created_ms", 0)))
 
 
 def _unmarshal(body: bytes) -> Any:
-    """`marshal.loads` with the cyclic GC paused: millions of fresh tuples would otherwise
+    """`marshal.loads` with the cyclic GC paused: millions of fresh objects would otherwise
     trigger full collections that find nothing to free (a start-up cost, once)."""
     enabled = gc.isenabled()
     gc.disable()

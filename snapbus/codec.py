@@ -257,19 +257,32 @@ class Codec:
             return None
         return found[0], found[1], found[2], found[3]
 
-    def decode(self, data: bytes | bytearray | memoryview | None) -> WorkspaceSnapshot:
+    def decode(self, data: bytes | bytearray | memoryview | None, *,
+               key: str | None = None) -> WorkspaceSnapshot:
         """Decode a value into a `WorkspaceSnapshot`.
 
+        Args:
+            data: the value.
+            key: the record's key text, when known: the value must be for that session, and
+                the snapshot then holds that string object (one per session in a view).
+
         Raises:
-            DecodeError: the value is not a valid snapshot record (``reason`` says why).
+            DecodeError: the value is not a valid snapshot record (``reason`` says why), or
+                not for session `key`.
         """
         record = self.decode_record(data)
+        if key is not None and record.get("session_id") == key:
+            record["session_id"] = key  # the same text: share the key's string
         try:
-            return WorkspaceSnapshot._from_record(record)
+            snapshot = WorkspaceSnapshot._from_record(record)
         except KeyError as exc:
             raise DecodeError(f"record lacks field {exc}", reason="invalid_field") from None
         except ValidationError as exc:
             raise DecodeError(f"invalid field: {exc}", reason="invalid_field") from None
+        if key is not None and snapshot.key != key:
+            raise DecodeError(f"value is for session {snapshot.key} but the record key is {key}",
+                              reason="invalid_field")
+        return snapshot
 
 
 _PEEKED = ("session_id", "repo_id", "agent_id", "state")

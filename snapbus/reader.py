@@ -40,7 +40,7 @@ from aiokafka.errors import ConsumerStoppedError, CorruptRecordException
 from snapbus._kafka import start_client
 from snapbus.codec import Codec, decode_key_text
 from snapbus.config import KafkaConfig
-from snapbus.errors import DecodeError, TopicError
+from snapbus.errors import TopicError
 from snapbus.snapshot import WorkspaceSnapshot
 
 __all__ = [
@@ -107,15 +107,7 @@ def decode_value(record: Record, codec: Codec) -> tuple[str, WorkspaceSnapshot |
     """
     key = decode_key_text(record.key)
     value = record.value
-    if value is None:
-        return key, None
-    snapshot = codec.decode(value)
-    if snapshot.key != key:
-        raise DecodeError(
-            f"value is for session {snapshot.key} but the record key is {key}",
-            reason="invalid_field",
-        )
-    return snapshot.key, snapshot  # the snapshot's own string: one object per session
+    return key, None if value is None else codec.decode(value, key=key)
 
 
 def decode_record(record: Record, partition: int, codec: Codec) -> Event:

@@ -18,8 +18,8 @@ import json
 import re
 import sys
 import uuid
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Mapping
+from typing import Any, NoReturn
 
 from snapbus.errors import ValidationError
 
@@ -117,16 +117,7 @@ def _fill(snapshot: WorkspaceSnapshot, sid: str, rid: str, agent_id: str, agent_
     _set(snapshot, "base_commit", base_commit)
     _set(snapshot, "state", _intern(state))
     _set(snapshot, "mode", _intern(mode))
-    _set(snapshot, "_pending", None)
-    _set(snapshot, "_loader", None)
     return snapshot
-
-
-_DEFERRED = frozenset({"agent_name", "_changeset_id", "intent", "base_commit", "mode"})
-"""The fields a lazily decoded snapshot fills on first use (the others are set at once)."""
-
-Loader = Callable[[str, bytes], "WorkspaceSnapshot"]
-"""Decodes a lazy snapshot's value: (session key, encoded value) -> the full snapshot."""
 
 
 class WorkspaceSnapshot:
@@ -148,8 +139,8 @@ class WorkspaceSnapshot:
         ValidationError: on construction, when a field is invalid (the error names it).
     """
 
-    __slots__ = ("_changeset_id", "_loader", "_pending", "_repo_id", "_session_id",
-                 "agent_id", "agent_name", "base_commit", "intent", "mode", "state")
+    __slots__ = ("_changeset_id", "_repo_id", "_session_id", "agent_id", "agent_name",
+                 "base_commit", "intent", "mode", "state")
 
     _session_id: str
     _repo_id: str
@@ -160,8 +151,6 @@ class WorkspaceSnapshot:
     base_commit: str
     state: str
     mode: str
-    _pending: bytes | None  # a lazy snapshot's encoded value, until decoded
-    _loader: Loader | None  # and what decodes it
 
     def __init__(
         self,
@@ -219,35 +208,6 @@ class WorkspaceSnapshot:
                 _text(record[name], name)
         return _fill(_new(cls), sid, rid, agent_id, agent_name, cid, intent, base_commit,
                      state, mode)
-
-    @classmethod
-    def _lazy(cls, sid: str, rid: str, agent_id: str, state: str, loader: Loader,
-              value: bytes) -> WorkspaceSnapshot:
-        """A snapshot whose indexed fields are known and whose other fields are decoded from
-        `value` by `loader` on first use (a view's initial replay). `sid` and `rid` must be
-        canonical already."""
-        snapshot = _new(cls)
-        _set(snapshot, "_session_id", sid)
-        _set(snapshot, "_repo_id", _intern(rid))
-        _set(snapshot, "agent_id", _intern(agent_id))
-        _set(snapshot, "state", _intern(state))
-        _set(snapshot, "_pending", value)
-        _set(snapshot, "_loader", loader)
-        return snapshot
-
-    if not TYPE_CHECKING:  # (for type checkers, every attribute is declared above)
-
-        def __getattr__(self, name: str) -> Any:
-            # Only called for an unset slot: a lazy snapshot's deferred fields.
-            value, loader = self._pending, self._loader
-            if name not in _DEFERRED or value is None or loader is None:
-                raise AttributeError(f"'WorkspaceSnapshot' object has no attribute {name!r}")
-            full = loader(self._session_id, value)  # raises DecodeError for a bad value
-            if (full._session_id, full._repo_id, full.agent_id, full.state) != (
-                    self._session_id, self._repo_id, self.agent_id, self.state):
-                raise AssertionError("a lazy snapshot's fields differ from its decoded value")
-            _fill(self, *full._values())
-            return object.__getattribute__(self, name)
 
     @classmethod
     def _from_trusted(cls, values: tuple[Any, ...]) -> WorkspaceSnapshot:

@@ -41,8 +41,7 @@ import operator
 import time
 import uuid
 import warnings
-import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -211,21 +210,53 @@ def _gc_paused() -> Iterator[None]:
 
 _record_key = operator.attrgetter("key")
 
+_Entry = WorkspaceSnapshot | bytes
+"""What the view holds per session: its snapshot, or its encoded value not decoded yet."""
 
-class _Loader:
-    """Decodes a lazy snapshot's value for the view that read it (`SnapshotView._load`), or
-    plainly once that view is gone: it holds the view weakly, so a stopped view's memory is
-    freed at once even while callers keep its snapshots."""
+_Fields = tuple[str, str, str]
+"""The indexed fields of a session: (repo_key, agent_id, state)."""
 
-    __slots__ = ("_codec", "_view")
+_Index = dict[str, "set[str] | tuple[str, ...]"]
+"""An exact index: value -> the keys of the sessions having it, a tuple while there are at
+most `_SMALL_GROUP` (a set of 5 strings takes 728 bytes, a tuple 80), else a set."""
+_SMALL_GROUP = 32
 
-    def __init__(self, view: SnapshotView) -> None:
-        self._codec = view._codec
-        self._view = weakref.ref(view)
 
-    def __call__(self, key: str, value: bytes) -> WorkspaceSnapshot:
-        view = self._view()
-        return self._codec.decode(value) if view is None else view._load(key, value)
+def _add(index: _Index, value: str, key: str) -> None:
+    """Add `key` to the group of `value`."""
+    members = index.get(value)
+    if members is None:
+        index[value] = (key,)
+    elif isinstance(members, tuple):
+        if key not in members:
+            index[value] = (*members, key) if len(members) < _SMALL_GROUP else {*members, key}
+    else:
+        members.add(key)
+
+
+def _discard(index: _Index, value: str, key: str) -> None:
+    """Remove `key` from the group of `value`, and the group when it is empty."""
+    members = index.get(value)
+    if members is None:
+        return
+    if isinstance(members, tuple):
+        if key in members:
+            rest = tuple(k for k in members if k != key)
+            if rest:
+                index[value] = rest
+            else:
+                del index[value]
+    else:
+        members.discard(key)
+        if len(members) <= _SMALL_GROUP // 2:  # (half: no flapping at the boundary)
+            if members:
+                index[value] = tuple(members)
+            else:
+                del index[value]
+
+
+def _fields(snapshot: WorkspaceSnapshot) -> _Fields:
+    return snapshot.repo_key, snapshot.agent_id, snapshot.state
 
 
 def _coordinates(topic: str, partition: int, offset: int) -> dict[str, Any]:
@@ -324,7 +355,6 @@ class SnapshotView(AsyncLifecycle):
         self._hidden: set[str] = set()  # expired, not yet tombstoned (for the janitor)
         self._expired = 0
         self._codec = codec if codec is not None else default_codec()
-        self._loader = _Loader(self)  # one, shared by every lazy snapshot
         self._start_timeout_s = start_timeout_s
         self._ensure_topic = ensure_topic
         self._allow_non_compacted = allow_non_compacted
@@ -332,11 +362,12 @@ class SnapshotView(AsyncLifecycle):
             self.config, fetch_max_wait_ms=fetch_max_wait_ms, consumer_options=consumer_options
         )
         self._fetch_wait_ms = fetch_max_wait_ms
-        # state: canonical session id string -> snapshot, plus exact secondary indexes
-        self._data: dict[str, WorkspaceSnapshot] = {}
-        self._by_repo: dict[str, set[str]] = {}
-        self._by_agent: dict[str, set[str]] = {}
-        self._by_state: dict[str, set[str]] = {}
+        # state: canonical session id string -> snapshot, or its encoded value until first read
+        # (decode="lazy"), plus exact secondary indexes
+        self._data: dict[str, _Entry] = {}
+        self._by_repo: _Index = {}
+        self._by_agent: _Index = {}
+        self._by_state: _Index = {}
         # progress
         self._status: ViewStatus = "starting"
         self._status_reason: str | None = None
@@ -466,19 +497,17 @@ class SnapshotView(AsyncLifecycle):
             raise ConfigError("save_checkpoint needs a path (or SnapshotView(checkpoint_path=))")
         if not self._can_checkpoint():
             raise ViewError(f"cannot checkpoint a view that is {self._status} and not caught up")
-        stamps, now = self._stamps, checkpoint.now_ms()
-        rows = []
-        for key, entry in self._data.items():
-            try:
-                rows.append((*entry._values(), stamps.get(key, now)))
-            except DecodeError:
-                continue  # a bad value read lazily, waiting for its repair: not saved
-        snapshot = checkpoint.Checkpoint(
+        # captured and encoded at one instant, on the loop; written in a worker thread
+        sessions: dict[str, checkpoint.Session] = {
+            key: entry if isinstance(entry, bytes) else entry._values()
+            for key, entry in self._data.items()}
+        data = checkpoint.dumps(checkpoint.Checkpoint(
             self.config.topic, len(self._reader.partitions), dict(self._reader.positions),
-            rows, now)  # type: ignore[arg-type]
-        size = await asyncio.to_thread(checkpoint.write_checkpoint, target, snapshot)
+            sessions, self._indexes(), self._stamps, checkpoint.now_ms()))
+        del sessions
+        size = await asyncio.to_thread(checkpoint.write_file, target, data)
         log.info("view of %s saved %d sessions to %s (%d bytes)", self.config.topic,
-                 len(rows), target, size, extra={"topic": self.config.topic})
+                 len(self._data), target, size, extra={"topic": self.config.topic})
         return size
 
     async def _load_checkpoint(self, path: Path) -> None:
@@ -491,21 +520,23 @@ class SnapshotView(AsyncLifecycle):
             log.warning("view of %s: ignoring checkpoint, replaying the whole topic: %s",
                         self.config.topic, exc, extra={"topic": self.config.topic})
             return
-        from_trusted, rows, chunk = WorkspaceSnapshot._from_trusted, saved.rows, 10 * _APPLY_CHUNK
-        offsets = saved.offsets
-        del saved
-        with _gc_paused():  # for the whole load: the rows are a million more tracked objects
-            for start in range(0, len(rows), chunk):
-                for row in rows[start:start + chunk]:
-                    snapshot = from_trusted(row)
-                    key = snapshot.key
-                    if self._ttl_ms is not None and not self._renew(key, row[9]):
-                        continue
-                    self._data[key] = snapshot
-                    self._index(key, snapshot)
-                await asyncio.sleep(0)
-            del rows
-        for partition, offset in offsets.items():
+        # encoded values stay as they are; sessions saved decoded become snapshots again
+        sessions: dict[str, Any] = saved.sessions
+        from_trusted, converted = WorkspaceSnapshot._from_trusted, 0
+        with _gc_paused():
+            for key, entry in sessions.items():
+                if isinstance(entry, tuple):
+                    sessions[key] = from_trusted(entry)
+                    converted += 1
+                    if converted % (10 * _APPLY_CHUNK) == 0:
+                        await asyncio.sleep(0)
+        self._data = sessions
+        self._by_repo, self._by_agent, self._by_state = saved.indexes
+        if self._ttl_ms is not None:
+            for key in list(sessions):
+                if not self._renew(key, saved.stamps.get(key, saved.created_ms)):
+                    self._put(key, None)
+        for partition, offset in saved.offsets.items():
             reader.seek(partition, offset)
         self._checkpoint_loaded = len(self._data)
         log.info("view of %s loaded %d sessions from %s", self.config.topic, len(self._data),
@@ -579,6 +610,8 @@ class SnapshotView(AsyncLifecycle):
 
         Raises:
             ValidationError: `session_id` is not a UUID.
+            DecodeError: the session's latest record, read now for the first time (see
+                ``decode``), is bad; the view restores its last good snapshot moments later.
         """
         data = self._data
         try:
@@ -586,11 +619,16 @@ class SnapshotView(AsyncLifecycle):
         except TypeError:  # unhashable: let _canonical say what is wrong with it
             found = None
         if found is not None:
+            if isinstance(found, bytes):  # not read before: decode it now
+                return self._decoded(session_id, found)  # type: ignore[arg-type]
             return found
         if type(session_id) is str and _is_canonical(session_id):
             return default
-        found = data.get(_canonical(session_id))
-        return default if found is None else found
+        key = _canonical(session_id)
+        found = data.get(key)
+        if found is None:
+            return default
+        return self._decoded(key, found) if isinstance(found, bytes) else found
 
     def __getitem__(self, session_id: uuid.UUID | str) -> WorkspaceSnapshot:
         found = self.get(session_id)
@@ -610,15 +648,56 @@ class SnapshotView(AsyncLifecycle):
         return len(self._data)
 
     def __iter__(self) -> Iterator[uuid.UUID]:
-        return (snapshot.session_id for snapshot in list(self._data.values()))
+        return (uuid.UUID(key) for key in list(self._data))
 
     def snapshots(self) -> list[WorkspaceSnapshot]:
-        """Return every snapshot in the view."""
-        return list(self._data.values())
+        """Return every snapshot in the view (sessions whose latest record turns out bad when
+        decoded lazily are left out, counted and restored; see ``decode``)."""
+        return self._snapshots(list(self._data))
 
-    def _select(self, index: dict[str, set[str]], key: str) -> list[WorkspaceSnapshot]:
+    def _snapshots(self, keys: Iterable[str]) -> list[WorkspaceSnapshot]:
         data = self._data
-        return [data[sid] for sid in index.get(key, ())]
+        found = []
+        for key in keys:
+            entry = data[key]
+            if isinstance(entry, bytes):
+                try:
+                    entry = self._decoded(key, entry)
+                except DecodeError:
+                    continue
+            found.append(entry)
+        return found
+
+    def _decoded(self, key: str, value: bytes) -> WorkspaceSnapshot:
+        """Decode a session's value on its first read and keep the snapshot in its place.
+
+        A bad value (its header and indexed fields were fine) is counted once and the
+        session's last good snapshot is looked up in the log (`_repair_lazy`).
+        """
+        try:
+            snapshot = self._codec.decode(value, key=key)
+        except DecodeError as exc:
+            if self._lazy_failed.get(key) is not value:
+                self._lazy_failed[key] = value
+                self._lazy_to_repair.add(key)
+                self._decode_errors += 1
+                log.warning("bad record for session %s found on first read (%s): %s; "
+                            "restoring its last good snapshot", key, exc.reason, exc,
+                            extra={"topic": self.config.topic, "session_id": key})
+            raise
+        if self._data.get(key) is value:
+            self._data[key] = snapshot
+        return snapshot
+
+    def _entry_fields(self, entry: _Entry) -> _Fields:
+        if isinstance(entry, bytes):
+            peeked = self._codec.peek(entry)
+            assert peeked is not None  # it was peeked when stored
+            return peeked[1], peeked[2], peeked[3]
+        return _fields(entry)
+
+    def _select(self, index: _Index, key: str) -> list[WorkspaceSnapshot]:
+        return self._snapshots(index.get(key, ()))
 
     def by_repo(self, repo_id: uuid.UUID | str) -> list[WorkspaceSnapshot]:
         """Return the snapshots of every session on that repository."""
@@ -654,13 +733,10 @@ class SnapshotView(AsyncLifecycle):
             if key is not None]
         if not indexed:
             return self.snapshots()
-        data = self._data
-        return [
-            snapshot for snapshot in (data[key] for key in min(indexed, key=len))
-            if (repo is None or snapshot.repo_key == repo)
-            and (agent_id is None or snapshot.agent_id == agent_id)
-            and (state is None or snapshot.state == state)
-        ]
+        smallest = min(indexed, key=len)
+        others = [members for members in indexed if members is not smallest]
+        return self._snapshots(key for key in smallest
+                               if all(key in members for members in others))
 
     # ------------------------------------------------------------------ waiting
 
@@ -810,9 +886,7 @@ class SnapshotView(AsyncLifecycle):
     def _finish_resync(self) -> None:
         seen, self._resync_seen = self._resync_seen or set(), None
         for key in [k for k in self._data if k not in seen]:
-            old = self._data.pop(key)
-            self._unindex(key, old)
-            self._notify(Change(uuid.UUID(key), old, None))
+            self._put(key, None)
         log.info("view of %s re-read the log: %d sessions", self.config.topic, len(self._data),
                  extra={"topic": self.config.topic})
 
@@ -923,19 +997,39 @@ class SnapshotView(AsyncLifecycle):
         self._records_superseded += len(records)
 
     async def _flush_stash(self) -> None:
-        """Decode and apply the latest record of every key seen during the initial replay."""
+        """Apply the latest record of every key seen during the initial replay.
+
+        With ``decode="lazy"``, a new session's value is only peeked at (`Codec.peek`) for its
+        indexed fields and kept as it is, decoded on first read (`_decoded`); anything else
+        (a tombstone, an older schema, a bad value, a session already in the view) is
+        decoded now.
+        """
         stashes, self._stash = self._stash, None
         assert stashes is not None
         repair: set[bytes] = set()
+        data, peek = self._data, self._codec.peek
+        by_repo, by_agent, by_state = self._indexes()
         for partition, stash in stashes.items():
             self._records_superseded -= len(stash)
             records = list(stash.values())
             stash.clear()
             for start in range(0, len(records), _APPLY_CHUNK):
+                lazy = (self._lazy and self._resync_seen is None and self._ttl_ms is None
+                        and not self._subscribers)
                 with _gc_paused():
                     for record in records[start:start + _APPLY_CHUNK]:
-                        if self._lazy and self._apply_lazy(record):
-                            continue
+                        value = record.value
+                        peeked = peek(value) if lazy and value is not None else None
+                        if value is not None and peeked is not None:
+                            sid = peeked[0]
+                            # (sid is canonical: so is the key when equal)
+                            if record.key == sid.encode() and sid not in data:
+                                data[sid] = value
+                                _add(by_repo, peeked[1], sid)
+                                _add(by_agent, peeked[2], sid)
+                                _add(by_state, peeked[3], sid)
+                                self._records_applied += 1
+                                continue
                         error = self._apply(partition, record)
                         if error is not None and error.reason != "bad_key" and record.key:
                             repair.add(record.key)  # an earlier good record may exist
@@ -944,54 +1038,13 @@ class SnapshotView(AsyncLifecycle):
         if repair:
             await self._repair(repair)
 
-    def _apply_lazy(self, record: Record) -> bool:
-        """Apply a record of the initial replay without decoding it, when it allows: index
-        it by the fields `Codec.peek` reads; the rest is decoded on first use (`_load`).
-        Return False to have it decoded now (a tombstone, an older schema, a bad value)."""
-        value = record.value
-        if value is None:
-            return False
-        peeked = self._codec.peek(value)
-        if peeked is None:
-            return False
-        sid, rid, agent_id, state = peeked
-        if record.key != sid.encode():  # sid is canonical: so is the key then
-            return False
-        snapshot = WorkspaceSnapshot._lazy(sid, rid, agent_id, state, self._loader, value)
-        data = self._data
-        if (sid in data or self._resync_seen is not None or self._ttl_ms is not None
-                or self._subscribers):
-            self._apply_snapshot(sid, snapshot, record.timestamp)
-        else:  # the usual case, what _apply_snapshot does then, without its checks
-            self._records_applied += 1
-            data[sid] = snapshot
-            self._index(sid, snapshot)
-        return True
-
-    def _load(self, key: str, value: bytes) -> WorkspaceSnapshot:
-        """Decode a lazily applied value on its first use. A bad one (its header and indexed
-        fields were fine) is counted once, and the view restores the session's last good
-        snapshot from the log soon after; meanwhile reading it raises `DecodeError`."""
-        try:
-            return self._codec.decode(value)
-        except DecodeError as exc:
-            if self._lazy_failed.get(key) is not value:
-                self._lazy_failed[key] = value
-                self._lazy_to_repair.add(key)
-                self._decode_errors += 1
-                log.warning("bad record for session %s found on first read (%s): %s; "
-                            "restoring its last good snapshot", key, exc.reason, exc,
-                            extra={"topic": self.config.topic, "session_id": key})
-            raise
-
     async def _repair_lazy(self) -> None:
-        """Replace the lazily applied values found bad since the last call (see `_load`)."""
+        """Replace the lazily applied values found bad since the last call (`_decoded`)."""
         keys, self._lazy_to_repair = self._lazy_to_repair, set()
         await self._repair({key.encode() for key in keys})
         for key in keys:
             value = self._lazy_failed.pop(key, None)
-            current = self._data.get(key)
-            if current is not None and current._pending is value:
+            if value is not None and self._data.get(key) is value:
                 self._put(key, None)  # no good snapshot in the log: the session is gone
 
     async def _repair(self, keys: set[bytes]) -> None:
@@ -1034,25 +1087,31 @@ class SnapshotView(AsyncLifecycle):
     def _put(self, key: str, new: WorkspaceSnapshot | None) -> None:
         """Make `new` the session's snapshot (None: delete), keeping indexes and subscribers."""
         data = self._data
-        old = data.get(key)
+        entry = data.get(key)
+        old: WorkspaceSnapshot | None
+        if isinstance(entry, bytes):  # never read: decode it to compare and report the change
+            try:
+                old = self._codec.decode(entry, key=key)
+            except DecodeError:
+                old = None  # a bad value, being replaced
+        else:
+            old = entry
         if new is None:
-            if old is None:
+            if entry is None:
                 return
             del data[key]
-            self._unindex(key, old)
+            self._unindex(key, self._entry_fields(entry))
             if self._ttl_ms is not None:
                 self._stamps.pop(key, None)
-        elif old is None:
+        elif entry is None:
             data[key] = new
-            self._index(key, new)
+            self._index(key, _fields(new))
         else:
-            try:
-                if old == new:
-                    return
-            except DecodeError:
-                pass  # `old` is a bad value read lazily (see _load): replace it
+            if old == new:
+                data[key] = new  # (a decoded value: keep it decoded)
+                return
             data[key] = new
-            self._reindex(key, old, new)
+            self._reindex(key, self._entry_fields(entry), _fields(new))
         if self._subscribers:
             self._notify(Change(uuid.UUID(key), old, new))
 
@@ -1100,44 +1159,19 @@ class SnapshotView(AsyncLifecycle):
         for stream in list(self._subscribers):
             stream._push(change)
 
-    def _index(self, key: str, snapshot: WorkspaceSnapshot) -> None:
-        members = self._by_repo.get(snapshot.repo_key)
-        if members is None:
-            self._by_repo[snapshot.repo_key] = {key}
-        else:
-            members.add(key)
-        members = self._by_agent.get(snapshot.agent_id)
-        if members is None:
-            self._by_agent[snapshot.agent_id] = {key}
-        else:
-            members.add(key)
-        members = self._by_state.get(snapshot.state)
-        if members is None:
-            self._by_state[snapshot.state] = {key}
-        else:
-            members.add(key)
+    def _indexes(self) -> tuple[_Index, _Index, _Index]:
+        return self._by_repo, self._by_agent, self._by_state
 
-    def _reindex(self, key: str, old: WorkspaceSnapshot, new: WorkspaceSnapshot) -> None:
-        for index, before, after in (
-            (self._by_repo, old.repo_key, new.repo_key),
-            (self._by_agent, old.agent_id, new.agent_id),
-            (self._by_state, old.state, new.state),
-        ):
+    def _index(self, key: str, fields: _Fields) -> None:
+        for index, value in zip(self._indexes(), fields, strict=True):
+            _add(index, value, key)
+
+    def _reindex(self, key: str, old: _Fields, new: _Fields) -> None:
+        for index, before, after in zip(self._indexes(), old, new, strict=True):
             if before != after:
-                members = index[before]
-                members.discard(key)
-                if not members:
-                    del index[before]
-                index.setdefault(after, set()).add(key)
+                _discard(index, before, key)
+                _add(index, after, key)
 
-    def _unindex(self, key: str, snapshot: WorkspaceSnapshot) -> None:
-        for index, value in (
-            (self._by_repo, snapshot.repo_key),
-            (self._by_agent, snapshot.agent_id),
-            (self._by_state, snapshot.state),
-        ):
-            members = index.get(value)
-            if members is not None:
-                members.discard(key)
-                if not members:
-                    del index[value]
+    def _unindex(self, key: str, fields: _Fields) -> None:
+        for index, value in zip(self._indexes(), fields, strict=True):
+            _discard(index, value, key)

@@ -16,20 +16,31 @@ from snapbus.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
+from snapbus.codec import encode
 from tests.conftest import BrokerAddress
 from tests.helpers import make_snapshot
 
 FETCH_WAIT_MS = 20
 
 
-def rows(snapshots: list[WorkspaceSnapshot]) -> list[tuple[str | int, ...]]:
-    return [(*s.to_dict().values(), 1_700_000_000_000 + i) for i, s in enumerate(snapshots)]
+def checkpoint_of(topic: str, partitions: int, offsets: dict[int, int],
+                  snapshots: list[WorkspaceSnapshot], created_ms: int) -> Checkpoint:
+    """A checkpoint holding `snapshots`: the first one encoded, the others as fields."""
+    sessions: dict[str, bytes | tuple[str, ...]] = {
+        s.key: encode(s) if i == 0 else tuple(s.to_dict().values())
+        for i, s in enumerate(snapshots)}
+    indexes: tuple[dict[str, set[str]], ...] = ({}, {}, {})
+    for s in snapshots:
+        for index, value in zip(indexes, (s.repo_key, s.agent_id, s.state), strict=True):
+            index.setdefault(value, set()).add(s.key)
+    stamps = {s.key: created_ms - i for i, s in enumerate(snapshots)}
+    return Checkpoint(topic, partitions, offsets, sessions, indexes, stamps,  # type: ignore[arg-type]
+                      created_ms)
 
 
 def sample(path: Path, topic: str = "sessions", partitions: int = 3) -> Checkpoint:
-    checkpoint = Checkpoint(topic, partitions, {0: 5, 1: 0, 2: 7},
-                            rows([make_snapshot() for _ in range(4)]),  # type: ignore[arg-type]
-                            1_700_000_000_000)
+    checkpoint = checkpoint_of(topic, partitions, {0: 5, 1: 0, 2: 7},
+                               [make_snapshot() for _ in range(4)], 1_700_000_000_000)
     write_checkpoint(path, checkpoint)
     return checkpoint
 
@@ -96,6 +107,8 @@ async def test_restart_from_a_checkpoint_reads_only_the_tail(
                                 checkpoint_path=path) as view:
             assert view.stats.checkpoint_sessions is None  # no file yet: a full replay
             await view.barrier(timeout=30)
+            for snapshot in first[::3]:  # read these: saved decoded, the others as read
+                assert view.get(snapshot.session_id) == snapshot
         assert path.exists()  # saved on stop
 
         tail = [first[0].replace(state="merged"), make_snapshot(agent_name="late")]
@@ -111,6 +124,9 @@ async def test_restart_from_a_checkpoint_reads_only_the_tail(
         assert {s.key: s for s in restarted.snapshots()} == {s.key: s for s in full.snapshots()}
         assert restarted.by_state("merged") == [tail[0]]
         assert first[1].session_id not in restarted
+        for mine, theirs in zip(restarted._indexes(), full._indexes(), strict=True):
+            assert {v: set(keys) for v, keys in mine.items()} == {
+                v: set(keys) for v, keys in theirs.items()}
 
 
 async def test_bad_or_stale_checkpoints_fall_back_to_the_log(
@@ -133,8 +149,8 @@ async def test_bad_or_stale_checkpoints_fall_back_to_the_log(
     # a session the log does not have: the view notices and re-reads the whole log
     stale = tmp_path / "stale.ckpt"
     ghost = make_snapshot(agent_name="ghost")
-    write_checkpoint(stale, Checkpoint(topic_name, 12, dict.fromkeys(range(12), 10_000),
-                                       rows([ghost]), 0))  # type: ignore[arg-type]
+    write_checkpoint(stale, checkpoint_of(topic_name, 12, dict.fromkeys(range(12), 10_000),
+                                          [ghost], 0))
     async with SnapshotView(config, fetch_max_wait_ms=FETCH_WAIT_MS,
                             checkpoint_path=stale) as view:
         assert view.stats.checkpoint_sessions == 1

@@ -197,9 +197,7 @@ def test_snapshot_is_frozen() -> None:
 def test_snapshot_is_slotted() -> None:
     snap = make()
     assert not hasattr(snap, "__dict__")
-    # the fields, plus where a lazily decoded snapshot keeps its value until first read
-    slots = {name.lstrip("_") for name in WorkspaceSnapshot.__slots__}
-    assert slots == {*FIELDS, "pending", "loader"}
+    assert {name.lstrip("_") for name in WorkspaceSnapshot.__slots__} == set(FIELDS)
     with pytest.raises(AttributeError):
         snap.extra = 1  # type: ignore[attr-defined]
     assert not hasattr(snap, "extra")
