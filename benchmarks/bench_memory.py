@@ -97,11 +97,11 @@ async def _view_build(config: Any) -> Any:
     return view
 
 
-def _indexes(view: Any) -> tuple[dict[str, set[str]], ...]:
-    """Copies of the view's three indexes: new dicts and sets holding the view's own strings
+def _indexes(view: Any) -> tuple[dict[str, Any], ...]:
+    """Copies of the view's three indexes: new dicts, tuples and sets of the view's strings
     (built from its internals: the view decodes lazily, and reading snapshots would decode
     them)."""
-    return tuple({value: set(members) for value, members in index.items()}
+    return tuple({value: type(members)(list(members)) for value, members in index.items()}
                  for index in view._indexes())
 
 

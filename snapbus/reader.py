@@ -201,8 +201,12 @@ class PartitionReader:
         """The partition numbers being read."""
         return sorted(self._tps)
 
-    async def open(self, start: Mapping[int, int] | None = None) -> None:
+    async def open(self, start: Mapping[int, int] | None = None, *,
+                   paused: bool = False) -> None:
         """Connect, assign every partition, and position each at `start` (default 0).
+
+        With `paused`, nothing is fetched until `resume` (to seek first without fetching
+        from the beginning meanwhile).
 
         Raises:
             KafkaUnavailableError: the cluster cannot be reached in time.
@@ -222,6 +226,8 @@ class PartitionReader:
             )
         self._tps = {p: TopicPartition(topic, p) for p in sorted(partitions)}
         self._consumer.assign(list(self._tps.values()))
+        if paused:
+            self._consumer.pause(*self._tps.values())
         for p, tp in self._tps.items():
             offset = 0 if start is None else int(start.get(p, 0))
             self._consumer.seek(tp, offset)
@@ -238,6 +244,10 @@ class PartitionReader:
                                                                      timestamp_ms))
         return {tp.partition: hint.offset for tp, hint in hints.items()
                 if hint is not None and hint.timestamp >= 0}
+
+    def resume(self) -> None:
+        """Start fetching after `open(paused=True)`."""
+        self._consumer.resume(*self._tps.values())
 
     def seek(self, partition: int, offset: int) -> None:
         """Read `partition` from `offset` next."""
