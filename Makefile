@@ -33,7 +33,7 @@ lint: $(VENV)/.installed-dev
 
 ## every benchmark; writes benchmarks/RESULTS.md
 bench: $(VENV)/.installed-dev
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/run_all.py --scale
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -14,6 +14,9 @@ included) until the table holds the whole topic, interleaved:
   (4 MiB per partition, 64 MiB per fetch, through ``KafkaConnectionConfig.consumer_opts``).
 - ``ktables KafkaTable, defaults``: the same decoder, everything else as shipped
   (``fetch_max_wait_ms=500``, ``poll_timeout_ms=200``, aiokafka's fetch sizes).
+- ``ktables KafkaTable, same fetch settings, ids decoded as uuid.UUID``: as the first ktables
+  case, with the schema's ``uuid`` logical types kept, so fastavro builds `uuid.UUID` ids: the
+  decoder of the issue's reference measurement (3.8 s for ktables there).
 - ``snapbus SnapshotView start``: as in ``bench_rebuild`` (`WorkspaceSnapshot` values and the
   three indexes; ``len(view)`` checked).
 
@@ -37,9 +40,11 @@ a note.
 from __future__ import annotations
 
 import asyncio
+import copy
 import io
 import sys
 import time
+import uuid
 from typing import Any
 
 try:
@@ -68,13 +73,15 @@ def _ktables_version() -> str | None:
     return version("ktables")
 
 
-def _decoder() -> Any:
-    """Bare fastavro: the body after the single-object header, into a plain dict."""
+def _decoder(uuids: bool = False) -> Any:
+    """Bare fastavro: the body after the single-object header, into a plain dict (ids as
+    strings; with `uuids`, as `uuid.UUID` through the schema's logical types)."""
     import fastavro
 
     from snapbus.codec import HEADER_SIZE, default_codec
 
-    parsed = default_codec().writer.parsed
+    writer = default_codec().writer
+    parsed = fastavro.parse_schema(copy.deepcopy(dict(writer.raw))) if uuids else writer.parsed
     reader = fastavro.schemaless_reader
 
     def decode(value: bytes) -> Any:
@@ -85,7 +92,7 @@ def _decoder() -> Any:
     return decode
 
 
-async def _ktables(bootstrap: str, topic: str, total: int, tuned: bool
+async def _ktables(bootstrap: str, topic: str, total: int, tuned: bool, uuids: bool = False
                    ) -> tuple[float, float, int, dict[str, Any], Any]:
     """Return (seconds until complete, seconds until start() returned, records not yet
     applied when start() returned, contents, stats)."""
@@ -100,7 +107,7 @@ async def _ktables(bootstrap: str, topic: str, total: int, tuned: bool
     else:
         connection, options = bootstrap, {}
     t0 = time.perf_counter()
-    table: Any = KafkaTable(connection=connection, topic=topic, value_decoder=_decoder(),
+    table: Any = KafkaTable(connection=connection, topic=topic, value_decoder=_decoder(uuids),
                             catchup_timeout=COMPLETE_TIMEOUT_S, **options)
     await table.start()
     try:
@@ -184,12 +191,17 @@ async def run(runs: int, quick: bool) -> list[dict[str, Any]]:
                 raise RuntimeError(f"bare decode holds {sessions} sessions, expected {expected}")
             return seconds
 
-        def ktables_case(tuned: bool) -> Any:
+        def ktables_case(tuned: bool, uuids: bool = False) -> Any:
             label = "same fetch settings" if tuned else "defaults"
+            if uuids:
+                label += ", ids decoded as uuid.UUID (the issue's reference decoder)"
 
             async def case() -> float:
                 complete, started, missing, contents, stats = await _ktables(
-                    bootstrap, config.topic, total, tuned)
+                    bootstrap, config.topic, total, tuned, uuids)
+                if uuids:
+                    contents = {k: {f: str(x) if isinstance(x, uuid.UUID) else x
+                                    for f, x in v.items()} for k, v in contents.items()}
                 if contents != final:
                     raise RuntimeError(f"ktables holds {len(contents)} sessions (expected "
                                        f"{expected}), not equal to the last write of each")
@@ -214,7 +226,7 @@ async def run(runs: int, quick: bool) -> list[dict[str, Any]]:
         cases: list[tuple[str, Any]] = [(BASELINE, raw),
                                         ("bare aiokafka + fastavro -> dict", decoded)]
         if kt_version:
-            cases += [ktables_case(True), ktables_case(False)]
+            cases += [ktables_case(True), ktables_case(False), ktables_case(True, uuids=True)]
         else:
             print("(skipping ktables: not installed; pip install ktables)", file=sys.stderr)
         cases.append((f"snapbus SnapshotView start (len == {expected:,} checked)", view))

@@ -20,7 +20,9 @@ included) until every partition reached the high watermark its fetches reported:
 The bare consumers use the same fetch settings as snapbus's reader (fetch_max_wait_ms, 4 MiB per
 partition, 64 MiB per fetch), so the difference is what each does with the records.
 
-    python benchmarks/bench_rebuild.py [--runs N] [--quick] [--profile]
+    python benchmarks/bench_rebuild.py [--runs N] [--quick] [--profile] [--scale]
+
+``--scale`` also runs the 1M-record / 300k-session case (its own tables).
 
 ``--profile`` runs one extra view start under cProfile and prints the top functions.
 """
@@ -40,6 +42,7 @@ except ImportError:  # run as a script: benchmarks/ is on sys.path
     import common  # type: ignore[no-redef]
 
 FETCH_MAX_WAIT_MS = 100  # SnapshotView's default
+SCALE_SESSIONS, SCALE_RECORDS = 300_000, 1_000_000
 TICK_S = 0.005
 
 
@@ -131,23 +134,39 @@ async def _profile_view(config: Any, top: int = 25) -> str:
     return out.getvalue()
 
 
-async def run(runs: int, quick: bool, profile: bool = False) -> list[dict[str, Any]]:
-    n_sessions, n_records = (10_000, 30_000) if quick else (100_000, 300_000)
+async def run(runs: int, quick: bool, profile: bool = False,
+              scale: bool = False) -> list[dict[str, Any]]:
+    sizes = [(10_000, 30_000, "")] if quick else [(100_000, 300_000, "")]
+    if scale:
+        sizes.append((SCALE_SESSIONS, SCALE_RECORDS, "-scale"))
+    c: common.Collector | None = None
+    for n_sessions, n_records, suffix in sizes:
+        c = await _measure(c, runs, n_sessions, n_records, suffix, profile and not suffix)
+    assert c is not None
+    return c.results()
+
+
+async def _measure(c: common.Collector | None, runs: int, n_sessions: int, n_records: int,
+                   suffix: str, profile: bool) -> common.Collector:
     records = common.make_records(n_sessions, n_records, seed=11)
     expected = common.expected_sessions(records)
     pairs = common.encode_pairs(records)
     del records
     mib = sum(len(k) + len(v or b"") for k, v in pairs) / 2**20
-    params = {"records": n_records, "sessions": n_sessions, "partitions": common.PARTITIONS,
-              "fetch_max_wait_ms": FETCH_MAX_WAIT_MS, "payload_mib": round(mib, 1)}
-    c = common.Collector("rebuild", params)
+    if c is None:
+        params = {"records": n_records, "sessions": n_sessions,
+                  "partitions": common.PARTITIONS, "fetch_max_wait_ms": FETCH_MAX_WAIT_MS,
+                  "payload_mib": round(mib, 1)}
+        c = common.Collector("rebuild", params)
     baseline = "bare aiokafka, no decode"
-    c.table("seconds", f"Cold rebuild, {n_records:,} records over {n_sessions:,} sessions "
-            f"({mib:.0f} MiB)", "seconds", baseline=baseline, higher_is_better=False,
+    c.table("seconds" + suffix, f"Cold rebuild, {n_records:,} records over {n_sessions:,} "
+            f"sessions ({mib:.0f} MiB)", "seconds", baseline=baseline, higher_is_better=False,
             note=f"fetch_max_wait_ms={FETCH_MAX_WAIT_MS} for every case; times include "
                  "connecting. Records/s = records / seconds.")
-    c.table("rate", "Cold rebuild rate", "records/s", baseline=baseline, higher_is_better=True)
-    c.table("stall", "Longest event-loop stall during the rebuild", "ms", baseline=baseline,
+    c.table("rate" + suffix, f"Cold rebuild rate, {n_records:,} records", "records/s",
+            baseline=baseline, higher_is_better=True)
+    c.table("stall" + suffix, f"Longest event-loop stall during the rebuild, {n_records:,} "
+            "records", "ms", baseline=baseline,
             higher_is_better=False,
             note="How long a 5 ms ticker task in the same loop was kept from running at worst. "
                  "The bare loops use aiokafka's default max_records (everything prefetched); "
@@ -190,15 +209,17 @@ async def run(runs: int, quick: bool, profile: bool = False) -> list[dict[str, A
             for name, case in cases:
                 async with _StallMeter() as meter:
                     seconds = await case()
-                c.add("seconds", name, seconds)
-                c.add("rate", name, n_records / seconds)
-                c.add("stall", name, 1000 * meter.max_stall)
+                c.add("seconds" + suffix, name, seconds)
+                c.add("rate" + suffix, name, n_records / seconds)
+                c.add("stall" + suffix, name, 1000 * meter.max_stall)
         if profile:
             print(await _profile_view(config), file=sys.stderr)
         await common.delete_topic(bootstrap, config.topic)
-    return c.results()
+    return c
 
 
 if __name__ == "__main__":
     common.main(run, __doc__.splitlines()[0] if __doc__ else "",
-                flags={"--profile": "also profile one view start (cProfile)"})
+                flags={"--profile": "also profile one view start (cProfile)",
+                       "--scale": f"also {SCALE_RECORDS:,} records over {SCALE_SESSIONS:,} "
+                                  "sessions"})

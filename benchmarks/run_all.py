@@ -7,7 +7,8 @@ section per module with its tables (`common.render`); it is rewritten after ever
 interrupted run keeps what finished. A module that fails is reported in its section and the
 others still run; the exit status is then 1.
 
-    python benchmarks/run_all.py [--runs N] [--quick] [--only bench_read ...] [--output FILE]
+    python benchmarks/run_all.py [--runs N] [--quick] [--scale] [--only bench_read ...]
+                                 [--output FILE]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import datetime
 import importlib
+import inspect
 import json
 import sys
 import time
@@ -52,6 +54,8 @@ def _write(path: Path, header: list[str], sections: list[str]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--scale", action="store_true",
+                        help="also the large cases of the modules that have them (1M records)")
     parser.add_argument("--runs", type=int, default=None,
                         help=f"measured runs per case (default {common.DEFAULT_RUNS}, "
                              f"{common.QUICK_RUNS} with --quick)")
@@ -94,7 +98,9 @@ def main() -> int:
         t0 = time.perf_counter()
         try:
             module = importlib.import_module(f"benchmarks.{name}")
-            rows = asyncio.run(module.run(runs, args.quick))
+            extra = ({"scale": True} if args.scale
+                     and "scale" in inspect.signature(module.run).parameters else {})
+            rows = asyncio.run(module.run(runs, args.quick, **extra))
         except Exception as exc:  # report it and go on with the other benchmarks
             failed.append(name)
             traceback.print_exc()
