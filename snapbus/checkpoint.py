@@ -160,7 +160,7 @@ def read_checkpoint(path: str | Path, *, topic: str, partitions: int) -> Checkpo
                       state[2], state[3], int(header.get("created_ms", 0)))
 
 
-def _unmarshal(body: bytes) -> Any:
+def _unmarshal(body: bytes | memoryview) -> Any:
     """`marshal.loads` with the cyclic GC paused: millions of fresh objects would otherwise
     trigger full collections that find nothing to free (a start-up cost, once)."""
     enabled = gc.isenabled()

@@ -211,9 +211,6 @@ def _gc_paused() -> Iterator[None]:
 
 _record_key = operator.attrgetter("key")
 
-_Entry = WorkspaceSnapshot | bytes
-"""What the view holds per session: its snapshot, or its encoded value not decoded yet."""
-
 _Fields = tuple[str, str, str]
 """The indexed fields of a session: (repo_key, agent_id, state)."""
 
@@ -363,9 +360,12 @@ class SnapshotView(AsyncLifecycle):
             self.config, fetch_max_wait_ms=fetch_max_wait_ms, consumer_options=consumer_options
         )
         self._fetch_wait_ms = fetch_max_wait_ms
-        # state: canonical session id string -> snapshot, or its encoded value until first read
-        # (decode="lazy"), plus exact secondary indexes
-        self._data: dict[str, _Entry] = {}
+        # state: canonical session id string -> snapshot; or, for a session not read yet
+        # (decode="lazy"), -> its encoded value, in `_encoded` (a session is in one of the two:
+        # two dicts, so a read never touches the value to tell which it is); plus exact
+        # secondary indexes
+        self._data: dict[str, WorkspaceSnapshot] = {}
+        self._encoded: dict[str, bytes] = {}
         self._by_repo: _Index = {}
         self._by_agent: _Index = {}
         self._by_state: _Index = {}
@@ -505,16 +505,15 @@ class SnapshotView(AsyncLifecycle):
         if not self._can_checkpoint():
             raise ViewError(f"cannot checkpoint a view that is {self._status} and not caught up")
         # captured and encoded at one instant, on the loop; written in a worker thread
-        sessions: dict[str, checkpoint.Session] = {
-            key: entry if isinstance(entry, bytes) else entry._values()
-            for key, entry in self._data.items()}
+        sessions: dict[str, checkpoint.Session] = dict(self._encoded)
+        sessions.update((key, snapshot._values()) for key, snapshot in self._data.items())
         data = checkpoint.dumps(checkpoint.Checkpoint(
             self.config.topic, len(self._reader.partitions), dict(self._reader.positions),
             sessions, self._indexes(), self._stamps, checkpoint.now_ms()))
         del sessions
         size = await asyncio.to_thread(checkpoint.write_file, target, data)
         log.info("view of %s saved %d sessions to %s (%d bytes)", self.config.topic,
-                 len(self._data), target, size, extra={"topic": self.config.topic})
+                 len(self), target, size, extra={"topic": self.config.topic})
         return size
 
     async def _load_checkpoint(self, path: Path) -> None:
@@ -532,14 +531,15 @@ class SnapshotView(AsyncLifecycle):
         decoded = list(itertools.compress(  # (found at C speed: a million items take 30 ms)
             sessions.items(), map(operator.is_, map(type, sessions.values()),
                                   itertools.repeat(tuple))))
-        from_trusted = WorkspaceSnapshot._from_trusted
+        from_trusted, data = WorkspaceSnapshot._from_trusted, self._data
         with _gc_paused():
             for start in range(0, len(decoded), 10 * _APPLY_CHUNK):
                 for key, row in decoded[start:start + 10 * _APPLY_CHUNK]:
-                    sessions[key] = from_trusted(row)
+                    del sessions[key]
+                    data[key] = from_trusted(row)
                 await asyncio.sleep(0)
         del decoded
-        self._data = sessions
+        self._encoded = sessions
         self._by_repo, self._by_agent, self._by_state = saved.indexes
         if self._ttl_ms is not None:
             for key in list(sessions):
@@ -547,8 +547,8 @@ class SnapshotView(AsyncLifecycle):
                     self._put(key, None)
         for partition, offset in saved.offsets.items():
             reader.seek(partition, offset)
-        self._checkpoint_loaded = len(self._data)
-        log.info("view of %s loaded %d sessions from %s", self.config.topic, len(self._data),
+        self._checkpoint_loaded = len(self)
+        log.info("view of %s loaded %d sessions from %s", self.config.topic, len(self),
                  path, extra={"topic": self.config.topic})
 
     # ------------------------------------------------------------------ status
@@ -586,7 +586,7 @@ class SnapshotView(AsyncLifecycle):
         """Counters, offsets and lag, as of now."""
         return ViewStats(
             status=self._status,
-            sessions=len(self._data),
+            sessions=len(self),
             records_applied=self._records_applied,
             records_superseded=self._records_superseded,
             tombstones=self._tombstones,
@@ -622,22 +622,23 @@ class SnapshotView(AsyncLifecycle):
             DecodeError: the session's latest record, read now for the first time (see
                 ``decode``), is bad; the view restores its last good snapshot moments later.
         """
-        data = self._data
         try:
-            found = data.get(session_id)  # type: ignore[arg-type]  # fast path: str keys
+            found = self._data.get(session_id)  # type: ignore[arg-type]  # fast path: str keys
         except TypeError:  # unhashable: let _canonical say what is wrong with it
             found = None
         if found is not None:
-            if isinstance(found, bytes):  # not read before: decode it now
-                return self._decoded(session_id, found)  # type: ignore[arg-type]
             return found
         if type(session_id) is str and _is_canonical(session_id):
+            key = session_id
+        else:
+            key = _canonical(session_id)
+            found = self._data.get(key)
+            if found is not None:
+                return found
+        value = self._encoded.get(key)
+        if value is None:
             return default
-        key = _canonical(session_id)
-        found = data.get(key)
-        if found is None:
-            return default
-        return self._decoded(key, found) if isinstance(found, bytes) else found
+        return self._decoded(key, value)  # not read before: decode it now
 
     def __getitem__(self, session_id: uuid.UUID | str) -> WorkspaceSnapshot:
         found = self.get(session_id)
@@ -649,36 +650,42 @@ class SnapshotView(AsyncLifecycle):
         if not isinstance(session_id, (str, uuid.UUID)):
             return False
         try:
-            return self.get(session_id) is not None
+            key = session_id if type(session_id) is str else _canonical(session_id)
+        except SnapbusError:
+            return False
+        if key in self._data or key in self._encoded:
+            return True
+        try:
+            return self.get(key) is not None  # (a non-canonical spelling)
         except SnapbusError:
             return False
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._data) + len(self._encoded)
 
     def __iter__(self) -> Iterator[uuid.UUID]:
-        return (uuid.UUID(key) for key in list(self._data))
+        return (uuid.UUID(key) for key in [*self._data, *self._encoded])
 
     def snapshots(self) -> list[WorkspaceSnapshot]:
         """Return every snapshot in the view (sessions whose latest record turns out bad when
         decoded lazily are left out, counted and restored; see ``decode``)."""
-        return self._snapshots(list(self._data))
+        return [*self._data.values(), *self._snapshots(list(self._encoded))]
 
     def _snapshots(self, keys: Iterable[str]) -> list[WorkspaceSnapshot]:
-        data = self._data
+        data, encoded = self._data, self._encoded
         found = []
         for key in keys:
-            entry = data[key]
-            if isinstance(entry, bytes):
+            snapshot = data.get(key)
+            if snapshot is None:
                 try:
-                    entry = self._decoded(key, entry)
+                    snapshot = self._decoded(key, encoded[key])
                 except DecodeError:
                     continue
-            found.append(entry)
+            found.append(snapshot)
         return found
 
     def _decoded(self, key: str, value: bytes) -> WorkspaceSnapshot:
-        """Decode a session's value on its first read and keep the snapshot in its place.
+        """Decode a session's value on its first read and keep the snapshot instead.
 
         A bad value (its header and indexed fields were fine) is counted once and the
         session's last good snapshot is looked up in the log (`_repair_lazy`).
@@ -694,16 +701,15 @@ class SnapshotView(AsyncLifecycle):
                             "restoring its last good snapshot", key, exc.reason, exc,
                             extra={"topic": self.config.topic, "session_id": key})
             raise
-        if self._data.get(key) is value:
+        if self._encoded.get(key) is value:
+            del self._encoded[key]
             self._data[key] = snapshot
         return snapshot
 
-    def _entry_fields(self, entry: _Entry) -> _Fields:
-        if isinstance(entry, bytes):
-            peeked = self._codec.peek(entry)
-            assert peeked is not None  # it was peeked when stored
-            return peeked[1], peeked[2], peeked[3]
-        return _fields(entry)
+    def _encoded_fields(self, value: bytes) -> _Fields:
+        peeked = self._codec.peek(value)
+        assert peeked is not None  # it was peeked when stored
+        return peeked[1], peeked[2], peeked[3]
 
     def _select(self, index: _Index, key: str) -> list[WorkspaceSnapshot]:
         return self._snapshots(index.get(key, ()))
@@ -894,9 +900,9 @@ class SnapshotView(AsyncLifecycle):
 
     def _finish_resync(self) -> None:
         seen, self._resync_seen = self._resync_seen or set(), None
-        for key in [k for k in self._data if k not in seen]:
+        for key in [k for k in [*self._data, *self._encoded] if k not in seen]:
             self._put(key, None)
-        log.info("view of %s re-read the log: %d sessions", self.config.topic, len(self._data),
+        log.info("view of %s re-read the log: %d sessions", self.config.topic, len(self),
                  extra={"topic": self.config.topic})
 
     def _after_read(self) -> None:
@@ -909,7 +915,7 @@ class SnapshotView(AsyncLifecycle):
             self._caught_up.set()
             self._set_status("live")
             log.info("view of %s caught up: %d sessions in %.2f s", self.config.topic,
-                     len(self._data), self._catch_up_seconds, extra={"topic": self.config.topic})
+                     len(self), self._catch_up_seconds, extra={"topic": self.config.topic})
         if self._offset_waiters:
             positions = reader.positions
             pending = []
@@ -1016,7 +1022,7 @@ class SnapshotView(AsyncLifecycle):
         stashes, self._stash = self._stash, None
         assert stashes is not None
         repair: set[bytes] = set()
-        data, peek = self._data, self._codec.peek
+        data, encoded, peek = self._data, self._encoded, self._codec.peek
         by_repo, by_agent, by_state = self._indexes()
         for partition, stash in stashes.items():
             self._records_superseded -= len(stash)
@@ -1032,8 +1038,9 @@ class SnapshotView(AsyncLifecycle):
                         if value is not None and peeked is not None:
                             sid = peeked[0]
                             # (sid is canonical: so is the key when equal)
-                            if record.key == sid.encode() and sid not in data:
-                                data[sid] = value
+                            if (record.key == sid.encode() and sid not in data
+                                    and sid not in encoded):
+                                encoded[sid] = value
                                 _add(by_repo, peeked[1], sid)
                                 _add(by_agent, peeked[2], sid)
                                 _add(by_state, peeked[3], sid)
@@ -1053,7 +1060,7 @@ class SnapshotView(AsyncLifecycle):
         await self._repair({key.encode() for key in keys})
         for key in keys:
             value = self._lazy_failed.pop(key, None)
-            if value is not None and self._data.get(key) is value:
+            if value is not None and self._encoded.get(key) is value:
                 self._put(key, None)  # no good snapshot in the log: the session is gone
 
     async def _repair(self, keys: set[bytes]) -> None:
@@ -1096,31 +1103,29 @@ class SnapshotView(AsyncLifecycle):
     def _put(self, key: str, new: WorkspaceSnapshot | None) -> None:
         """Make `new` the session's snapshot (None: delete), keeping indexes and subscribers."""
         data = self._data
-        entry = data.get(key)
-        old: WorkspaceSnapshot | None
-        if isinstance(entry, bytes):  # never read: decode it to compare and report the change
-            try:
-                old = self._codec.decode(entry, key=key)
-            except DecodeError:
-                old = None  # a bad value, being replaced
-        else:
-            old = entry
+        old = data.get(key)
+        old_fields = None if old is None else _fields(old)
+        if old is None:
+            value = self._encoded.pop(key, None)
+            if value is not None:  # never read: decode it to compare and report the change
+                old_fields = self._encoded_fields(value)
+                with contextlib.suppress(DecodeError):  # (a bad value, being replaced)
+                    old = self._codec.decode(value, key=key)
         if new is None:
-            if entry is None:
+            if old_fields is None:
                 return
-            del data[key]
-            self._unindex(key, self._entry_fields(entry))
+            data.pop(key, None)
+            self._unindex(key, old_fields)
             if self._ttl_ms is not None:
                 self._stamps.pop(key, None)
-        elif entry is None:
+        elif old_fields is None:
             data[key] = new
             self._index(key, _fields(new))
         else:
-            if old == new:
-                data[key] = new  # (a decoded value: keep it decoded)
-                return
             data[key] = new
-            self._reindex(key, self._entry_fields(entry), _fields(new))
+            if old == new:
+                return
+            self._reindex(key, old_fields, _fields(new))
         if self._subscribers:
             self._notify(Change(uuid.UUID(key), old, new))
 
@@ -1152,8 +1157,7 @@ class SnapshotView(AsyncLifecycle):
             if stamp is not None and stamp + ttl == due:
                 del stamps[key]
                 self._hidden.add(key)
-                snapshot = self._data.get(key)
-                if snapshot is not None:
+                if key in self._data or key in self._encoded:
                     self._expired += 1
                     self._put(key, None)
 

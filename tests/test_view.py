@@ -31,6 +31,7 @@ from snapbus.errors import (
     ViewError,
 )
 from snapbus.publisher import Receipt, SnapshotPublisher
+from snapbus.reader import _raw_fetch_supported
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.topic import DEFAULT_PARTITIONS, ensure_topic
 from snapbus.view import Change, ChangeStream, SnapshotView
@@ -900,3 +901,22 @@ async def test_index_groups_stay_exact_as_they_grow_and_shrink(
                     == sorted(s.key for s in left if s.agent_id == "agent-1")
         assert view.by_repo(repo) == []
         assert view.by_agent("agent-0") == []
+
+
+async def test_read_committed_view_reads_through_getmany(
+    broker: BrokerAddress, topic_name: str
+) -> None:
+    # snapbus reads aiokafka's fetch buffer itself only for read_uncommitted consumers; any
+    # other isolation goes through getmany, which must give the same view
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    written = [make_snapshot(agent_name=f"agent-{i}") for i in range(30)]
+    async with SnapshotPublisher(config) as publisher:
+        await publisher.publish_many(written[:20])
+        async with new_view(config, consumer_options={"isolation_level": "read_committed"}
+                            ) as view:
+            assert not _raw_fetch_supported(view._reader._consumer)
+            receipts = await publisher.publish_many(written[20:])
+            await view.wait_for(receipts[-1], timeout=WAIT_S)
+            await view.barrier(timeout=WAIT_S)
+            assert sorted(view.snapshots(), key=lambda s: s.key) == sorted(
+                written, key=lambda s: s.key)
