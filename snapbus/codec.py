@@ -118,8 +118,7 @@ class Codec:
         self._peek_plan = _peek_plan(self._reader)
         writer_fields = self.writer.parsed["fields"]
         self._strings_only = [f["name"] for f in writer_fields] == list(FIELDS) and all(
-            (f["type"].get("type") if isinstance(f["type"], dict) else f["type"]) == "string"
-            for f in writer_fields)
+            _type_name(f) == "string" for f in writer_fields)
 
     def encode_record(self, record: dict[str, Any]) -> bytes:
         """Encode a plain record (ids as strings) with the writer schema, framed."""
@@ -288,16 +287,19 @@ class Codec:
 _PEEKED = ("session_id", "repo_id", "agent_id", "state")
 
 
+def _type_name(field: dict[str, Any]) -> Any:
+    """A parsed field's type name (``"string"`` also for a string with a logical type)."""
+    kind = field["type"]
+    return kind.get("type") if isinstance(kind, dict) else kind
+
+
 def _peek_plan(schema: Schema) -> tuple[bytes, tuple[int, ...]] | None:
     """For `Codec.peek`: the schema's header and, for each field up to the last one peeked,
     its slot in the result (-1: skipped); None when one of those fields is not a plain string
     (or a peeked field is missing)."""
     slots: list[int] = []
     for field in schema.parsed["fields"]:
-        kind = field["type"]
-        if isinstance(kind, dict):
-            kind = kind.get("type")
-        if kind != "string":
+        if _type_name(field) != "string":
             return None
         name = field["name"]
         slots.append(_PEEKED.index(name) if name in _PEEKED else -1)
