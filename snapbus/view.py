@@ -299,7 +299,7 @@ class SnapshotView(AsyncLifecycle):
             falls back to a full replay (see `snapbus.checkpoint`).
         decode: ``"lazy"`` (default): the initial replay reads only the indexed fields of each
             session's latest record and decodes the rest on first use, as a GlobalKTable keeps
-            serialized values (a third of the time to go live). A value found bad then makes
+            serialized values (half the time to go live). A value found bad then makes
             that read raise `DecodeError`, is counted in `stats.decode_errors`, and is replaced
             by the session's last good snapshot from the log moments later. ``"eager"``:
             decode and validate every session before going live. Records arriving after
