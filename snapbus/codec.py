@@ -22,7 +22,7 @@ import fastavro
 
 from snapbus.errors import DecodeError, ValidationError
 from snapbus.schema import Schema, SchemaStore
-from snapbus.snapshot import FIELDS, WorkspaceSnapshot, _is_canonical
+from snapbus.snapshot import FIELDS, WorkspaceSnapshot
 
 __all__ = [
     "HEADER_SIZE",
@@ -216,16 +216,20 @@ class Codec:
         """Read (session_id, repo_id, agent_id, state) from a value without decoding the rest.
 
         A view's initial replay indexes sessions with this and decodes the rest on first use.
-        Works for values written with the current schema, whose fields up to those four are
-        strings, and whose ids are canonical; returns None for anything else (then `decode`
-        says what is wrong, if anything). The values are what `decode` would give, though
-        `decode` may still find the rest of the value bad.
+        Works for values written with the current schema, when it starts with session_id and
+        repo_id and has only strings up to agent_id and state, and when the ids are canonical;
+        returns None for anything else (then `decode` says what is wrong, if anything). The
+        values are what `decode` would give, though `decode` may still find the rest of the
+        value bad.
         """
         plan = self._peek_plan
         if plan is None or not data.startswith(plan[0]):
             return None
-        found = ["", "", "", ""]
-        pos = HEADER_SIZE
+        ids = _ID_PAIR.match(data, HEADER_SIZE)  # both ids, canonical, in one C call
+        if ids is None:
+            return None
+        found = [ids[1].decode(), ids[2].decode(), "", ""]
+        pos = ids.end()
         try:
             for slot in plan[1]:
                 size = data[pos]  # an Avro long, zig-zag varint: almost always one byte
@@ -252,7 +256,7 @@ class Codec:
                 pos = end
         except (IndexError, UnicodeDecodeError):
             return None
-        if pos > len(data) or not (_is_canonical(found[0]) and _is_canonical(found[1])):
+        if pos > len(data):
             return None
         return found[0], found[1], found[2], found[3]
 
@@ -293,18 +297,27 @@ def _type_name(field: dict[str, Any]) -> Any:
     return kind.get("type") if isinstance(kind, dict) else kind
 
 
+_CANONICAL = rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_ID_PAIR = re.compile(rb"\x48(" + _CANONICAL + rb")\x48(" + _CANONICAL + rb")")
+"""session_id and repo_id as Avro strings in canonical form: length 36 (zig-zag 0x48)."""
+
+
 def _peek_plan(schema: Schema) -> tuple[bytes, tuple[int, ...]] | None:
-    """For `Codec.peek`: the schema's header and, for each field up to the last one peeked,
-    its slot in the result (-1: skipped); None when one of those fields is not a plain string
-    (or a peeked field is missing)."""
-    slots: list[int] = []
-    for field in schema.parsed["fields"]:
+    """For `Codec.peek`: the schema's header and, for each field after the two ids up to the
+    last one peeked, its slot in the result (-1: skipped); None when the schema does not start
+    with session_id and repo_id, or one of those fields is not a plain string (or a peeked
+    field is missing)."""
+    fields = schema.parsed["fields"]
+    if [f["name"] for f in fields[:2]] != ["session_id", "repo_id"]:
+        return None
+    slots: list[int] = [0, 1]
+    for field in fields[2:]:
         if _type_name(field) != "string":
             return None
         name = field["name"]
         slots.append(_PEEKED.index(name) if name in _PEEKED else -1)
         if sum(slot >= 0 for slot in slots) == len(_PEEKED):
-            return MARKER + schema.fingerprint, tuple(slots)
+            return MARKER + schema.fingerprint, tuple(slots[2:])
     return None
 
 
