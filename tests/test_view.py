@@ -865,7 +865,7 @@ async def test_stopped_view_is_freed_at_once_and_its_snapshots_still_read(
     async with SnapshotPublisher(config) as publisher:
         await publisher.publish_many(written)
     async with new_view(config) as view:
-        kept = view.snapshots()  # lazy: decoded on first read
+        kept = view.snapshots()  # (decodes them: they outlive the view)
     enabled = gc.isenabled()
     gc.disable()  # no reference cycle may keep a stopped view's state alive
     try:
