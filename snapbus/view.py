@@ -403,6 +403,11 @@ class SnapshotView(AsyncLifecycle):
                 raise ViewError("a stopped SnapshotView cannot be restarted; make a new one")
             return
         self._started_at = time.monotonic()
+        loading: asyncio.Future[checkpoint.Checkpoint] | None = None
+        if self._checkpoint_path is not None and self._checkpoint_path.exists():
+            # read the file while connecting (reading and checking it release the GIL)
+            loading = asyncio.ensure_future(asyncio.to_thread(
+                checkpoint.read_checkpoint, self._checkpoint_path, topic=self.config.topic))
         try:
             if self._ensure_topic:
                 await _ensure_topic(self.config, allow_non_compacted=self._allow_non_compacted)
@@ -413,17 +418,17 @@ class SnapshotView(AsyncLifecycle):
                                             **self.config.client_kwargs())
                 await start_client(producer, self.config, "dead-letter producer")
                 self._dead_letter_producer = producer
-            checkpoint_file = self._checkpoint_path is not None and self._checkpoint_path.exists()
             # with a checkpoint, fetch nothing until its offsets are known
-            await self._reader.open(paused=checkpoint_file)
+            await self._reader.open(paused=loading is not None)
         except BaseException:
             self._status = "stopped"
+            if loading is not None:
+                loading.cancel()
             await self._close_dead_letters()
             raise
-        if checkpoint_file:
-            assert self._checkpoint_path is not None
+        if loading is not None:
             try:
-                await self._load_checkpoint(self._checkpoint_path)
+                await self._load_checkpoint(loading)
             finally:
                 self._reader.resume()
         self._status = "catching_up"
@@ -516,15 +521,19 @@ class SnapshotView(AsyncLifecycle):
                  len(self), target, size, extra={"topic": self.config.topic})
         return size
 
-    async def _load_checkpoint(self, path: Path) -> None:
-        reader = self._reader
+    async def _load_checkpoint(self, loading: asyncio.Future[checkpoint.Checkpoint]) -> None:
+        reader, path = self._reader, self._checkpoint_path
         try:
-            saved = await asyncio.to_thread(checkpoint.read_checkpoint, path,
-                                            topic=self.config.topic,
-                                            partitions=len(reader.partitions))
+            saved = await loading
         except checkpoint.CheckpointError as exc:
+            problem = str(exc)
+        else:
+            problem = "" if saved.partitions == len(reader.partitions) else (
+                f"{path} is for {saved.partitions} partitions; topic {self.config.topic!r} "
+                f"now has {len(reader.partitions)}")
+        if problem:
             log.warning("view of %s: ignoring checkpoint, replaying the whole topic: %s",
-                        self.config.topic, exc, extra={"topic": self.config.topic})
+                        self.config.topic, problem, extra={"topic": self.config.topic})
             return
         # encoded values stay as they are; sessions saved decoded become snapshots again
         sessions: dict[str, Any] = saved.sessions

@@ -84,7 +84,7 @@ def test_corrupt_truncated_foreign_and_other_versions_are_refused(tmp_path: Path
     header_len = struct.unpack_from(">II", data, len(MAGIC))[1]
     start = len(MAGIC) + 8
     header = json.loads(data[start:start + header_len])
-    del header["sha256"]
+    del header["crc32"]
     broken = json.dumps(header).encode()
     path.write_bytes(MAGIC + struct.pack(">II", 1, len(broken)) + broken
                      + data[start + header_len:])
@@ -137,6 +137,14 @@ async def test_bad_or_stale_checkpoints_fall_back_to_the_log(
     async with SnapshotPublisher(config) as publisher:
         await publisher.publish_many(snapshots)
     expected = {s.key: s for s in snapshots}
+
+    other_partitions = tmp_path / "other-partitions.ckpt"
+    write_checkpoint(other_partitions, checkpoint_of(topic_name, 3, dict.fromkeys(range(3), 0),
+                                                     [make_snapshot()], 0))
+    async with SnapshotView(config, fetch_max_wait_ms=FETCH_WAIT_MS,
+                            checkpoint_path=other_partitions) as view:
+        assert view.stats.checkpoint_sessions is None
+        assert {s.key: s for s in view.snapshots()} == expected
 
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(MAGIC + b"garbage")
