@@ -551,7 +551,7 @@ class SnapshotView(AsyncLifecycle):
         self._encoded = sessions
         self._by_repo, self._by_agent, self._by_state = saved.indexes
         if self._ttl_ms is not None:
-            for key in list(sessions):
+            for key in [*self._data, *self._encoded]:
                 if not self._renew(key, saved.stamps.get(key, saved.created_ms)):
                     self._put(key, None)
         for partition, offset in saved.offsets.items():

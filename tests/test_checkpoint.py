@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from snapbus import KafkaConfig, SnapshotPublisher, SnapshotView, WorkspaceSnapshot
 from snapbus.checkpoint import (
@@ -17,6 +19,7 @@ from snapbus.checkpoint import (
     write_checkpoint,
 )
 from snapbus.codec import encode
+from snapbus.topic import ensure_topic
 from tests.conftest import BrokerAddress
 from tests.helpers import make_snapshot
 
@@ -166,3 +169,33 @@ async def test_bad_or_stale_checkpoints_fall_back_to_the_log(
         assert view.stats.resyncs >= 1
         assert {s.key: s for s in view.snapshots()} == expected
         assert view.status == "live"
+
+
+async def test_ttl_applies_to_every_session_of_a_checkpoint(
+    broker: BrokerAddress, topic_name: str, tmp_path: Path
+) -> None:
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    path = tmp_path / "view.ckpt"
+    read, unread = make_snapshot(agent_name="read"), make_snapshot(agent_name="unread")
+    ten_minutes_ago = int(time.time() * 1000) - 600_000
+    await ensure_topic(config)
+    raw = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers, acks="all")
+    await raw.start()
+    try:
+        for snapshot in (read, unread):
+            await raw.send_and_wait(topic_name, encode(snapshot), key=snapshot.key.encode(),
+                                    timestamp_ms=ten_minutes_ago)
+    finally:
+        await raw.stop()
+    async with SnapshotView(config, fetch_max_wait_ms=FETCH_WAIT_MS, ttl_s=3600,
+                            checkpoint_path=path) as view:
+        # a view with a TTL decodes every session at start (it needs each record's time), so
+        # both are saved decoded: the sessions a TTL check on load once skipped
+        assert view.get(read.session_id) == read
+        assert len(view) == 2
+    # ten minutes old, against a five-minute TTL: both expired, however they were saved
+    async with SnapshotView(config, fetch_max_wait_ms=FETCH_WAIT_MS, ttl_s=300,
+                            checkpoint_path=path) as view:
+        assert view.stats.checkpoint_sessions == 0
+        assert len(view) == 0
+        assert sorted(view.expired_sessions()) == sorted([read.session_id, unread.session_id])
