@@ -105,8 +105,7 @@ class Codec:
     build a `Codec` to write with another schema version or to learn extra schemas.
     """
 
-    __slots__ = ("_header", "_headers", "_peek_plan", "_reader", "_strings_only", "store",
-                 "writer")
+    __slots__ = ("_header", "_peek_plan", "_reader", "_strings_only", "store", "writer")
 
     def __init__(self, store: SchemaStore | None = None, *, writer: Schema | None = None) -> None:
         self.store = store if store is not None else SchemaStore.from_dir()
@@ -114,7 +113,6 @@ class Codec:
         self.store.add(self.writer)
         self._reader = self.store.current
         self._header = MARKER + self.writer.fingerprint
-        self._headers: tuple[bytes, ...] = ()
         self._peek_plan = _peek_plan(self._reader)
         writer_fields = self.writer.parsed["fields"]
         self._strings_only = [f["name"] for f in writer_fields] == list(FIELDS) and all(
@@ -146,24 +144,6 @@ class Codec:
             # UTF-8, at most 4 bytes per code point (1 when ASCII: `isascii` is O(1))
             size += 5 + (len(text) if text.isascii() else 4 * len(text))
         return size
-
-    def header_ok(self, data: bytes | bytearray | memoryview | None) -> bool:
-        """Whether a value is a tombstone or starts with a valid header of a known schema.
-
-        A cheap check that does not decode the body: `decode` can still fail on the body.
-        """
-        if data is None:
-            return True
-        if isinstance(data, bytes):
-            return data.startswith(self._known_headers())
-        return bytes(data[:HEADER_SIZE]).startswith(self._known_headers())
-
-    def _known_headers(self) -> tuple[bytes, ...]:
-        """``C3 01`` + fingerprint of every schema in the store (cached until it grows)."""
-        headers = self._headers
-        if len(headers) != len(self.store):
-            headers = self._headers = tuple(MARKER + s.fingerprint for s in self.store)
-        return headers
 
     def decode_record(self, data: bytes | bytearray | memoryview | None) -> dict[str, Any]:
         """Decode a value into a plain record resolved to this codec's reader schema.
