@@ -189,6 +189,7 @@ class PartitionReader:
         """Partitions whose consumer position went backwards (an offset reset by the client)."""
         self._opened_ms = 0
         self._started = False
+        self._raw = False  # read aiokafka's fetch buffer directly (decided in open)
 
     @property
     def _consumer(self) -> AIOKafkaConsumer:
@@ -215,6 +216,7 @@ class PartitionReader:
         topic = self.config.topic
         self._client = AIOKafkaConsumer(**self._options)
         await start_client(self._client, self.config, "reader")
+        self._raw = _raw_fetch_supported(self._client)
         self._started = True
         self._opened_ms = int(time.time() * 1000)
         partitions = self._consumer.partitions_for_topic(topic)
@@ -261,7 +263,7 @@ class PartitionReader:
         """
         consumer = self._consumer
         batches: dict[int, list[Record]]
-        if _raw_fetch_supported(consumer):
+        if self._raw:
             batches = await _read_raw(consumer, timeout_ms / 1000, self._max_records)
         else:
             fetched = await consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_records)
