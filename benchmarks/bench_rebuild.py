@@ -103,7 +103,8 @@ async def _bare_read(bootstrap: str, topic: str, decode: bool) -> tuple[float, i
                 return time.perf_counter() - t0, count, len(view)
 
 
-async def _view(config: Any, decode: str = "lazy") -> tuple[float, int, Any]:
+async def _view(config: Any, expected: int, decode: str = "lazy") -> float:
+    """Seconds for a view to start live, holding `expected` sessions and no decode errors."""
     from snapbus.view import SnapshotView
 
     t0 = time.perf_counter()
@@ -114,18 +115,22 @@ async def _view(config: Any, decode: str = "lazy") -> tuple[float, int, Any]:
     try:
         if view.status != "live":
             raise RuntimeError(f"view did not go live: {view.status} {view.status_reason}")
-        return elapsed, len(view), view.stats
+        if len(view) != expected:
+            raise RuntimeError(f"view holds {len(view)} sessions, expected {expected}")
+        if view.stats.decode_errors:
+            raise RuntimeError(f"view saw {view.stats.decode_errors} decode errors")
+        return elapsed
     finally:
         await view.stop()
 
 
-async def _profile_view(config: Any, top: int = 25) -> str:
+async def _profile_view(config: Any, expected: int, top: int = 25) -> str:
     import cProfile
     import pstats
 
     profiler = cProfile.Profile()
     profiler.enable()
-    await _view(config)
+    await _view(config, expected)
     profiler.disable()
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
@@ -193,12 +198,7 @@ async def _measure(c: common.Collector | None, runs: int, n_sessions: int, n_rec
 
         def view(decode: str) -> Any:
             async def case() -> float:
-                seconds, sessions, stats = await _view(config, decode)
-                if sessions != expected:
-                    raise RuntimeError(f"view holds {sessions} sessions, expected {expected}")
-                if stats.decode_errors:
-                    raise RuntimeError(f"view saw {stats.decode_errors} decode errors")
-                return seconds
+                return await _view(config, expected, decode)
             return case
 
         cases = [(baseline, raw), ("bare aiokafka + fastavro -> dict", decoded),
@@ -213,7 +213,7 @@ async def _measure(c: common.Collector | None, runs: int, n_sessions: int, n_rec
                 c.add("rate" + suffix, name, n_records / seconds)
                 c.add("stall" + suffix, name, 1000 * meter.max_stall)
         if profile:
-            print(await _profile_view(config), file=sys.stderr)
+            print(await _profile_view(config, expected), file=sys.stderr)
         await common.delete_topic(bootstrap, config.topic)
     return c
 
