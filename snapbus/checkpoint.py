@@ -41,13 +41,13 @@ __all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "dumps", "read_che
            "write_checkpoint", "write_file"]
 
 MAGIC = b"SNAPBUS-CHECKPOINT\n"
-FORMAT_VERSION = 2
-"""The checkpoint format this version writes and reads."""
+FORMAT_VERSION = 3
+"""The checkpoint format this version writes and reads (3: index groups are lists or sets)."""
 _PREFIX = struct.Struct(">II")
 
 Session = bytes | tuple[str, ...]
 """One session: its encoded value, or its nine snapshot fields in schema order."""
-Index = dict[str, "set[str] | tuple[str, ...]"]
+Index = dict[str, "list[str] | set[str]"]
 """An index: indexed value -> the keys of the sessions having it."""
 
 

@@ -881,7 +881,7 @@ async def test_stopped_view_is_freed_at_once_and_its_snapshots_still_read(
 async def test_index_groups_stay_exact_as_they_grow_and_shrink(
     broker: BrokerAddress, topic_name: str
 ) -> None:
-    # small groups are kept as tuples and large ones as sets: cross that line both ways
+    # small groups are kept as lists and large ones as sets: cross that line both ways
     config = KafkaConfig(broker.bootstrap_servers, topic_name)
     repo = uuid.uuid4()
     sessions = [make_snapshot(repo_id=repo, agent_id=f"agent-{i % 2}") for i in range(40)]
