@@ -34,7 +34,7 @@ from typing import IO, Any
 from snapbus.codec import Codec, default_codec
 from snapbus.config import KafkaConfig
 from snapbus.errors import DecodeError, ValidationError
-from snapbus.reader import Event, PartitionReader, decode_record
+from snapbus.reader import Event, PartitionReader, Record, decode_record
 from snapbus.snapshot import WorkspaceSnapshot, parse_uuid
 
 __all__ = ["Bound", "Event", "event_to_json", "history", "rebuild", "replay", "write_jsonl"]
@@ -89,6 +89,7 @@ async def replay(
     fetch_max_wait_ms: int = 100,
     progress: Progress | None = None,
     quiet: bool = False,
+    on_error: Callable[[int, Record, DecodeError], object] | None = None,
 ) -> AsyncIterator[Event]:
     """Yield the log's events between two bounds, in offset order within each partition.
 
@@ -104,6 +105,7 @@ async def replay(
             ``"raise"`` (raise `DecodeError`).
         progress: called after each batch with (records read, records to read).
         quiet: do not log skipped records (the caller counts them).
+        on_error: called with (partition, record, error) for each record skipped as bad.
 
     Raises:
         TopicError: the topic does not exist.
@@ -144,6 +146,8 @@ async def replay(
                     except DecodeError as exc:
                         if errors == "raise":
                             raise
+                        if on_error is not None:
+                            on_error(partition, record, exc)
                         if not quiet:
                             log.warning("skipping bad record at %s[%d]@%d (%s): %s",
                                         config.topic, partition, record.offset,

@@ -536,6 +536,57 @@ async def test_poison_pills_at_volume_are_skipped_counted_and_dead_lettered(
     assert seen == set(sent)
 
 
+async def test_bad_latest_records_found_by_a_starting_view_are_dead_lettered_as_they_are(
+    proxy: FaultProxy, topic_name: str
+) -> None:
+    # the initial replay keeps only each key's latest value, not its record: a bad one is
+    # looked up in the log again, so it is reported and dead-lettered with its own offset
+    config = KafkaConfig(proxy.address, topic_name, connect_timeout_s=10)
+    dead_letter_topic = f"{topic_name}.dlq"
+    bases = [make_snapshot(agent_name=f"agent-{i}") for i in range(6)]
+    valid = encode(make_snapshot())
+    async with SnapshotPublisher(config) as publisher:
+        await publisher.publish_many(bases)
+    poison: list[tuple[str, bytes | None, bytes]] = [
+        ("garbage", bases[0].key.encode(), b"\x00 not avro"),
+        ("empty", bases[1].key.encode(), b""),
+        ("unknown_fingerprint", bases[2].key.encode(), MARKER + b"\xee" * 8 + valid[10:]),
+        ("bad_key", b"not-a-uuid", valid),
+        ("bad_key", None, valid),
+        ("mismatched_key", bases[3].key.encode(), valid),
+    ]
+    sent: dict[tuple[int, int], tuple[str, bytes | None]] = {}
+    raw = AIOKafkaProducer(bootstrap_servers=proxy.address, acks="all")
+    await raw.start()
+    try:
+        for kind, key, value in poison:
+            md = await (await raw.send(topic_name, value, key=key))
+            sent[(md.partition, md.offset)] = (kind, key)
+        update = bases[4].replace(state="merged")  # a good record after them all
+        await (await raw.send(topic_name, encode(update), key=update.key.encode()))
+    finally:
+        await raw.stop()
+
+    async with new_view(config, dead_letter_topic=dead_letter_topic) as view:
+        assert view.status == "live"
+        assert view.stats.decode_errors == len(poison)
+        for base in bases:  # the last good snapshot of every poisoned session
+            assert view.get(base.session_id) == (update if base is bases[4] else base)
+        assert len(view) == len(bases)
+        await eventually(lambda: view.stats.dead_lettered == len(poison), WAIT_S,
+                         "every bad latest record dead-lettered")
+
+    letters = await read_log(proxy.address, dead_letter_topic)
+    found = {}
+    for letter in letters:
+        headers = dict(letter.headers)
+        source = (int(headers["snapbus.source.partition"]), int(headers["snapbus.source.offset"]))
+        found[source] = headers["snapbus.error.reason"].decode()
+        kind, key = sent[source]
+        assert headers["snapbus.source.key"] == (key or b"")
+    assert found == {source: EXPECTED_REASON[kind] for source, (kind, _) in sent.items()}
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
