@@ -38,12 +38,13 @@ from typing import Any
 from snapbus.errors import SnapbusError
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "dumps", "read_checkpoint",
-           "write_checkpoint", "write_file"]
+           "read_offsets", "write_checkpoint", "write_file"]
 
 MAGIC = b"SNAPBUS-CHECKPOINT\n"
 FORMAT_VERSION = 3
 """The checkpoint format this version writes and reads (3: index groups are lists or sets)."""
 _PREFIX = struct.Struct(">II")
+_MAX_HEADER = 1 << 24  # (offsets of a few thousand partitions take far less)
 
 Session = bytes | tuple[str, ...]
 """One session: its encoded value, or its nine snapshot fields in schema order."""
@@ -115,6 +116,29 @@ def write_file(path: str | Path, data: bytes) -> int:
         Path(tmp).unlink(missing_ok=True)
         raise
     return len(data)
+
+
+def read_offsets(path: str | Path, *, topic: str, partitions: int) -> dict[int, int] | None:
+    """The offsets a checkpoint names, from its header alone (a few KB), or None when the
+    file is missing, not of this format, or for another topic or partition count.
+
+    For starting to fetch the log's tail while `read_checkpoint` loads and checks the rest
+    (which reads the same offsets from the same header).
+    """
+    try:
+        with Path(path).open("rb") as file:
+            head = file.read(len(MAGIC) + _PREFIX.size)
+            if len(head) < len(MAGIC) + _PREFIX.size or not head.startswith(MAGIC):
+                return None
+            version, header_len = _PREFIX.unpack_from(head, len(MAGIC))
+            if version != FORMAT_VERSION or header_len > _MAX_HEADER:
+                return None
+            header = json.loads(file.read(header_len))
+        if header["topic"] != topic or header["partitions"] != partitions:
+            return None
+        return {int(p): int(o) for p, o in header["offsets"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def read_checkpoint(path: str | Path, *, topic: str, partitions: int | None = None

@@ -198,10 +198,9 @@ class Codec:
         A view's initial replay indexes sessions with this and decodes the rest on first use.
         Works for values written with the current schema, when it starts with session_id and
         repo_id and has only strings up to agent_id and state, and when the ids are canonical;
-        returns None for anything else, a tombstone (None) included (then `decode` says
-        what is wrong, if anything). The
-        values are what `decode` would give, though `decode` may still find the rest of the
-        value bad.
+        returns None for anything else, a tombstone (None) included (then `decode` says what
+        is wrong, if anything). The values are what `decode` would give, though `decode` may
+        still find the rest of the value bad.
         """
         plan = self._peek_plan
         if (data is None or plan is None or not data.startswith(plan[0])

@@ -42,7 +42,7 @@ import operator
 import time
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -365,7 +365,8 @@ class SnapshotView(AsyncLifecycle):
         self._dead_lettered = 0
         self._resyncs = 0
         self._resync_seen: set[str] | None = None
-        # initial replay: each partition's latest record per key, applied when caught up
+        # initial replay: each partition's latest value per key (record, with a TTL), applied
+        # when caught up
         self._stash: dict[int, dict[bytes | None, Any]] | None = {}
         self._records_superseded = 0
         if decode not in ("lazy", "eager"):
@@ -456,8 +457,16 @@ class SnapshotView(AsyncLifecycle):
             await self._close_dead_letters()
             raise
         if loading is not None:
+            assert self._checkpoint_path is not None
+            # fetch the tail from the offsets in the file's header while the rest loads
+            early = checkpoint.read_offsets(self._checkpoint_path, topic=self.config.topic,
+                                            partitions=len(self._reader.partitions))
+            if early is not None:
+                for partition, offset in early.items():
+                    self._reader.seek(partition, offset)
+                self._reader.resume()
             try:
-                await self._load_checkpoint(loading)
+                await self._load_checkpoint(loading, early)
             finally:
                 self._reader.resume()
         self._status = "catching_up"
@@ -550,7 +559,10 @@ class SnapshotView(AsyncLifecycle):
                  len(self), target, size, extra={"topic": self.config.topic})
         return size
 
-    async def _load_checkpoint(self, loading: asyncio.Future[checkpoint.Checkpoint]) -> None:
+    async def _load_checkpoint(self, loading: asyncio.Future[checkpoint.Checkpoint],
+                               early: dict[int, int] | None) -> None:
+        """Install the checkpoint `loading` reads, or fall back to a full replay; `early`:
+        the offsets the reader was already sent to (`checkpoint.read_offsets`)."""
         reader, path = self._reader, self._checkpoint_path
         try:
             saved = await loading
@@ -563,6 +575,8 @@ class SnapshotView(AsyncLifecycle):
         if problem:
             log.warning("view of %s: ignoring checkpoint, replaying the whole topic: %s",
                         self.config.topic, problem, extra={"topic": self.config.topic})
+            if early is not None:
+                reader.restart_from_beginning()
             return
         # encoded values stay as they are; sessions saved decoded become snapshots again
         sessions: dict[str, Any] = saved.sessions
@@ -583,8 +597,9 @@ class SnapshotView(AsyncLifecycle):
             for key in [*self._data, *self._encoded]:
                 if not self._renew(key, saved.stamps.get(key, saved.created_ms)):
                     self._put(key, None)
-        for partition, offset in saved.offsets.items():
-            reader.seek(partition, offset)
+        if saved.offsets != early:  # (a seek drops what was fetched since)
+            for partition, offset in saved.offsets.items():
+                reader.seek(partition, offset)
         self._checkpoint_loaded = len(self)
         log.info("view of %s loaded %d sessions from %s", self.config.topic, len(self),
                  path, extra={"topic": self.config.topic})
@@ -1063,7 +1078,7 @@ class SnapshotView(AsyncLifecycle):
         stashes, self._stash = self._stash, None
         assert stashes is not None
         repair: set[bytes | None] = set()
-        unreported: set[bytes | None] = set()
+        unreported: set[tuple[int, bytes | None]] = set()
         data, encoded, peek = self._data, self._encoded, self._codec.peek
         by_repo, by_agent, by_state = self._indexes()
         for partition, stash in stashes.items():
@@ -1105,7 +1120,7 @@ class SnapshotView(AsyncLifecycle):
                         else:  # (its record is found in the log if it is bad: `_repair`)
                             error = self._apply(partition, _Stashed(key, value), report=False)
                             if error is not None:
-                                unreported.add(key)
+                                unreported.add((partition, key))
                         if error is not None and error.reason != "bad_key" and key:
                             repair.add(key)  # an earlier good record may exist
                 self._records_applied += fresh
@@ -1123,28 +1138,28 @@ class SnapshotView(AsyncLifecycle):
                 self._put(key, None)  # no good snapshot in the log: the session is gone
 
     async def _repair(self, keys: set[bytes | None],
-                      report: set[bytes | None] | frozenset[bytes | None] = frozenset()
-                      ) -> None:
+                      report: Collection[tuple[int, bytes | None]] = ()) -> None:
         """Find the last good record of keys whose latest record was bad, and apply it; and
-        report (`_bad_record`) the latest record of the keys in `report`, bad when applied
-        without its record at hand (`_Stashed`)."""
+        report (`_bad_record`) the latest record of each (partition, key) in `report`, found
+        bad without its record at hand (`_Stashed`)."""
         from snapbus.replay import replay  # the bounded reader; imported late: replay uses us
 
         positions = dict(self._reader.positions)
         found: dict[str, Event] = {}
-        bad: dict[bytes | None, tuple[int, Record, DecodeError]] = {}
+        bad: dict[tuple[int, bytes | None], tuple[Record, DecodeError]] = {}
 
         def on_error(partition: int, record: Record, error: DecodeError) -> None:
-            if record.key in report:
-                bad[record.key] = (partition, record, error)
+            if (partition, record.key) in report:
+                bad[partition, record.key] = (record, error)
 
         async for event in replay(self.config, until=positions, use_history=False,
                                   codec=self._codec, fetch_max_wait_ms=self._fetch_wait_ms,
                                   quiet=True, on_error=on_error):
             if event.key.encode("ascii") in keys:
                 found[event.key] = event
-        for partition, record, error in sorted(bad.values(), key=lambda b: b[1].offset):
+        for (partition, _), (record, error) in sorted(bad.items(), key=lambda b: b[1][0].offset):
             self._bad_record(partition, record, error)
+        self._decode_errors += len(report) - len(bad)  # (gone from the log since: count them)
         for event in found.values():
             self._apply_snapshot(event.key, event.snapshot, event.timestamp_ms)
         if keys:

@@ -16,6 +16,7 @@ from snapbus.checkpoint import (
     Checkpoint,
     CheckpointError,
     read_checkpoint,
+    read_offsets,
     write_checkpoint,
 )
 from snapbus.codec import encode
@@ -98,6 +99,21 @@ def test_corrupt_truncated_foreign_and_other_versions_are_refused(tmp_path: Path
         read_checkpoint(tmp_path / "missing.ckpt", topic="sessions", partitions=3)
 
 
+def test_offsets_are_read_from_the_header_alone(tmp_path: Path) -> None:
+    path = tmp_path / "view.ckpt"
+    written = sample(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])  # (the body is not read, so not checked)
+    assert read_offsets(path, topic="sessions", partitions=3) == written.offsets
+    assert read_offsets(path, topic="other", partitions=3) is None
+    assert read_offsets(path, topic="sessions", partitions=12) is None
+    path.write_bytes(MAGIC + struct.pack(">II", 99, 2) + b"{}")
+    assert read_offsets(path, topic="sessions", partitions=3) is None
+    path.write_bytes(data[:len(MAGIC) + 20])  # a header cut short
+    assert read_offsets(path, topic="sessions", partitions=3) is None
+    assert read_offsets(tmp_path / "missing.ckpt", topic="sessions", partitions=3) is None
+
+
 async def test_restart_from_a_checkpoint_reads_only_the_tail(
     broker: BrokerAddress, topic_name: str, tmp_path: Path
 ) -> None:
@@ -169,6 +185,24 @@ async def test_bad_or_stale_checkpoints_fall_back_to_the_log(
         assert view.stats.resyncs >= 1
         assert {s.key: s for s in view.snapshots()} == expected
         assert view.status == "live"
+
+    # a checkpoint whose header is fine but whose body is damaged: the view starts fetching
+    # from the header's offsets while the body loads, then falls back to offset 0
+    more = [make_snapshot() for _ in range(50)]
+    async with SnapshotPublisher(config) as publisher:
+        await publisher.publish_many(more)
+    expected.update((s.key, s) for s in more)
+    damaged = tmp_path / "damaged.ckpt"
+    write_checkpoint(damaged, checkpoint_of(topic_name, 12, dict.fromkeys(range(12), 1),
+                                            [ghost], 0))
+    data = bytearray(damaged.read_bytes())
+    data[-3] ^= 0x40
+    damaged.write_bytes(bytes(data))
+    assert read_offsets(damaged, topic=topic_name, partitions=12) == dict.fromkeys(range(12), 1)
+    async with SnapshotView(config, fetch_max_wait_ms=FETCH_WAIT_MS,
+                            checkpoint_path=damaged) as view:
+        assert view.stats.checkpoint_sessions is None
+        assert {s.key: s for s in view.snapshots()} == expected
 
 
 async def test_ttl_applies_to_every_session_of_a_checkpoint(
