@@ -10,6 +10,8 @@ pass of the same loop (so every case runs with warm caches and the strings' hash
 - ``dict.get(str)``: the baseline, a plain ``dict`` holding the same `WorkspaceSnapshot`
   objects under the same keys: the floor of an in-memory lookup (loop overhead included, as
   in every case).
+- A one-line Python function around that ``dict.get``: what any method of a Python class
+  costs at least (one call frame), the floor for ``view.get``.
 - ``view.get(str)``, ``view.get(uuid.UUID)``, ``view[str]``, ``str in view``; and
   ``view.get(str)`` of sessions that are not in the view (misses, a separate random sequence).
 - ``Redis GET + msgpack.unpackb``: the cache snapbus replaces. A local ``redis-server``
@@ -51,6 +53,7 @@ except ImportError:  # run as a script: benchmarks/ is on sys.path
 
 FETCH_MAX_WAIT_MS = 100
 BASELINE = "dict.get(str) (plain dict, same snapshots)"
+WRAPPED = "a one-line Python function returning dict.get(str) (the floor of any Python API)"
 INDEX_BASELINE = "hand-built dict[str, set[str]] index"
 FIRST_READ = "view.get(str).intent, first read of a session (decodes it)"
 
@@ -153,6 +156,12 @@ def _lookup_cases(view: Any, plain: dict[str, Any], keys: list[str], uuids: list
         for k in keys:
             get(k)
 
+    def wrapped_get() -> None:
+        def get(key: str, default: Any = None, _get: Any = plain.get) -> Any:
+            return _get(key, default)
+        for k in keys:
+            get(k)
+
     def view_get() -> None:
         get = view.get
         for k in keys:
@@ -186,6 +195,7 @@ def _lookup_cases(view: Any, plain: dict[str, Any], keys: list[str], uuids: list
     n, m = len(keys), len(misses)
     return [
         (BASELINE, dict_get, n),
+        (WRAPPED, wrapped_get, n),
         ("view.get(str)", view_get, n),
         ("view.get(uuid.UUID)", view_get_uuid, n),
         ("view[str]", view_getitem, n),
