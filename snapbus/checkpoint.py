@@ -41,13 +41,15 @@ __all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "dumps", "read_che
            "read_offsets", "write_checkpoint", "write_file"]
 
 MAGIC = b"SNAPBUS-CHECKPOINT\n"
-FORMAT_VERSION = 3
-"""The checkpoint format this version writes and reads (3: index groups are lists or sets)."""
+FORMAT_VERSION = 4
+"""The checkpoint format this version writes and reads (3: index groups are lists or sets;
+4: encoded sessions are stored compact, `Checkpoint.compact_prefix`)."""
 _PREFIX = struct.Struct(">II")
 _MAX_HEADER = 1 << 24  # (offsets of a few thousand partitions take far less)
 
 Session = bytes | tuple[str, ...]
-"""One session: its encoded value, or its nine snapshot fields in schema order."""
+"""One session: its encoded value as `Codec.compact` left it, or its nine snapshot fields in
+schema order."""
 Index = dict[str, "list[str] | set[str]"]
 """An index: indexed value -> the keys of the sessions having it."""
 
@@ -74,6 +76,9 @@ class Checkpoint:
     """Sessions' latest record timestamps (ms), where the view tracked them (a TTL)."""
     created_ms: int
     """When the checkpoint was written (ms since the epoch)."""
+    compact_prefix: bytes = b""
+    """The header the encoded sessions were stored without (`Codec.compact_prefix`): a
+    reader must have the same to expand them."""
 
 
 def write_checkpoint(path: str | Path, checkpoint: Checkpoint) -> int:
@@ -97,6 +102,7 @@ def dumps(checkpoint: Checkpoint) -> bytes:
         "sessions": len(checkpoint.sessions),
         "crc32": zlib.crc32(body),
         "created_ms": checkpoint.created_ms,
+        "compact_prefix": checkpoint.compact_prefix.hex(),
     }).encode()
     return b"".join((MAGIC, _PREFIX.pack(FORMAT_VERSION, len(header)), header, body))
 
@@ -170,6 +176,7 @@ def read_checkpoint(path: str | Path, *, topic: str, partitions: int | None = No
         state = _unmarshal(body) if digest_ok and same_topic else None
         offsets = {int(p): int(o) for p, o in header["offsets"].items()}
         sessions = int(header["sessions"])
+        compact_prefix = bytes.fromhex(header["compact_prefix"])
     except (ValueError, KeyError, TypeError, EOFError, AttributeError) as exc:
         raise CheckpointError(f"{path} is corrupt ({type(exc).__name__}: {exc})") from None
     if not digest_ok:
@@ -185,7 +192,7 @@ def read_checkpoint(path: str | Path, *, topic: str, partitions: int | None = No
         raise CheckpointError(f"{path} is corrupt (unexpected contents)")
     return Checkpoint(topic, int(header["partitions"]), offsets,
                       dict(zip(state[0], state[1], strict=True)), state[2], state[3],
-                      int(header.get("created_ms", 0)))
+                      int(header.get("created_ms", 0)), compact_prefix)
 
 
 def _unmarshal(body: bytes | memoryview) -> Any:

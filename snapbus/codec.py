@@ -239,6 +239,23 @@ class Codec:
         return (data[HEADER_SIZE + 1:_SID_END].decode(), data[_SID_END + 1:_IDS_END].decode(),
                 agent, state)
 
+    @property
+    def compact_prefix(self) -> bytes | None:
+        """The header `compact` drops from values (`peek` only accepts values that start with
+        it); None when `peek` accepts nothing."""
+        return None if self._peek_plan is None else self._peek_plan[0]
+
+    def compact(self, data: bytes) -> bytes:
+        """A value `peek` accepted, without what its reader knows anyway: the header (see
+        `compact_prefix`) and the session id (the record's key). 47 bytes less, for a view
+        that keeps values of sessions not read yet; `expand` restores it."""
+        return data[_SID_END:]
+
+    def expand(self, key: str, compact: bytes) -> bytes:
+        """The value `compact` was made of, given the session's key."""
+        assert self._peek_plan is not None
+        return b"".join((self._peek_plan[0], b"\x48", key.encode(), compact))
+
     def decode(self, data: bytes | bytearray | memoryview | None, *,
                key: str | None = None) -> WorkspaceSnapshot:
         """Decode a value into a `WorkspaceSnapshot`.

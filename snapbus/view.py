@@ -391,7 +391,8 @@ class SnapshotView(AsyncLifecycle):
         )
         self._fetch_wait_ms = fetch_max_wait_ms
         # state: canonical session id string -> snapshot; or, for a session not read yet
-        # (decode="lazy"), -> its encoded value, in `_encoded` (a session is in one of the two:
+        # (decode="lazy"), -> its encoded value, compact (`Codec.compact`: without the header
+        # and session id), in `_encoded` (a session is in one of the two:
         # two dicts, so a read never touches the value to tell which it is); plus exact
         # secondary indexes
         self._data: dict[str, WorkspaceSnapshot] = {}
@@ -552,7 +553,8 @@ class SnapshotView(AsyncLifecycle):
         sessions.update((key, snapshot._values()) for key, snapshot in self._data.items())
         data = checkpoint.dumps(checkpoint.Checkpoint(
             self.config.topic, len(self._reader.partitions), dict(self._reader.positions),
-            sessions, self._indexes(), self._stamps, checkpoint.now_ms()))
+            sessions, self._indexes(), self._stamps, checkpoint.now_ms(),
+            self._codec.compact_prefix or b""))
         del sessions
         size = await asyncio.to_thread(checkpoint.write_file, target, data)
         log.info("view of %s saved %d sessions to %s (%d bytes)", self.config.topic,
@@ -572,6 +574,9 @@ class SnapshotView(AsyncLifecycle):
             problem = "" if saved.partitions == len(reader.partitions) else (
                 f"{path} is for {saved.partitions} partitions; topic {self.config.topic!r} "
                 f"now has {len(reader.partitions)}")
+            if not problem and saved.compact_prefix != (self._codec.compact_prefix or b""):
+                problem = (f"{path} keeps values of schema {saved.compact_prefix[2:].hex()}; "
+                           "this process's current schema is another")
         if problem:
             log.warning("view of %s: ignoring checkpoint, replaying the whole topic: %s",
                         self.config.topic, problem, extra={"topic": self.config.topic})
@@ -744,7 +749,7 @@ class SnapshotView(AsyncLifecycle):
         session's last good snapshot is looked up in the log (`_repair_lazy`).
         """
         try:
-            snapshot = self._codec.decode(value, key=key)
+            snapshot = self._codec.decode(self._codec.expand(key, value), key=key)
         except DecodeError as exc:
             if self._lazy_failed.get(key) is not value:
                 self._lazy_failed[key] = value
@@ -759,8 +764,8 @@ class SnapshotView(AsyncLifecycle):
             self._data[key] = snapshot
         return snapshot
 
-    def _encoded_fields(self, value: bytes) -> _Fields:
-        peeked = self._codec.peek(value)
+    def _encoded_fields(self, key: str, value: bytes) -> _Fields:
+        peeked = self._codec.peek(self._codec.expand(key, value))
         assert peeked is not None  # it was peeked when stored
         return peeked[1], peeked[2], peeked[3]
 
@@ -1080,6 +1085,7 @@ class SnapshotView(AsyncLifecycle):
         repair: set[bytes | None] = set()
         unreported: set[tuple[int, bytes | None]] = set()
         data, encoded, peek = self._data, self._encoded, self._codec.peek
+        compact = self._codec.compact
         by_repo, by_agent, by_state = self._indexes()
         for partition, stash in stashes.items():
             self._records_superseded -= len(stash)
@@ -1109,7 +1115,7 @@ class SnapshotView(AsyncLifecycle):
                             # (sid is canonical: so is the key when equal)
                             if (key == sid.encode() and sid not in data
                                     and sid not in encoded):
-                                encoded[sid] = value
+                                encoded[sid] = compact(value)
                                 _add_new(by_repo, repo, sid)
                                 _add_new(by_agent, agent, sid)
                                 _add_new(by_state, state, sid)
@@ -1197,9 +1203,9 @@ class SnapshotView(AsyncLifecycle):
         if old is None:
             value = self._encoded.pop(key, None)
             if value is not None:  # never read: decode it to compare and report the change
-                old_fields = self._encoded_fields(value)
+                old_fields = self._encoded_fields(key, value)
                 with contextlib.suppress(DecodeError):  # (a bad value, being replaced)
-                    old = self._codec.decode(value, key=key)
+                    old = self._codec.decode(self._codec.expand(key, value), key=key)
         if new is None:
             if old_fields is None:
                 return

@@ -737,6 +737,17 @@ def test_peek_of_mutated_encodings_is_none_or_what_decode_reads(data: st.DataObj
     assert peeked is None or peeked == peek_of(decoded)
 
 
+@given(snapshots())
+def test_compact_values_expand_to_what_they_were(snap: WorkspaceSnapshot) -> None:
+    codec, value = default_codec(), encode(snap)
+    compact = codec.compact(value)
+    assert len(compact) == len(value) - 47  # the 10-byte header and the session id
+    assert codec.compact_prefix is not None
+    assert value.startswith(codec.compact_prefix)
+    assert compact.startswith(b"\x48" + snap.repo_key.encode())  # what follows the session id
+    assert codec.expand(snap.key, compact) == value
+
+
 def test_peek_declines_other_schemas_and_garbage(v1: Schema, v2: Schema) -> None:
     old_writer = Codec(SchemaStore(v1))
     new_reader = Codec(SchemaStore(v2, [v1]))
