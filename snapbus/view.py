@@ -1076,9 +1076,10 @@ class SnapshotView(AsyncLifecycle):
         """Apply the latest record of every key seen during the initial replay.
 
         With ``decode="lazy"``, a new session's value is only peeked at (`Codec.peek`) for its
-        indexed fields and kept as it is, decoded on first read (`_decoded`); anything else
-        (a tombstone, an older schema, a bad value, a session already in the view) is
-        decoded now. A bad one is reported once `_repair` has found its record in the log.
+        indexed fields and kept encoded (`Codec.compact`), decoded on first read
+        (`_decoded`); anything else (a tombstone, an older schema, a bad value, a session
+        already in the view) is decoded now. A bad one is reported once `_repair` has found
+        its record in the log.
         """
         stashes, self._stash = self._stash, None
         assert stashes is not None
