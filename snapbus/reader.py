@@ -145,6 +145,9 @@ class BarrierProbe:
         return len(self.targets) >= partitions
 
 
+_QUICK_READ_MS = 5
+"""How long a read waits for records while the log ends are not all known yet."""
+
 class PartitionReader:
     """Reads all partitions of one topic from given offsets (default: the beginning).
 
@@ -262,6 +265,10 @@ class PartitionReader:
         After it returns, `positions`, `end_targets` and `highwater` reflect what was fetched.
         """
         consumer = self._consumer
+        if len(self.end_targets) < len(self._tps):
+            # (until a fetch has told every log end: an empty tail answers only after the
+            # broker's long-poll, which a full-length wait here would just miss)
+            timeout_ms = min(timeout_ms, _QUICK_READ_MS)
         batches: dict[int, list[Record]]
         if self._raw:
             batches = await _read_raw(consumer, timeout_ms / 1000, self._max_records)
