@@ -148,6 +148,7 @@ class BarrierProbe:
 _QUICK_READ_MS = 5
 """How long a read waits for records while the log ends are not all known yet."""
 
+
 class PartitionReader:
     """Reads all partitions of one topic from given offsets (default: the beginning).
 
