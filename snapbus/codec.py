@@ -240,10 +240,10 @@ class Codec:
                 agent, state)
 
     @property
-    def compact_prefix(self) -> bytes | None:
+    def compact_prefix(self) -> bytes:
         """The header `compact` drops from values (`peek` only accepts values that start with
-        it); None when `peek` accepts nothing."""
-        return None if self._peek_plan is None else self._peek_plan[0]
+        it); empty when `peek` accepts nothing."""
+        return b"" if self._peek_plan is None else self._peek_plan[0]
 
     def compact(self, data: bytes) -> bytes:
         """A value `peek` accepted, without what its reader knows anyway: the header (see
@@ -254,7 +254,7 @@ class Codec:
     def expand(self, key: str, compact: bytes) -> bytes:
         """The value `compact` was made of, given the session's key."""
         assert self._peek_plan is not None
-        return b"".join((self._peek_plan[0], b"\x48", key.encode(), compact))
+        return b"".join((self.compact_prefix, b"\x48", key.encode(), compact))
 
     def decode(self, data: bytes | bytearray | memoryview | None, *,
                key: str | None = None) -> WorkspaceSnapshot:

@@ -235,23 +235,8 @@ sessions of a large replay cost more than reading them."""
 _SMALL_GROUP = 32
 
 
-def _add(index: _Index, value: str, key: str) -> None:
-    """Add `key` to the group of `value`."""
-    members = index.get(value)
-    if members is None:
-        index[value] = [key]
-    elif isinstance(members, list):
-        if key not in members:
-            if len(members) < _SMALL_GROUP:
-                members.append(key)
-            else:
-                index[value] = {*members, key}
-    else:
-        members.add(key)
-
-
 def _add_new(index: _Index, value: str, key: str) -> None:
-    """`_add` for a key known to be in no group of `index` (no membership test)."""
+    """Add `key`, known to be in no group of `index`, to the group of `value`."""
     members = index.get(value)
     if members is None:
         index[value] = [key]
@@ -261,6 +246,13 @@ def _add_new(index: _Index, value: str, key: str) -> None:
         members.append(key)
     else:
         index[value] = {*members, key}
+
+
+def _add(index: _Index, value: str, key: str) -> None:
+    """Add `key` to the group of `value` (if it is not there yet)."""
+    members = index.get(value)
+    if members is None or key not in members:
+        _add_new(index, value, key)
 
 
 def _discard(index: _Index, value: str, key: str) -> None:
@@ -554,7 +546,7 @@ class SnapshotView(AsyncLifecycle):
         data = checkpoint.dumps(checkpoint.Checkpoint(
             self.config.topic, len(self._reader.partitions), dict(self._reader.positions),
             sessions, self._indexes(), self._stamps, checkpoint.now_ms(),
-            self._codec.compact_prefix or b""))
+            self._codec.compact_prefix))
         del sessions
         size = await asyncio.to_thread(checkpoint.write_file, target, data)
         log.info("view of %s saved %d sessions to %s (%d bytes)", self.config.topic,
@@ -574,7 +566,7 @@ class SnapshotView(AsyncLifecycle):
             problem = "" if saved.partitions == len(reader.partitions) else (
                 f"{path} is for {saved.partitions} partitions; topic {self.config.topic!r} "
                 f"now has {len(reader.partitions)}")
-            if not problem and saved.compact_prefix != (self._codec.compact_prefix or b""):
+            if not problem and saved.compact_prefix != self._codec.compact_prefix:
                 problem = (f"{path} keeps values of schema {saved.compact_prefix[2:].hex()}; "
                            "this process's current schema is another")
         if problem:
@@ -763,11 +755,6 @@ class SnapshotView(AsyncLifecycle):
             del self._encoded[key]
             self._data[key] = snapshot
         return snapshot
-
-    def _encoded_fields(self, key: str, value: bytes) -> _Fields:
-        peeked = self._codec.peek(self._codec.expand(key, value))
-        assert peeked is not None  # it was peeked when stored
-        return peeked[1], peeked[2], peeked[3]
 
     def _select(self, index: _Index, key: str) -> list[WorkspaceSnapshot]:
         return self._snapshots(index.get(key, ()))
@@ -1204,9 +1191,12 @@ class SnapshotView(AsyncLifecycle):
         if old is None:
             value = self._encoded.pop(key, None)
             if value is not None:  # never read: decode it to compare and report the change
-                old_fields = self._encoded_fields(key, value)
+                full = self._codec.expand(key, value)
+                peeked = self._codec.peek(full)
+                assert peeked is not None  # it was peeked when stored
+                old_fields = peeked[1], peeked[2], peeked[3]
                 with contextlib.suppress(DecodeError):  # (a bad value, being replaced)
-                    old = self._codec.decode(self._codec.expand(key, value), key=key)
+                    old = self._codec.decode(full, key=key)
         if new is None:
             if old_fields is None:
                 return

@@ -41,7 +41,7 @@ def checkpoint_of(topic: str, partitions: int, offsets: dict[int, int],
             index.setdefault(value, set()).add(s.key)
     stamps = {s.key: created_ms - i for i, s in enumerate(snapshots)}
     return Checkpoint(topic, partitions, offsets, sessions, indexes, stamps,  # type: ignore[arg-type]
-                      created_ms, codec.compact_prefix or b"")
+                      created_ms, codec.compact_prefix)
 
 
 def sample(path: Path, topic: str = "sessions", partitions: int = 3) -> Checkpoint:

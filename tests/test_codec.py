@@ -742,7 +742,7 @@ def test_compact_values_expand_to_what_they_were(snap: WorkspaceSnapshot) -> Non
     codec, value = default_codec(), encode(snap)
     compact = codec.compact(value)
     assert len(compact) == len(value) - 47  # the 10-byte header and the session id
-    assert codec.compact_prefix is not None
+    assert codec.compact_prefix
     assert value.startswith(codec.compact_prefix)
     assert compact.startswith(b"\x48" + snap.repo_key.encode())  # what follows the session id
     assert codec.expand(snap.key, compact) == value
