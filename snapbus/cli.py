@@ -25,6 +25,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from snapbus._signals import stop_on_signals
 from snapbus.config import DEFAULT_TOPIC, KafkaConfig
 from snapbus.errors import SnapbusError, ValidationError
 from snapbus.snapshot import WorkspaceSnapshot, parse_uuid
@@ -187,11 +188,13 @@ def broker(port: int | None, durable: bool) -> None:
     from snapbus.broker import EmbeddedBroker
 
     async def serve() -> None:
-        async with EmbeddedBroker(port=port, durable=durable) as embedded:
-            click.echo(f"broker listening on {embedded.bootstrap_servers}")
-            click.echo(f"  export SNAPBUS_BOOTSTRAP_SERVERS={embedded.bootstrap_servers}")
-            sys.stdout.flush()
-            await asyncio.Event().wait()
+        stop = asyncio.Event()
+        with stop_on_signals(stop):
+            async with EmbeddedBroker(port=port, durable=durable) as embedded:
+                click.echo(f"broker listening on {embedded.bootstrap_servers}")
+                click.echo(f"  export SNAPBUS_BOOTSTRAP_SERVERS={embedded.bootstrap_servers}")
+                sys.stdout.flush()
+                await stop.wait()
 
     _run(serve())
 

@@ -39,7 +39,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -60,6 +59,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "pip install 'snapbus[serve]'"
     ) from exc
 
+from snapbus._signals import stop_on_signals
 from snapbus.config import KafkaConfig
 from snapbus.errors import ConfigError, PublishError, ValidationError, ViewError
 from snapbus.janitor import Janitor
@@ -419,13 +419,7 @@ async def run_server(
     for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
         registry.register(collector)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    handled: list[signal.Signals] = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signum, stop.set)
-            handled.append(signum)
-    try:
+    with stop_on_signals(stop):
         async with contextlib.AsyncExitStack() as stack:
             # Cheap checks first, so that a failure leaves nothing half started.
             sock = _listen(host, port)
@@ -461,6 +455,3 @@ async def run_server(
                         task.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
                             await task
-    finally:
-        for signum in handled:
-            loop.remove_signal_handler(signum)
