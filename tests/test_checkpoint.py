@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import marshal
 import struct
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from aiokafka import AIOKafkaProducer
 
 from snapbus import KafkaConfig, SnapshotPublisher, SnapshotView, WorkspaceSnapshot
 from snapbus.checkpoint import (
+    FORMAT_VERSION,
     MAGIC,
     Checkpoint,
     CheckpointError,
@@ -83,9 +86,10 @@ def test_corrupt_truncated_foreign_and_other_versions_are_refused(tmp_path: Path
     with pytest.raises(CheckpointError, match="format 99"):
         read_checkpoint(path, topic="sessions", partitions=3)
 
-    path.write_bytes(b"PK\x03\x04 a zip file")
-    with pytest.raises(CheckpointError, match="not a snapbus checkpoint"):
-        read_checkpoint(path, topic="sessions", partitions=3)
+    for alien in (b"PK\x03\x04 a zip file", b""):
+        path.write_bytes(alien)
+        with pytest.raises(CheckpointError, match="not a snapbus checkpoint"):
+            read_checkpoint(path, topic="sessions", partitions=3)
 
     header_len = struct.unpack_from(">II", data, len(MAGIC))[1]
     start = len(MAGIC) + 8
@@ -99,6 +103,14 @@ def test_corrupt_truncated_foreign_and_other_versions_are_refused(tmp_path: Path
 
     with pytest.raises(CheckpointError, match="cannot read"):
         read_checkpoint(tmp_path / "missing.ckpt", topic="sessions", partitions=3)
+
+    # an intact file whose body is not what this format holds (format 4's shape)
+    body = marshal.dumps(([], [], ({}, {}, {}), {}))
+    header["crc32"], header["sessions"] = zlib.crc32(body), 0
+    other = json.dumps(header).encode()
+    path.write_bytes(MAGIC + struct.pack(">II", FORMAT_VERSION, len(other)) + other + body)
+    with pytest.raises(CheckpointError, match="unexpected contents"):
+        read_checkpoint(path, topic="sessions", partitions=3)
 
 
 def test_offsets_are_read_from_the_header_alone(tmp_path: Path) -> None:
