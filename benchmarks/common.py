@@ -149,15 +149,17 @@ def _uuid(rng: random.Random) -> str:
 
 
 def make_records(
-    n_sessions: int, n_records: int, *, seed: int = 1, tombstone_every: int = 0
+    n_sessions: int, n_records: int, *, seed: int = 1, tombstone_every: int = 0,
+    intent_words: tuple[int, int] = (8, 60),
 ) -> list[dict[str, str] | tuple[str, None]]:
     """Return `n_records` snapshot records (plain dicts, as the codec takes them) over
     `n_sessions` sessions.
 
     The first `n_sessions` records create every session (state ``active``); the rest update
     random sessions: state transitions, a new base commit, sometimes an edited intent. Sizes are
-    like production: ~60-400 character intents, 40-hex commits, ~1 repo per 20 sessions, ~1 agent
-    per 5. With `tombstone_every` > 0, every n-th update is a tombstone, returned as
+    like production: ~60-400 character intents (`intent_words`: 8 to 60 words; values average
+    about 460 bytes), 40-hex commits, ~1 repo per 20 sessions, ~1 agent per 5. With
+    `tombstone_every` > 0, every n-th update is a tombstone, returned as
     ``(session_id, None)`` (a later update of that session re-creates it).
     """
     if n_records < n_sessions:
@@ -174,7 +176,7 @@ def make_records(
         for i in range(max(1, n_sessions // 5))
     ]
     intents = [
-        " ".join(rng.choice(_WORDS) for _ in range(rng.randint(8, 60))).capitalize()
+        " ".join(rng.choice(_WORDS) for _ in range(rng.randint(*intent_words))).capitalize()
         for _ in range(2000)
     ]
     sessions: list[dict[str, str]] = []
