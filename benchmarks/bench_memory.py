@@ -42,7 +42,6 @@ sessions (1M records; several minutes, not part of the default run).
 from __future__ import annotations
 
 import gc
-import inspect
 import io
 import sys
 import time
@@ -180,7 +179,7 @@ async def run(runs: int, quick: bool, scale: bool = False) -> list[dict[str, Any
     params["reference_intent_words"] = list(REFERENCE_INTENT_WORDS)
     c = common.Collector("memory", params)
     passes = min(runs, MAX_PASSES)
-    default_words = inspect.signature(common.make_records).parameters["intent_words"].default
+    default_words = common.DEFAULT_INTENT_WORDS
     sizes = [(n_sessions, n_records, passes, "", default_words)]
     if scale:
         sizes.append((SCALE_SESSIONS, SCALE_SESSIONS, 1, "-scale", default_words))

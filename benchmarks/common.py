@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from typing import Any
 
 __all__ = [
+    "DEFAULT_INTENT_WORDS",
     "BenchBroker",
     "Collector",
     "bench_broker",
@@ -144,13 +145,17 @@ _STATES = ("active",) * 6 + ("submitted",) * 2 + ("merged", "abandoned")
 _MODES = ("ephemeral",) * 3 + ("persistent",)
 
 
+DEFAULT_INTENT_WORDS = (8, 60)
+"""How many words `make_records` puts in an intent by default (values of about 460 bytes)."""
+
+
 def _uuid(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
 def make_records(
     n_sessions: int, n_records: int, *, seed: int = 1, tombstone_every: int = 0,
-    intent_words: tuple[int, int] = (8, 60),
+    intent_words: tuple[int, int] = DEFAULT_INTENT_WORDS,
 ) -> list[dict[str, str] | tuple[str, None]]:
     """Return `n_records` snapshot records (plain dicts, as the codec takes them) over
     `n_sessions` sessions.
