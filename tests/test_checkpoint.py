@@ -69,11 +69,11 @@ def test_corrupt_truncated_foreign_and_other_versions_are_refused(tmp_path: Path
     flipped = bytearray(data)
     flipped[-3] ^= 0x40
     path.write_bytes(bytes(flipped))
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match=r"ckpt is corrupt \("):
         read_checkpoint(path, topic="sessions", partitions=3)
 
     path.write_bytes(data[:-10])
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match=r"ckpt is corrupt \("):
         read_checkpoint(path, topic="sessions", partitions=3)
 
     path.write_bytes(data)
@@ -96,9 +96,9 @@ def test_corrupt_truncated_foreign_and_other_versions_are_refused(tmp_path: Path
     header = json.loads(data[start:start + header_len])
     del header["crc32"]
     broken = json.dumps(header).encode()
-    path.write_bytes(MAGIC + struct.pack(">II", 1, len(broken)) + broken
+    path.write_bytes(MAGIC + struct.pack(">II", FORMAT_VERSION, len(broken)) + broken
                      + data[start + header_len:])
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match=r"ckpt is corrupt \("):
         read_checkpoint(path, topic="sessions", partitions=3)
 
     with pytest.raises(CheckpointError, match="cannot read"):
