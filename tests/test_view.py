@@ -31,7 +31,7 @@ from snapbus.errors import (
     ViewError,
 )
 from snapbus.publisher import Receipt, SnapshotPublisher
-from snapbus.reader import _raw_fetch_supported
+from snapbus.reader import PartitionReader, _raw_fetch_supported
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.topic import DEFAULT_PARTITIONS, ensure_topic
 from snapbus.view import Change, ChangeStream, SnapshotView
@@ -920,3 +920,30 @@ async def test_read_committed_view_reads_through_getmany(
             await view.barrier(timeout=WAIT_S)
             assert sorted(view.snapshots(), key=lambda s: s.key) == sorted(
                 written, key=lambda s: s.key)
+
+
+@pytest.mark.parametrize("isolation", ["read_uncommitted", "read_committed"])
+async def test_read_returns_with_the_next_fetch_already_sent(
+    broker: BrokerAddress, topic_name: str, isolation: str
+) -> None:
+    # While a view works through what one read returned, the broker should be preparing the
+    # next fetch: a replay then reads and applies at once, not in turn
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    async with SnapshotPublisher(config, linger_ms=0) as publisher:
+        await publisher.publish_many([make_snapshot() for _ in range(40)])
+    reader = PartitionReader(config, consumer_options={**SMALL_FETCHES,
+                                                       "isolation_level": isolation})
+    await reader.open()
+    try:
+        connections = reader._consumer._client._conns.values()
+        reads = 0
+        while not reader.caught_up_to_start():
+            if await reader.read(timeout_ms=100):
+                reads += 1
+                written = [type(request).__name__ for conn in connections
+                           for _, request, _ in conn._requests]
+                assert any(name.startswith("FetchRequest") for name in written), \
+                    f"read returned before the next fetch was sent (awaiting answers: {written})"
+        assert reads > 1
+    finally:
+        await reader.close()
