@@ -286,18 +286,19 @@ class PartitionReader:
         else:
             fetched = await consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_records)
             batches = {tp.partition: records for tp, records in fetched.items()}
-        for p, tp in self._tps.items():
-            position = await consumer.position(tp)
+        positions = {p: await consumer.position(tp) for p, tp in self._tps.items()}
+        if batches and any(position < (consumer.highwater(self._tps[p]) or 0)
+                           for p, position in positions.items()):
+            for _ in range(_SEND_TURNS):  # (before `positions` counts these records)
+                await asyncio.sleep(0)
+        for p, position in positions.items():
             if position < self.positions.get(p, 0):
                 self.rewound.add(p)  # the consumer reset: the log was truncated under us
             self.positions[p] = position
             if p not in self.end_targets:
-                hw = consumer.highwater(tp)
+                hw = consumer.highwater(self._tps[p])
                 if hw is not None:
                     self.end_targets[p] = hw
-        if batches and any(self.lag().values()):
-            for _ in range(_SEND_TURNS):
-                await asyncio.sleep(0)
         return batches
 
     def highwater(self, partition: int) -> int | None:
