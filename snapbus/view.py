@@ -399,6 +399,10 @@ class SnapshotView(AsyncLifecycle):
         self._tombstones = 0
         self._decode_errors = 0
         self._last_offsets: dict[int, int] = {}
+        # the reader's positions as of the last read whose records are all applied: what
+        # `wait_for` and checkpoints go by (a read's records are applied in chunks, with the
+        # event loop running in between, and the reader's positions count them all at once)
+        self._applied: dict[int, int] = {}
         self._started_at: float | None = None
         self._catch_up_seconds: float | None = None
         self._caught_up: asyncio.Event = asyncio.Event()
@@ -529,7 +533,9 @@ class SnapshotView(AsyncLifecycle):
         """Save the view's state and offsets to a checkpoint file; return its size in bytes.
 
         The state and offsets are captured at one instant (no await in between); the file is
-        written in a worker thread, atomically.
+        written in a worker thread, atomically. The offsets are those of the last read whose
+        records are all applied: the state may hold some records after them (a read applied
+        in part), which a restart from the file reads again, to the same end state.
 
         Raises:
             ViewError: the view is not running, or has not caught up yet.
@@ -544,7 +550,7 @@ class SnapshotView(AsyncLifecycle):
         sessions: dict[str, checkpoint.Session] = dict(self._encoded)
         sessions.update((key, snapshot._values()) for key, snapshot in self._data.items())
         data = checkpoint.dumps(checkpoint.Checkpoint(
-            self.config.topic, len(self._reader.partitions), dict(self._reader.positions),
+            self.config.topic, len(self._reader.partitions), dict(self._applied),
             sessions, self._indexes(), self._stamps, checkpoint.now_ms(),
             self._codec.compact_prefix))
         del sessions
@@ -817,8 +823,7 @@ class SnapshotView(AsyncLifecycle):
         if receipt.topic != self.config.topic:
             raise ViewError(f"receipt is for topic {receipt.topic!r}, the view reads "
                             f"{self.config.topic!r}")
-        applied = self._stash is None  # records read during the initial replay wait there
-        if applied and self._reader.positions.get(receipt.partition, 0) > receipt.offset:
+        if self._applied.get(receipt.partition, 0) > receipt.offset:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._offset_waiters.append((receipt.partition, receipt.offset, future))
@@ -884,6 +889,8 @@ class SnapshotView(AsyncLifecycle):
                     or reader.caught_up_to_start()
                 ):
                     await self._flush_stash()
+                if self._stash is None:
+                    self._applied = dict(reader.positions)
                 if gc_paused and self._stash is None:
                     gc_paused = False
                     gc.enable()
@@ -962,7 +969,7 @@ class SnapshotView(AsyncLifecycle):
             log.info("view of %s caught up: %d sessions in %.2f s", self.config.topic,
                      len(self), self._catch_up_seconds, extra={"topic": self.config.topic})
         if self._offset_waiters:
-            positions = reader.positions
+            positions = self._applied
             pending = []
             for partition, offset, future in self._offset_waiters:
                 if positions.get(partition, 0) > offset:

@@ -14,6 +14,7 @@ import random
 import socket
 import uuid
 import weakref
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
@@ -34,7 +35,7 @@ from snapbus.publisher import Receipt, SnapshotPublisher
 from snapbus.reader import PartitionReader, _raw_fetch_supported
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.topic import DEFAULT_PARTITIONS, ensure_topic
-from snapbus.view import Change, ChangeStream, SnapshotView
+from snapbus.view import _APPLY_CHUNK, Change, ChangeStream, SnapshotView
 from tests.helpers import eventually, list_topics, make_snapshot
 
 if TYPE_CHECKING:
@@ -947,3 +948,46 @@ async def test_read_returns_with_the_next_fetch_already_sent(
         assert reads > 1
     finally:
         await reader.close()
+
+
+async def test_a_read_applied_in_part_counts_as_unread(
+    broker: BrokerAddress, topic_name: str, tmp_path: Path
+) -> None:
+    # A live view applies a large read in chunks and lets other coroutines run in between,
+    # while the reader's positions already count the whole read. Meanwhile, wait_for must not
+    # return for a record not applied yet, nor a checkpoint claim it: a restart from that
+    # checkpoint would never read it
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    burst = [make_snapshot() for _ in range(3 * _APPLY_CHUNK)]
+    path = tmp_path / "view.ckpt"
+    async with SnapshotPublisher(config, partitions=1) as publisher, new_view(config) as view:
+        consumer = view._reader._consumer
+        consumer.pause(*consumer.assignment())  # the burst then comes in one read on resume
+        await eventually(lambda: not consumer._fetcher._in_flight
+                         and not consumer._fetcher._records, what="fetches drained")
+        receipts = await publisher.publish_many(burst)
+        last, receipt = burst[-1], receipts[-1]
+
+        async def in_the_window(act: Any) -> bool:
+            """Run `act` once the reader's position is past `last` and the view lacks it."""
+            while last.session_id not in view:
+                if view._reader.positions.get(receipt.partition, 0) > receipt.offset:
+                    await act()
+                    return True
+                await asyncio.sleep(0)
+            return False
+
+        async def wait_then_read() -> None:
+            await view.wait_for(receipt, timeout=WAIT_S)
+            assert view.get(last.session_id) == last, "wait_for returned before the apply"
+
+        async def save() -> None:
+            await view.save_checkpoint(path)
+
+        watchers = asyncio.gather(in_the_window(wait_then_read), in_the_window(save))
+        view._reader.resume()
+        assert await asyncio.wait_for(watchers, WAIT_S) == [True, True]
+    async with new_view(config, checkpoint_path=path) as restarted:
+        assert restarted.stats.checkpoint_sessions is not None
+        assert restarted.get(last.session_id) == last
+        assert len(restarted) == len(burst)
