@@ -153,7 +153,7 @@ _SEND_TURNS = 3
 so that aiokafka sends the next fetch before the caller works through these: taking records
 wakes its fetch routine (1), which starts a request task (2), which writes the request (3).
 Without this the broker sat idle while a replay's records were applied, and the replay sat idle
-while the broker read the next ones: a view of a 1M-record log took 2.9 s to start, 2.5 s
+while the broker read the next ones: a view of a 1M-record log took about 3.0 s to start, 2.5 s
 with the overlap. Not when the read reached the log end (a view following it live): there
 it only delayed the records (publish-to-visible p50 +0.7 ms at fetch_max_wait_ms=20). Too
 few turns only lose the overlap (`test_read_returns_with_the_next_fetch_already_sent`)."""
