@@ -131,9 +131,10 @@ def read_offsets(path: str | Path, *, topic: str, partitions: int) -> dict[int, 
     For starting to fetch the log's tail while `read_checkpoint` loads and checks the rest
     (which reads the same offsets from the same header).
     """
+    path = Path(path)
     try:
-        with Path(path).open("rb") as file, _mapped(file) as data:
-            header, _ = _header(Path(path), data)
+        with path.open("rb") as file, _mapped(file) as data:
+            header, _ = _header(path, data)
         if header["topic"] != topic or header["partitions"] != partitions:
             return None
         return _offsets(header)

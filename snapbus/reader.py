@@ -287,16 +287,16 @@ class PartitionReader:
             fetched = await consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_records)
             batches = {tp.partition: records for tp, records in fetched.items()}
         positions = {p: await consumer.position(tp) for p, tp in self._tps.items()}
-        if batches and any(position < (consumer.highwater(self._tps[p]) or 0)
-                           for p, position in positions.items()):
+        if batches and any(positions[p] < (consumer.highwater(tp) or 0)
+                           for p, tp in self._tps.items()):
             for _ in range(_SEND_TURNS):  # (before `positions` counts these records)
                 await asyncio.sleep(0)
-        for p, position in positions.items():
-            if position < self.positions.get(p, 0):
+        for p, tp in self._tps.items():
+            if positions[p] < self.positions.get(p, 0):
                 self.rewound.add(p)  # the consumer reset: the log was truncated under us
-            self.positions[p] = position
+            self.positions[p] = positions[p]
             if p not in self.end_targets:
-                hw = consumer.highwater(self._tps[p])
+                hw = consumer.highwater(tp)
                 if hw is not None:
                     self.end_targets[p] = hw
         return batches
