@@ -5,11 +5,16 @@ once (pre-encoded) and a `SnapshotView` is started over it (it must hold every s
 over one random sequence of session ids (200k lookups, quick 50k; canonical lowercase strings
 that are distinct objects from the view's keys, as if parsed from a request), each run times a tight
 loop per case with ``time.perf_counter_ns``, garbage collection off, right after an untimed
-pass of the same loop (so every case runs with warm caches and the strings' hashes cached):
+pass of the same loop (so every case runs with warm caches and the strings' hashes cached),
+the cases in a new random order each run:
 
 - ``dict.get(str)``: the baseline, a plain ``dict`` holding the same `WorkspaceSnapshot`
   objects under the same keys: the floor of an in-memory lookup (loop overhead included, as
   in every case).
+- ``dict.get(str)`` followed by ``len(str)`` of the key: one more C call per lookup and no
+  other memory touched. In a tight loop the CPU overlaps the cache misses of consecutive
+  lookups; any work added per lookup, even this, overlaps fewer of them and costs far more
+  than its own few nanoseconds (see the README).
 - A one-line Python function around that ``dict.get``: what any method of a Python class
   costs at least (one call frame), the floor for ``view.get``.
 - ``view.get(str)``, ``view.get(uuid.UUID)``, ``view[str]``, ``str in view``; and
@@ -53,6 +58,7 @@ except ImportError:  # run as a script: benchmarks/ is on sys.path
 
 FETCH_MAX_WAIT_MS = 100
 BASELINE = "dict.get(str) (plain dict, same snapshots)"
+ONE_MORE_CALL = "dict.get(str), then len(str): one more C call per lookup, nothing else"
 WRAPPED = "a one-line Python function returning dict.get(str) (the floor of any Python API)"
 INDEX_BASELINE = "hand-built dict[str, set[str]] index"
 FIRST_READ = "view.get(str).intent, first read of a session (decodes it)"
@@ -156,6 +162,12 @@ def _lookup_cases(view: Any, plain: dict[str, Any], keys: list[str], uuids: list
         for k in keys:
             get(k)
 
+    def dict_get_len() -> None:
+        get = plain.get
+        for k in keys:
+            get(k)
+            len(k)
+
     def wrapped_get() -> None:
         def get(key: str, default: Any = None, _get: Any = plain.get) -> Any:
             return _get(key, default)
@@ -195,6 +207,7 @@ def _lookup_cases(view: Any, plain: dict[str, Any], keys: list[str], uuids: list
     n, m = len(keys), len(misses)
     return [
         (BASELINE, dict_get, n),
+        (ONE_MORE_CALL, dict_get_len, n),
         (WRAPPED, wrapped_get, n),
         ("view.get(str)", view_get, n),
         ("view.get(uuid.UUID)", view_get_uuid, n),
@@ -343,13 +356,19 @@ async def run(runs: int, quick: bool) -> list[dict[str, Any]]:
                         baseline=INDEX_BASELINE, higher_is_better=False,
                         note=f"{what}. Each query builds its result list of snapshots.")
 
+            order = random.Random(29)
+            timed: dict[str, list[float]] = {name: [] for name, _, _ in lookups}
             for _ in range(runs):
-                for name, body, count in lookups:
-                    c.add("lookup", name, _time_ns(body, count))
+                # a new order each run: no case always runs right after the same other one
+                for name, body, count in order.sample(lookups, len(lookups)):
+                    timed[name].append(_time_ns(body, count))
                 for table, cases in indexes.items():
                     for name, body, count in cases:
                         c.add(table, name, _time_ns(body, count) / 1000)
                 await asyncio.sleep(0)  # let the view's task run between runs
+            for name, values in timed.items():  # (rows in the cases' order)
+                for value in values:
+                    c.add("lookup", name, value)
         await common.delete_topic(bootstrap, config.topic)
     if redis_skip is None:  # blocking client: run it with the view stopped, nothing else going
         _run_redis(c, plain, keys[:n_redis], runs)
