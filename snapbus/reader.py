@@ -287,8 +287,7 @@ class PartitionReader:
             fetched = await consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_records)
             batches = {tp.partition: records for tp, records in fetched.items()}
         positions = {p: await consumer.position(tp) for p, tp in self._tps.items()}
-        if batches and any(positions[p] < (consumer.highwater(tp) or 0)
-                           for p, tp in self._tps.items()):
+        if batches and any(self._lag(positions).values()):
             for _ in range(_SEND_TURNS):  # (before `positions` counts these records)
                 await asyncio.sleep(0)
         for p, tp in self._tps.items():
@@ -363,11 +362,14 @@ class PartitionReader:
 
     def lag(self) -> dict[int, int]:
         """Records between each partition's position and its latest known high watermark."""
+        return self._lag(self.positions)
+
+    def _lag(self, positions: dict[int, int]) -> dict[int, int]:
         lag: dict[int, int] = {}
         for p in self._tps:
             hw = self.highwater(p)
             if hw is not None:
-                lag[p] = max(0, hw - self.positions.get(p, 0))
+                lag[p] = max(0, hw - positions.get(p, 0))
         return lag
 
     async def close(self) -> None:
