@@ -181,17 +181,29 @@ TIME = _TimeType()
 
 
 @cli.command()
-@click.option("--port", type=int, help="Port to listen on (default: a free one).")
-@click.option("--durable", is_flag=True, help="Keep data in S3 storage served by moto.")
-def broker(port: int | None, durable: bool) -> None:
-    """Run an embedded Kafka-compatible broker in the foreground until Ctrl-C."""
+@click.option("--engine", type=click.Choice(["tansu", "kafka"]), default="tansu",
+              show_default=True,
+              help="tansu: Python only, memory storage; kafka: Apache Kafka (needs Java 17+ and "
+                   "Maven).")
+@click.option("--port", type=click.IntRange(1, 65535),
+              help="Port of the plaintext listener (default: a free one).")
+@click.option("--durable", is_flag=True,
+              help="tansu: keep data in S3 storage served by moto (gone when the command "
+                   "ends); kafka always keeps its log on disk.")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="kafka: keep the log in this directory, across restarts of the command.")
+def broker(engine: str, port: int | None, durable: bool, data_dir: str | None) -> None:
+    """Run an embedded Kafka broker in the foreground until Ctrl-C."""
     from snapbus.broker import EmbeddedBroker
 
     async def serve() -> None:
         stop = asyncio.Event()
         with stop_on_signals(stop):
-            async with EmbeddedBroker(port=port, durable=durable) as embedded:
-                click.echo(f"broker listening on {embedded.bootstrap_servers}")
+            async with EmbeddedBroker(
+                engine="kafka" if engine == "kafka" else "tansu", port=port,
+                durable=durable and engine == "tansu", data_dir=data_dir,
+            ) as embedded:
+                click.echo(f"broker listening on {embedded.bootstrap_servers} ({engine})")
                 click.echo(f"  export SNAPBUS_BOOTSTRAP_SERVERS={embedded.bootstrap_servers}")
                 sys.stdout.flush()
                 await stop.wait()

@@ -233,7 +233,11 @@ class PartitionReader:
         self._raw = _raw_fetch_supported(self._client)
         self._started = True
         self._opened_ms = int(time.time() * 1000)
-        partitions = self._consumer.partitions_for_topic(topic)
+        # A whole-cluster Metadata request: the client's bootstrap asked for no topics (Metadata
+        # v1+ reads an empty list as "none"), and naming the topic would auto-create it on
+        # brokers that do that.
+        cluster = await self._consumer._client.fetch_all_metadata()
+        partitions = cluster.partitions_for_topic(topic)
         if not partitions:
             await self.close()
             raise TopicError(
