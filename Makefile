@@ -23,9 +23,18 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed-broker
 	$(BIN)/snapbus demo
 
-## the whole test suite (unit tests, and integration tests against an embedded broker)
+## the whole test suite: unit and integration tests on Tansu, then the integration tests on
+## Apache Kafka (skipped with one line when Java or Maven is missing; on CI that fails the run)
 test: $(VENV)/.installed-dev
 	$(BIN)/pytest
+	@if reason=$$($(BIN)/python -m snapbus._kafka_broker 2>&1); then \
+	  echo "== the integration suite on Apache Kafka ($$reason)"; \
+	  SNAPBUS_TEST_ENGINE=kafka $(BIN)/pytest -m "integration or kafka"; \
+	elif [ -n "$$CI" ]; then \
+	  echo "error: the Kafka leg cannot run: $$reason" >&2; exit 1; \
+	else \
+	  echo "note: the Kafka leg of the tests did not run: $$reason"; \
+	fi
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check snapbus tests benchmarks

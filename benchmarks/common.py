@@ -273,7 +273,9 @@ async def bare_consumer(bootstrap: str, topic: str, wait_ms: int) -> AsyncIterat
     )
     await consumer.start()
     try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        # whole-cluster metadata: the client's bootstrap asked for no topics (Metadata v1+)
+        cluster = await consumer._client.fetch_all_metadata()
+        tps = [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic))]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         yield consumer

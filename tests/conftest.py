@@ -2,8 +2,12 @@
 
 Tests that use the ``broker`` fixture (directly or through another fixture) are marked
 ``integration`` automatically, so ``pytest -m "not integration"`` runs the unit tests alone.
-Set ``SNAPBUS_TEST_BOOTSTRAP_SERVERS`` to run the integration tests against an external broker
-(e.g. Apache Kafka from docker-compose.yml) instead of the embedded one.
+
+The engine under test is ``SNAPBUS_TEST_ENGINE``: ``tansu`` (the default) or ``kafka`` (Apache
+Kafka; `make test` runs the integration suite on both). Tests marked ``kafka`` need what only
+the real Kafka broker has (compaction, SASL, transactions): they are deselected, not skipped,
+on the Tansu leg. Set ``SNAPBUS_TEST_BOOTSTRAP_SERVERS`` to run the integration tests against
+an external cluster instead of an embedded broker.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from uuid import uuid4
 import pytest
 from hypothesis import HealthCheck, settings
 
-from snapbus.broker import EmbeddedBroker
+from tests.helpers import ENGINE, new_broker
 
 # Timing goals belong in the benchmarks: on a small shared machine a slow example is noise,
 # not a failure. Property tests check behaviour only.
@@ -49,7 +53,7 @@ async def broker() -> AsyncIterator[BrokerAddress]:
     if external:
         yield ExternalBroker(external)
         return
-    async with EmbeddedBroker() as embedded:
+    async with new_broker() as embedded:
         yield embedded
 
 
@@ -70,7 +74,19 @@ def topic_name() -> str:
     return f"test-{uuid4().hex[:12]}"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    kept, deselected = [], []
     for item in items:
         if "broker" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
+        if ENGINE != "kafka" and item.get_closest_marker("kafka") is not None:
+            deselected.append(item)
+        else:
+            kept.append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
+
+
+def pytest_report_header() -> str:
+    return f"snapbus engine under test: {ENGINE} (SNAPBUS_TEST_ENGINE)"

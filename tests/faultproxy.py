@@ -34,7 +34,7 @@ from snapbus.broker import EmbeddedBroker
 from snapbus.publisher import Receipt
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.view import SnapshotView
-from tests.helpers import eventually, make_snapshot
+from tests.helpers import eventually, make_snapshot, new_broker
 
 __all__ = [
     "FaultCounters",
@@ -342,7 +342,7 @@ async def proxied_broker(
     broker_port = free_port()
     proxy = FaultProxy(_HOST, broker_port, ssl=ssl, capture=capture)
     await proxy.start()
-    broker = EmbeddedBroker(port=broker_port, advertised_port=proxy.port, durable=durable)
+    broker = new_broker(port=broker_port, advertised_port=proxy.port, durable=durable)
     try:
         await broker.start()
         yield proxy, broker

@@ -3,16 +3,43 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
 
+from snapbus.broker import EmbeddedBroker
 from snapbus.snapshot import WorkspaceSnapshot
 
 WAIT_S = 30.0
 """Default bound of condition waits: generous, it only turns a hang into a failure."""
+
+ENGINE = os.environ.get("SNAPBUS_TEST_ENGINE", "tansu")
+"""The embedded broker engine the integration tests run on: ``tansu`` or ``kafka``."""
+if ENGINE not in ("tansu", "kafka"):
+    raise RuntimeError(f"SNAPBUS_TEST_ENGINE={ENGINE!r}: use tansu or kafka")
+
+KEYLESS_RECORDS_STORED = ENGINE == "tansu"
+"""Whether the broker stores a record without a key on a compacted topic (Apache Kafka refuses
+it with INVALID_RECORD; Tansu stores it, so views must cope with one)."""
+
+KAFKA_TEST_CONFIG: dict[str, object] = {
+    # the log cleaner looks for work every half second instead of every 15 s, so tests that
+    # wait for compaction finish in seconds (topics still opt in with their own settings)
+    "log.cleaner.backoff.ms": 500,
+}
+"""Broker settings of the test suite's Kafka brokers."""
+
+
+def new_broker(*, durable: bool = False, **options: Any) -> EmbeddedBroker:
+    """An embedded broker of the engine under test. `durable`: its data survives ``kill()``
+    (Tansu on S3 storage; Kafka always keeps its log on disk)."""
+    if ENGINE == "kafka":
+        config = {**KAFKA_TEST_CONFIG, **options.pop("broker_config", {})}
+        return EmbeddedBroker(engine="kafka", broker_config=config, **options)
+    return EmbeddedBroker(durable=durable, **options)
 
 
 def make_snapshot(**changes: Any) -> WorkspaceSnapshot:
@@ -46,6 +73,20 @@ async def eventually(predicate: Callable[[], Any], timeout: float = WAIT_S,
         if loop.time() > deadline:
             raise AssertionError(f"{what} not reached within {timeout} s")
         await asyncio.sleep(0.01)
+
+
+async def topic_partitions(bootstrap_servers: str, topic: str) -> list[int]:
+    """The topic's partition numbers (empty if it does not exist), from whole-cluster metadata
+    (naming the topic would auto-create it on some brokers)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        for entry in await admin.describe_topics():
+            if entry["topic"] == topic:
+                return sorted(p["partition"] for p in entry["partitions"])
+        return []
+    finally:
+        await admin.close()
 
 
 async def list_topics(bootstrap_servers: str) -> set[str]:

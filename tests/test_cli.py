@@ -207,20 +207,24 @@ def test_demo_converges_against_a_given_broker(broker: BrokerAddress, topic_name
     assert topic_name in result.output
 
 
+@pytest.mark.parametrize("engine", ["tansu", pytest.param("kafka", marks=pytest.mark.kafka)])
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
-async def test_broker_command_serves_and_stops_cleanly(stop_signal: signal.Signals) -> None:
+async def test_broker_command_serves_and_stops_cleanly(stop_signal: signal.Signals,
+                                                       engine: str) -> None:
     # started with SIGINT ignored, as a non-interactive shell starts a background job (which
     # Python's own SIGINT handling then ignores): the command still stops on either signal
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "snapbus", "broker", stdout=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "snapbus", "broker", "--engine", engine,
+        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     try:
         assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), timeout=30)).decode()
+        line = (await asyncio.wait_for(proc.stdout.readline(), timeout=90)).decode()
         assert line.startswith("broker listening on 127.0.0.1:")
-        address = line.split()[-1]
+        assert line.endswith(f" ({engine})\n")
+        address = line.split()[-2]
         config = KafkaConfig(bootstrap_servers=address, topic="cli-broker-check")
         async with SnapshotPublisher(config) as publisher:
             receipt = await publisher.publish(WorkspaceSnapshot(

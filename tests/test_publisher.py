@@ -17,7 +17,7 @@ from snapbus.errors import KafkaUnavailableError, PublishError, ValidationError
 from snapbus.publisher import Receipt, SnapshotPublisher
 from snapbus.topic import DEFAULT_PARTITIONS, ensure_topic
 from snapbus.view import SnapshotView
-from tests.helpers import make_snapshot
+from tests.helpers import make_snapshot, topic_partitions
 
 if TYPE_CHECKING:
     from tests.conftest import BrokerAddress
@@ -38,10 +38,10 @@ async def read_topic(
         auto_offset_reset="earliest",
         fetch_max_wait_ms=20,
     )
+    partitions = await topic_partitions(bootstrap_servers, topic)
+    assert partitions, f"topic {topic} should exist before it is read"
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        assert partitions, f"topic {topic} should exist before it is read"
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
