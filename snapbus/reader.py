@@ -35,7 +35,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import ConsumerStoppedError, CorruptRecordException
+from aiokafka.client import ConnectionGroup
+from aiokafka.errors import ConsumerStoppedError, CorruptRecordException, KafkaError
+from aiokafka.protocol.fetch import FetchRequest
 
 from snapbus._kafka import start_client
 from snapbus.codec import Codec, decode_key_text
@@ -322,6 +324,49 @@ class PartitionReader:
     def start_barrier(self) -> BarrierProbe:
         """Begin tracking fetch responses for a read-your-writes barrier."""
         return BarrierProbe({p: self.fetch_stamp(p) for p in self._tps})
+
+    async def log_ends(self) -> dict[int, int] | None:
+        """Each partition's log end now, in one round trip; None when it cannot be had.
+
+        Sends each partition leader a Fetch that waits for nothing (no minimum size and a 1 ms
+        wait: Tansu answers a 0 ms Fetch with no partitions at all) on a connection of its own,
+        so it does not queue behind the reader's long-polling fetch (a broker answers one
+        connection's requests in order). The end is the high watermark that fetch responses
+        report (right on every broker, unlike ListOffsets on some), or the last stable offset
+        for a read_committed reader. Every record acknowledged before the call is below it.
+        None when a leader is unknown or a request fails: callers fall back to the reader's
+        own fetches (`start_barrier`).
+        """
+        consumer = self._consumer
+        client = consumer._client
+        fetcher = consumer._fetcher
+        isolation = getattr(fetcher, "_isolation_level", _READ_UNCOMMITTED)
+        by_node: dict[int, list[tuple[int, int, int]]] = {}
+        for p, tp in self._tps.items():
+            leader = client.cluster.leader_for_partition(tp)
+            if leader is None or leader < 0:
+                return None
+            by_node.setdefault(leader, []).append((p, self.positions.get(p, 0), 1))
+        topic = self.config.topic
+        try:
+            responses = await asyncio.gather(*(
+                client.send(node, FetchRequest(1, 0, 1, isolation, [(topic, parts)]),
+                            group=ConnectionGroup.COORDINATION)
+                for node, parts in by_node.items()
+            ))
+        except (KafkaError, OSError, asyncio.TimeoutError):
+            return None
+        ends: dict[int, int] = {}
+        for response in responses:
+            for _topic, partitions in response.topics:
+                for partition, error_code, highwater, *rest in partitions:
+                    if error_code or highwater < 0:
+                        return None
+                    end = highwater
+                    if isolation != _READ_UNCOMMITTED and response.API_VERSION >= 4:
+                        end = rest[0] if rest[0] >= 0 else highwater
+                    ends[partition] = end
+        return ends if ends.keys() == self._tps.keys() else None
 
     def observe(self, probe: BarrierProbe) -> None:
         """Feed the latest fetch stamps and high watermarks to a barrier probe."""

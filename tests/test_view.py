@@ -446,6 +446,43 @@ async def test_wait_for_receipt_gives_read_your_writes(
             assert len(view) == len(batch)
 
 
+async def test_idle_barrier_takes_one_round_trip_not_fetch_waits(
+    broker: BrokerAddress, topic_name: str
+) -> None:
+    # The view long-polls for 10 s; a barrier that waited for its own fetches would take
+    # about two of those. One that asks the broker for the log ends returns at once.
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    async with SnapshotPublisher(config) as publisher:
+        sessions = [make_snapshot() for _ in range(20)]
+        await publisher.publish_many(sessions)
+        async with SnapshotView(config, fetch_max_wait_ms=10_000) as view:
+            loop = asyncio.get_running_loop()
+            for _ in range(3):
+                began = loop.time()
+                await view.barrier(timeout=WAIT_S)
+                assert loop.time() - began < 2.0
+            assert {s.session_id for s in sessions} == set(view)
+
+
+async def test_barrier_falls_back_to_its_own_fetches(
+    broker: BrokerAddress, topic_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # when the log ends cannot be asked (a leader unknown, a request failed), the target comes
+    # from the view's next fetch responses: still everything acknowledged before the call
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    async with SnapshotPublisher(config) as publisher, new_view(config) as view:
+        async def no_log_ends() -> None:
+            return None
+
+        monkeypatch.setattr(view._reader, "log_ends", no_log_ends)
+        for round_ in range(3):
+            batch = [make_snapshot(agent_name=f"agent-{round_}") for _ in range(10)]
+            await publisher.publish_many(batch)
+            await view.barrier(timeout=WAIT_S)
+            for snapshot in batch:
+                assert view.get(snapshot.session_id) == snapshot
+
+
 async def test_wait_for_rejects_receipt_of_another_topic(
     broker: BrokerAddress, topic_name: str
 ) -> None:
