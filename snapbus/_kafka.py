@@ -9,18 +9,32 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
+from aiokafka.protocol.metadata import MetadataRequest
 
 from snapbus.config import KafkaConfig
-from snapbus.errors import KafkaUnavailableError
+from snapbus.errors import KafkaAuthenticationError, KafkaUnavailableError
 
 __all__ = ["admin_client", "start_client"]
+
+_PROBE_TIMEOUT_S = 5.0
+"""Bound of the one connection `_diagnose` opens to name why a secured start failed."""
+
+_PEER_ALERTS = ("SSLV3_ALERT_", "TLSV1_ALERT_", "TLSV13_ALERT_")
+"""OpenSSL reasons of TLS alerts the broker sent (as opposed to checks this client made)."""
 
 
 async def start_client(client: Any, config: KafkaConfig, what: str) -> None:
     """Start an aiokafka client within the config's connect timeout.
 
     Raises:
+        KafkaAuthenticationError: the cluster refused the credentials or the certificates.
         KafkaUnavailableError: the cluster did not answer in time, or refused the connection.
     """
     try:
@@ -32,38 +46,98 @@ async def start_client(client: Any, config: KafkaConfig, what: str) -> None:
             detail = f"no answer within {config.connect_timeout_s:g} s"
         else:
             detail = str(exc) or repr(exc)
+            # aiokafka's bootstrap only logs why each server failed, then raises "Unable to
+            # bootstrap": a wrong password fails fast but the error would not say so.
+            if config.security_protocol != "PLAINTEXT":
+                problem = await _diagnose(config, what)
+                if isinstance(problem, KafkaAuthenticationError):
+                    raise problem from exc
+                if problem:
+                    detail = f"{detail}; {problem}"
         hint = "check --bootstrap-servers or SNAPBUS_BOOTSTRAP_SERVERS"
         if config.security_protocol != "PLAINTEXT":
             hint += f" and the {config.security_protocol} settings"
-        if config.security_protocol in ("SSL", "SASL_SSL"):
-            tls_problem = await _tls_problem(config)
-            if tls_problem:
-                detail = f"{detail}; TLS handshake failed: {tls_problem}"
         raise KafkaUnavailableError(
             f"cannot reach Kafka at {config.bootstrap_servers} to start the {what} "
             f"({detail}); {hint}"
         ) from exc
 
 
-async def _tls_problem(config: KafkaConfig) -> str | None:
-    """Try a TLS handshake with the first bootstrap server; return why it fails, if it does.
+async def _diagnose(config: KafkaConfig, what: str) -> KafkaAuthenticationError | str | None:
+    """Connect to each bootstrap server as aiokafka does; return why a secured connection fails.
 
-    aiokafka only logs the cause of a failed TLS connection; this names it in the error.
+    A refused credential or certificate becomes a `KafkaAuthenticationError`; another TLS
+    failure a short description; anything else (or success) None.
     """
-    host, _, port = config.bootstrap_servers.split(",")[0].rpartition(":")
-    context = config.client_kwargs()["ssl_context"]
-    try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(host.strip("[]"), int(port), ssl=context), timeout=5
+    kwargs = config.client_kwargs()
+    del kwargs["bootstrap_servers"]
+    found: str | None = None
+    for server in config.bootstrap_servers.split(","):
+        host, _, port = server.rpartition(":")
+        timeout = min(_PROBE_TIMEOUT_S, config.connect_timeout_s)
+        conn = None
+        try:
+            conn = await asyncio.wait_for(
+                create_conn(host.strip("[]"), int(port),
+                            request_timeout_ms=int(timeout * 1000), **kwargs), timeout)
+            # TLS 1.3: the broker checks the client certificate after the handshake, so a
+            # refusal only shows on the first read.
+            await asyncio.wait_for(conn.send(MetadataRequest([])), timeout)
+        except (OSError, KafkaError, asyncio.TimeoutError) as exc:
+            problem = _classify(exc, config, what)
+            if isinstance(problem, KafkaAuthenticationError):
+                return problem
+            found = found or problem
+        finally:
+            if conn is not None:
+                conn.close()
+    return found
+
+
+def _classify(exc: BaseException, config: KafkaConfig, what: str
+              ) -> KafkaAuthenticationError | str | None:
+    def refused(cause: str, hint: str) -> KafkaAuthenticationError:
+        return KafkaAuthenticationError(
+            f"cannot connect the {what} to Kafka at {config.bootstrap_servers}: {cause}; {hint}")
+
+    if isinstance(exc, SaslAuthenticationFailed):
+        said = str(exc.args[0]) if exc.args else exc.description
+        return refused(
+            f"SASL authentication failed for user {config.sasl_username!r} with "
+            f"{config.sasl_mechanism} (broker: {said})",
+            "check --sasl-username/--sasl-password (SNAPBUS_SASL_USERNAME, "
+            "SNAPBUS_SASL_PASSWORD) and --sasl-mechanism",
         )
-    except ssl.SSLError as exc:
-        return getattr(exc, "verify_message", None) or exc.reason or str(exc)
-    except (OSError, asyncio.TimeoutError):
+    if isinstance(exc, UnsupportedSaslMechanismError):
+        said = str(exc.args[0]) if exc.args else exc.description
+        return refused(
+            f"the broker does not enable SASL mechanism {config.sasl_mechanism} ({said})",
+            "set --sasl-mechanism (SNAPBUS_SASL_MECHANISM) to one it enables",
+        )
+    tls_error = exc if isinstance(exc, ssl.SSLError) else exc.__cause__
+    if not isinstance(tls_error, ssl.SSLError):
         return None
-    writer.close()
-    with contextlib.suppress(Exception):
-        await writer.wait_closed()
-    return None
+    if isinstance(tls_error, ssl.SSLCertVerificationError):
+        return refused(
+            f"certificate verify failed: {tls_error.verify_message}",
+            "--ssl-cafile (SNAPBUS_SSL_CAFILE) must name the CA that signed the broker's "
+            "certificate, and the certificate must name the host in --bootstrap-servers",
+        )
+    reason = tls_error.reason or ""
+    if reason.startswith(_PEER_ALERTS) and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason):
+        alert = reason.split("_ALERT_", 1)[1].lower().replace("_", " ")
+        if config.ssl_certfile is None:
+            return refused(
+                f"the broker requires a client certificate (TLS alert: {alert})",
+                "set --ssl-certfile and --ssl-keyfile (SNAPBUS_SSL_CERTFILE, "
+                "SNAPBUS_SSL_KEYFILE) to a certificate the broker trusts",
+            )
+        return refused(
+            f"the broker rejected the client certificate {config.ssl_certfile} "
+            f"(TLS alert: {alert})",
+            "it must be signed by a CA the broker trusts, and be valid now",
+        )
+    return f"TLS handshake failed: {reason or tls_error}"
 
 
 @contextlib.asynccontextmanager

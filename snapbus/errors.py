@@ -9,6 +9,8 @@
     ├── ConfigError              a setting is missing or malformed
     ├── BrokerError              the embedded broker could not start or died
     ├── KafkaUnavailableError    the Kafka cluster could not be reached in time (retriable)
+    │   └── KafkaAuthenticationError  reached, but SASL or TLS authentication failed (not
+    │                                 retriable: fix the credentials or certificates)
     ├── TopicError               the topic is missing or not compacted
     ├── PublishError             a publish was not acknowledged (retriable unless said otherwise)
     └── ViewError                the view is closed, failed, or was used before it started
@@ -26,6 +28,7 @@ __all__ = [
     "ConfigError",
     "DecodeError",
     "DecodeReason",
+    "KafkaAuthenticationError",
     "KafkaUnavailableError",
     "PublishError",
     "SchemaError",
@@ -94,6 +97,17 @@ class KafkaUnavailableError(SnapbusError):
     """The Kafka cluster could not be reached within the configured time."""
 
     retriable = True
+
+
+class KafkaAuthenticationError(KafkaUnavailableError):
+    """The cluster answered but refused this client: SASL authentication failed, the broker's
+    certificate did not verify, or the broker wants a client certificate it did not get.
+
+    Not retriable: the same settings fail again. The message names the cause and the setting
+    to fix, never the password.
+    """
+
+    retriable = False
 
 
 class TopicError(SnapbusError):

@@ -6,8 +6,8 @@ import snapbus
 def test_exported_names_are_the_intended_ones() -> None:
     assert snapbus.__all__ == sorted(snapbus.__all__)
     assert set(snapbus.__all__) == {
-        "BrokerError", "Change", "ChangeStream", "ConfigError", "DecodeError", "KafkaConfig",
-        "KafkaUnavailableError", "PublishError", "Receipt", "SchemaError", "SnapbusError",
+        "BrokerError", "Change", "ChangeStream", "ConfigError", "DecodeError", "KafkaAuthenticationError",
+        "KafkaConfig", "KafkaUnavailableError", "PublishError", "Receipt", "SchemaError", "SnapbusError",
         "SnapshotPublisher", "SnapshotView", "TopicError", "TopicInfo", "ValidationError",
         "ViewError", "ViewStats", "ViewStatus", "WorkspaceCache", "WorkspaceSnapshot",
         "__version__", "decode", "decode_key", "describe_topic", "encode", "encode_key",
@@ -19,8 +19,9 @@ def test_exported_names_are_the_intended_ones() -> None:
 
 def test_every_error_derives_from_the_root() -> None:
     errors = [getattr(snapbus, n) for n in snapbus.__all__ if n.endswith("Error")]
-    assert len(errors) == 10
+    assert len(errors) == 11
     for error in errors:
         assert issubclass(error, snapbus.SnapbusError)
     assert snapbus.KafkaUnavailableError.retriable
+    assert not snapbus.KafkaAuthenticationError.retriable
     assert not snapbus.ValidationError.retriable
