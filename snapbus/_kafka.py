@@ -100,18 +100,19 @@ def _classify(exc: BaseException, config: KafkaConfig, what: str
         return KafkaAuthenticationError(
             f"cannot connect the {what} to Kafka at {config.bootstrap_servers}: {cause}; {hint}")
 
+    # aiokafka builds some of these from an error code, with the connection as argument
+    said = exc.args[0] if exc.args and isinstance(exc.args[0], str) else None
     if isinstance(exc, SaslAuthenticationFailed):
-        said = str(exc.args[0]) if exc.args else exc.description
         return refused(
             f"SASL authentication failed for user {config.sasl_username!r} with "
-            f"{config.sasl_mechanism} (broker: {said})",
+            f"{config.sasl_mechanism} (broker: {said or exc.description})",
             "check --sasl-username/--sasl-password (SNAPBUS_SASL_USERNAME, "
             "SNAPBUS_SASL_PASSWORD) and --sasl-mechanism",
         )
     if isinstance(exc, UnsupportedSaslMechanismError):
-        said = str(exc.args[0]) if exc.args else exc.description
         return refused(
-            f"the broker does not enable SASL mechanism {config.sasl_mechanism} ({said})",
+            f"the broker does not enable SASL mechanism {config.sasl_mechanism}"
+            + (f" ({said})" if said else ""),
             "set --sasl-mechanism (SNAPBUS_SASL_MECHANISM) to one it enables",
         )
     tls_error = exc if isinstance(exc, ssl.SSLError) else exc.__cause__

@@ -6,8 +6,9 @@ import snapbus
 def test_exported_names_are_the_intended_ones() -> None:
     assert snapbus.__all__ == sorted(snapbus.__all__)
     assert set(snapbus.__all__) == {
-        "BrokerError", "Change", "ChangeStream", "ConfigError", "DecodeError", "KafkaAuthenticationError",
-        "KafkaConfig", "KafkaUnavailableError", "PublishError", "Receipt", "SchemaError", "SnapbusError",
+        "BrokerError", "Change", "ChangeStream", "ConfigError", "DecodeError",
+        "KafkaAuthenticationError", "KafkaConfig", "KafkaUnavailableError", "PublishError",
+        "Receipt", "SchemaError", "SnapbusError",
         "SnapshotPublisher", "SnapshotView", "TopicError", "TopicInfo", "ValidationError",
         "ViewError", "ViewStats", "ViewStatus", "WorkspaceCache", "WorkspaceSnapshot",
         "__version__", "decode", "decode_key", "describe_topic", "encode", "encode_key",
