@@ -292,10 +292,14 @@ def _jaas_escape(text: str) -> str:
 
 
 def _cluster_id() -> str:
-    # Kafka's cluster ids are 16 random bytes in URL-safe base64 without padding.
+    """A Kafka cluster id: 16 random bytes in URL-safe base64 without padding, never starting
+    with "-" (the storage tool would read it as an option)."""
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        found = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not found.startswith("-"):
+            return found
 
 
 def _pom_text() -> str:

@@ -155,3 +155,13 @@ async def test_kafka_broker_dies_with_its_parent_process() -> None:
         parent.send_signal(signal.SIGKILL)
         await parent.wait()
     await eventually(lambda: process_gone(broker_pid))
+
+
+def test_cluster_ids_never_look_like_an_option() -> None:
+    # one id in 64 would start with "-" and be read by the storage tool as an option
+    from snapbus._kafka_broker import _cluster_id
+
+    ids = [_cluster_id() for _ in range(2000)]
+    assert not [found for found in ids if found.startswith("-")]
+    assert all(len(found) == 22 for found in ids)
+    assert len(set(ids)) == len(ids)
