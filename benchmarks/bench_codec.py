@@ -45,6 +45,9 @@ from snapbus.snapshot import FIELDS, WorkspaceSnapshot
 
 __all__ = ["CaseResult", "generate_snapshots", "main", "measure", "run"]
 
+USES_BROKER = False
+"""No broker involved: ``run_all.py --engine both`` runs this module once."""
+
 GOAL_RATIO = 1.15
 """snapbus may cost at most this much more than bare fastavro per record."""
 

@@ -1,4 +1,4 @@
-"""Publish-to-visible latency, and the idle CPU a follower costs, at two fetch waits.
+"""Publish-to-visible latency, idle barrier, and the idle CPU a follower costs, at two waits.
 
 For each fetch_max_wait_ms in (20, 100), on a fresh 12-partition topic:
 
@@ -13,9 +13,26 @@ For each fetch_max_wait_ms in (20, 100), on a fresh 12-partition topic:
 
 Updates are published one at a time (each awaits its ack), with a random gap of 0-4 ms between
 them so publishes do not phase-lock with the fetch cycle; a few warm-up updates go first and
-are not counted. Then, with the producer stopped and nothing published, the follower is left
-idle and the CPU used by this process (``time.process_time``) and by the broker process
-(/proc, embedded broker only) is reported as a percentage of one core.
+are not counted. Then, with the producer stopped and nothing published:
+
+- idle barrier: ``snapbus`` times ``await view.barrier()`` (nothing new written: how fast a
+  read-your-writes barrier returns on an up-to-date view), a few times with a random gap of up
+  to one wait between them; the baseline is one idle fetch round trip of the bare consumer (the
+  time between two consecutive fetch responses, seen through aiokafka's
+  ``last_poll_timestamp``). Why that baseline: a barrier must see a fetch response *requested
+  after* the call (its high watermark then covers every record acknowledged before it), and an
+  up-to-date follower's fetch is parked on the broker up to fetch_max_wait_ms, so no
+  fetch-based barrier returns faster than one such round trip after the one in flight: the
+  barrier's floor is the rest of the fetch in flight plus one round trip, about 1.5x
+  (snapbus waits for the second response newer than the call; `snapbus.reader.BarrierProbe`).
+  The view checks barriers after each read, and an idle read returns after its
+  fetch_max_wait_ms rather than when a response arrives, which adds up to one more wait
+  (measured: about 2-2.5 round trips on both brokers).
+  A ListOffsets round trip would be faster but is no baseline: the Tansu broker answers it
+  wrongly (BROKER.md) and snapbus does not use it.
+- idle CPU: the follower is left idle and the CPU used by this process
+  (``time.process_time``) and by the broker process (/proc, embedded broker only) is reported
+  as a percentage of one core.
 
 The trade-off: a fetch that finds nothing waits on the broker up to fetch_max_wait_ms. Apache
 Kafka answers such a fetch as soon as a record arrives, so there latency barely depends on the
@@ -49,6 +66,7 @@ LINGER_MS = 5  # SnapshotPublisher's default
 GAP_MAX_S = 0.004
 WARMUP = 10
 TIMEOUT_S = 30.0
+POLL_S = 0.0005  # how often the bare round-trip probe looks at aiokafka's fetch stamp
 
 
 def _p(values: list[float], q: int) -> float:
@@ -115,9 +133,9 @@ async def _idle_cpu(idle_s: float, broker_pid: int | None) -> tuple[float, float
 
 
 async def _snapbus(
-    config: Any, wait_ms: int, warmup: list[Any], items: list[Any], idle_s: float,
-    broker_pid: int | None, rng: random.Random,
-) -> tuple[list[float], list[float], float, float | None]:
+    config: Any, wait_ms: int, warmup: list[Any], items: list[Any], n_barriers: int,
+    idle_s: float, broker_pid: int | None, rng: random.Random,
+) -> tuple[list[float], list[float], list[float], float, float | None]:
     from snapbus.publisher import SnapshotPublisher
     from snapbus.view import SnapshotView
 
@@ -135,20 +153,50 @@ async def _snapbus(
                 latencies, acks = await _drive(
                     tracker, publisher.publish,
                     [(s, s) for s in warmup], [(s, s) for s in items], rng)
+            barriers = []
+            for _ in range(n_barriers):
+                await asyncio.sleep(rng.uniform(0, wait_ms / 1000))
+                t0 = time.perf_counter()
+                await view.barrier(timeout=TIMEOUT_S)
+                barriers.append(time.perf_counter() - t0)
             cpu, broker_cpu = await _idle_cpu(idle_s, broker_pid)
         finally:
             stream.close()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-    return latencies, acks, cpu, broker_cpu
+    return latencies, acks, barriers, cpu, broker_cpu
+
+
+async def _round_trips(consumer: Any, n: int, wait_ms: int, rng: random.Random) -> list[float]:
+    """Times between two consecutive fetch responses of an idle bare consumer (seconds)."""
+    from aiokafka import TopicPartition
+
+    tp = min(consumer.assignment(), key=lambda t: t.partition)
+    assert isinstance(tp, TopicPartition)
+
+    async def next_response() -> float:
+        stamp = consumer.last_poll_timestamp(tp)
+        deadline = time.perf_counter() + TIMEOUT_S
+        while consumer.last_poll_timestamp(tp) == stamp:
+            if time.perf_counter() > deadline:
+                raise TimeoutError("no fetch response")
+            await asyncio.sleep(POLL_S)
+        return time.perf_counter()
+
+    trips = []
+    for _ in range(n):
+        await asyncio.sleep(rng.uniform(0, wait_ms / 1000))
+        t1 = await next_response()
+        trips.append(await next_response() - t1)
+    return trips
 
 
 async def _bare(
     bootstrap: str, topic: str, wait_ms: int, warmup: list[tuple[bytes, bytes]],
-    items: list[tuple[bytes, bytes]], idle_s: float, broker_pid: int | None,
+    items: list[tuple[bytes, bytes]], n_barriers: int, idle_s: float, broker_pid: int | None,
     rng: random.Random,
-) -> tuple[list[float], list[float], float, float | None]:
+) -> tuple[list[float], list[float], list[float], float, float | None]:
     import fastavro
     from aiokafka import AIOKafkaProducer
 
@@ -184,16 +232,17 @@ async def _bare(
                     [(v, (k, v)) for k, v in items], rng)
             finally:
                 await producer.stop()
+            trips = await _round_trips(consumer, n_barriers, wait_ms, rng)
             cpu, broker_cpu = await _idle_cpu(idle_s, broker_pid)
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-    return latencies, acks, cpu, broker_cpu
+    return latencies, acks, trips, cpu, broker_cpu
 
 
 async def run(runs: int, quick: bool) -> list[dict[str, Any]]:
-    n_updates, idle_s = (60, 0.8) if quick else (500, 2.0)
+    n_updates, idle_s, n_barriers = (60, 0.8, 10) if quick else (500, 2.0, 20)
     n_sessions = 50
     records = [r for r in common.make_records(n_sessions, n_sessions + WARMUP + n_updates, seed=3)
                if isinstance(r, dict)]
@@ -204,6 +253,7 @@ async def run(runs: int, quick: bool) -> list[dict[str, Any]]:
     assert len(set(snapshots)) == len(snapshots), "every update must be a change"
     params = {"updates": n_updates, "sessions": n_sessions, "acks": ACKS, "linger_ms": LINGER_MS,
               "gap_ms": f"uniform 0..{GAP_MAX_S * 1000:g}", "idle_s": idle_s,
+              "idle_barriers": n_barriers,
               "fetch_max_wait_ms": list(WAITS)}
     c = common.Collector("latency", params)
     for wait in WAITS:
@@ -212,6 +262,17 @@ async def run(runs: int, quick: bool) -> list[dict[str, Any]]:
                 baseline=base, higher_is_better=False, metric="p50")
         c.table(f"p99-{wait}", f"Publish-to-visible p99, fetch_max_wait_ms={wait}", "ms",
                 baseline=base, higher_is_better=False, metric="p99")
+    for wait in WAITS:
+        c.table(f"barrier-{wait}", f"Idle barrier: view.barrier() with nothing new written, "
+                f"fetch_max_wait_ms={wait}, median of {n_barriers} per run", "ms",
+                baseline=f"bare aiokafka, one idle fetch round trip, wait={wait}",
+                higher_is_better=False, metric="barrier",
+                note="Baseline: the time between two consecutive fetch responses of an "
+                     "up-to-date bare consumer with the same wait. A barrier needs a response "
+                     "requested after the call: the rest of the fetch in flight plus one round "
+                     "trip, about 1.5x, is the floor (module docstring). The view checks its "
+                     "barriers once per read, and an idle read returns after its wait, not when "
+                     "a response arrives: that adds up to one more wait.")
     c.table("ack", "publish() until acknowledged (acks=all, linger_ms=5), p50, both waits",
             "ms", baseline="bare aiokafka", higher_is_better=False,
             note="Part of every latency above: the producer lingers linger_ms before sending.")
@@ -230,12 +291,13 @@ async def run(runs: int, quick: bool) -> list[dict[str, Any]]:
                     config = await common.new_topic(bootstrap, "latency")
                     try:
                         if name == "snapbus":
-                            latencies, acks, cpu, broker_cpu = await _snapbus(
-                                config, wait, warmup_snapshots, snapshots, idle_s, broker.pid, rng)
-                        else:
-                            latencies, acks, cpu, broker_cpu = await _bare(
-                                bootstrap, config.topic, wait, warmup_pairs, pairs, idle_s,
+                            latencies, acks, waits, cpu, broker_cpu = await _snapbus(
+                                config, wait, warmup_snapshots, snapshots, n_barriers, idle_s,
                                 broker.pid, rng)
+                        else:
+                            latencies, acks, waits, cpu, broker_cpu = await _bare(
+                                bootstrap, config.topic, wait, warmup_pairs, pairs, n_barriers,
+                                idle_s, broker.pid, rng)
                     finally:
                         await common.delete_topic(bootstrap, config.topic)
                     assert len(latencies) == n_updates, (name, len(latencies))
@@ -243,6 +305,10 @@ async def run(runs: int, quick: bool) -> list[dict[str, Any]]:
                     c.add(f"p50-{wait}", case, 1000 * statistics.median(latencies))
                     c.add(f"p99-{wait}", case, 1000 * _p(latencies, 99))
                     c.add("ack", name, 1000 * statistics.median(acks))
+                    c.add(f"barrier-{wait}", f"snapbus view.barrier(), wait={wait}"
+                          if name == "snapbus" else
+                          f"bare aiokafka, one idle fetch round trip, wait={wait}",
+                          1000 * statistics.median(waits))
                     c.add("cpu", case, cpu)
                     if broker_cpu is not None:
                         c.add("broker-cpu", case, broker_cpu)

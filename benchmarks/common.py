@@ -1,9 +1,10 @@
 """Shared helpers for the snapbus benchmarks.
 
-Every benchmark starts its own broker (the embedded Tansu broker in memory mode, or an external
-one named by ``SNAPBUS_BENCH_BOOTSTRAP_SERVERS``), runs snapbus and a bare-aiokafka baseline doing
-the same work in the same process, and reports the median of N runs with min..max and the ratio
-to the baseline.
+Every benchmark starts its own broker (an `EmbeddedBroker` of the engine chosen by
+``SNAPBUS_BENCH_ENGINE``: ``tansu``, the default, in memory mode, or ``kafka``, Apache Kafka in
+KRaft mode; or an external one named by ``SNAPBUS_BENCH_BOOTSTRAP_SERVERS``), runs snapbus and a
+bare-aiokafka baseline doing the same work in the same process on that broker, and reports the
+median of N runs with min..max and the ratio to the baseline.
 
 A benchmark module exposes ``async def run(runs: int, quick: bool) -> list[dict]``; each dict is
 one (table, case) row as built by `Collector.results`, and `render` turns a list of them into
@@ -29,12 +30,16 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_INTENT_WORDS",
+    "ENGINES",
     "BenchBroker",
     "Collector",
     "bench_broker",
+    "broker_description",
     "bulk_produce",
     "delete_topic",
     "encode_pairs",
+    "engine",
+    "engine_description",
     "expected_sessions",
     "main",
     "make_records",
@@ -51,6 +56,27 @@ PARTITIONS = 12  # snapbus.topic.DEFAULT_PARTITIONS: what a view reads in produc
 # ----------------------------------------------------------------------------- broker / topics
 
 
+ENGINES = ("tansu", "kafka")
+"""The broker engines a benchmark can run on (`snapbus.broker.EmbeddedBroker`'s)."""
+
+
+def engine() -> str:
+    """The engine chosen by ``SNAPBUS_BENCH_ENGINE`` (``tansu`` when unset)."""
+    name = os.environ.get("SNAPBUS_BENCH_ENGINE", "tansu").strip().lower() or "tansu"
+    if name not in ENGINES:
+        raise SystemExit(f"SNAPBUS_BENCH_ENGINE={name!r}: use one of {', '.join(ENGINES)}")
+    return name
+
+
+def engine_description(name: str) -> str:
+    """The embedded broker of engine `name`, with its version, as the results name it."""
+    if name == "kafka":
+        from snapbus.broker import kafka_version
+
+        return f"embedded Apache Kafka {kafka_version()} (KRaft, one node, log on disk)"
+    return "embedded Tansu 0.6.0 (memory storage)"
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchBroker:
     """Where the benchmark's clients connect, and the broker's pid when we started it."""
@@ -58,19 +84,23 @@ class BenchBroker:
     bootstrap_servers: str
     pid: int | None
     description: str
+    engine: str | None = None
+    """``tansu`` or ``kafka`` for an embedded broker; None for an external one."""
 
 
 @contextlib.asynccontextmanager
-async def bench_broker() -> AsyncIterator[BenchBroker]:
-    """Start an embedded broker in memory mode (or use ``SNAPBUS_BENCH_BOOTSTRAP_SERVERS``)."""
+async def bench_broker(engine_name: str | None = None) -> AsyncIterator[BenchBroker]:
+    """Start an embedded broker of `engine_name` (default: `engine()`), or use the one named by
+    ``SNAPBUS_BENCH_BOOTSTRAP_SERVERS``."""
     external = os.environ.get("SNAPBUS_BENCH_BOOTSTRAP_SERVERS")
     if external:
         yield BenchBroker(external, None, f"external broker at {external}")
         return
     from snapbus.broker import EmbeddedBroker
 
-    async with EmbeddedBroker() as broker:
-        yield BenchBroker(broker.bootstrap_servers, broker.pid, "embedded Tansu 0.6.0, memory")
+    name = engine_name or engine()
+    async with EmbeddedBroker(engine=name) as broker:  # type: ignore[arg-type]
+        yield BenchBroker(broker.bootstrap_servers, broker.pid, engine_description(name), name)
 
 
 async def new_topic(bootstrap: str, prefix: str, partitions: int = PARTITIONS) -> Any:
@@ -403,8 +433,9 @@ def fmt_value(value: float | None, digits: int = 3) -> str:
     return f"{value:,.{decimals}f}"
 
 
-def render(results: Sequence[dict[str, Any]]) -> str:
-    """Render result rows as Markdown, one table per (bench, table)."""
+def render(results: Sequence[dict[str, Any]], level: int = 3) -> str:
+    """Render result rows as Markdown, one table per (bench, table), titled at heading
+    `level`."""
     out: list[str] = []
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in results:
@@ -413,7 +444,7 @@ def render(results: Sequence[dict[str, Any]]) -> str:
         first = rows[0]
         direction = "higher is better" if first["higher_is_better"] else "lower is better"
         n = max(r["n"] for r in rows)
-        out.append(f"### {first['title']} ({first['unit']}, {direction}; median of {n})")
+        out.append(f"{'#' * level} {first['title']} ({first['unit']}, {direction}; median of {n})")
         out.append("")
         out.append("| case | median | min..max | ratio to baseline |")
         out.append("|---|---:|---:|---:|")
@@ -460,6 +491,14 @@ def environment() -> str:
     )
 
 
+def broker_description(engine_name: str | None = None) -> str:
+    """The broker `bench_broker(engine_name)` uses, as the results name it."""
+    external = os.environ.get("SNAPBUS_BENCH_BOOTSTRAP_SERVERS")
+    if external:
+        return f"external broker at {external}"
+    return engine_description(engine_name or engine())
+
+
 def main(
     run: Callable[..., Awaitable[list[dict[str, Any]]]], description: str,
     *, flags: Mapping[str, str] | None = None,
@@ -481,7 +520,8 @@ def main(
     runs = args.runs if args.runs is not None else (QUICK_RUNS if args.quick else DEFAULT_RUNS)
     if runs < 1:
         parser.error("--runs must be at least 1")
-    print(f"_start: {environment()}_", file=sys.stderr)
+    broker = broker_description()
+    print(f"_start: {environment()}; broker: {broker}_", file=sys.stderr)
     t0 = time.perf_counter()
     extra = {flag.lstrip("-").replace("-", "_"): True for flag in (flags or {})
              if getattr(args, flag.lstrip("-").replace("-", "_"))}
@@ -489,7 +529,8 @@ def main(
     elapsed = time.perf_counter() - t0
     print(render(results))
     params = results[0]["params"] if results else {}
-    print(f"_{environment()}; params {json.dumps(params)}; wall {elapsed:.1f} s_")
+    print(f"_{environment()}; broker: {broker}; params {json.dumps(params)}; "
+          f"wall {elapsed:.1f} s_")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
