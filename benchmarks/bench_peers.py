@@ -21,15 +21,17 @@ included) until the table holds the whole topic, interleaved:
   three indexes; ``len(view)`` checked).
 
 ktables' ``start()`` returns once every partition's position reached the ``end_offsets`` taken
-at start. The embedded Tansu broker answers ListOffsets with the base offset of the newest batch
-plus one (BROKER.md), so ktables could return before the rest of a partition's last batch is
-applied (it does not when the fetch brings whole batches, as here: it applies everything
-fetched before it checks). So ktables is timed until its counters show every record of the
-topic applied (``stats.records_applied + stats.tombstones_applied``, polled every millisecond;
-the broker never compacts, so that is every record written; when that already holds as
-``start()`` returns, the time is start()'s), and a second table gives the records not applied
-yet when ``start()`` returned. Its contents are then compared with the last write of every
-session (as fastavro decodes it).
+at start. Apache Kafka answers ListOffsets with the high watermark; the embedded Tansu broker
+answers the base offset of the newest batch plus one (BROKER.md), so there ktables could return
+before the rest of a partition's last batch is applied (it does not when the fetch brings whole
+batches, as here: it applies everything fetched before it checks). So, on either broker,
+ktables is timed until its counters show every record of the topic applied
+(``stats.records_applied + stats.tombstones_applied``, polled every millisecond; the target is
+the count the untimed bare read saw, and nothing is compacted during the run: Tansu never
+compacts, and Kafka cleans only closed segments while each partition's log here stays in its
+first, open one; when that already holds as ``start()`` returns, the time is start()'s), and a
+second table gives the records not applied yet when ``start()`` returned. Its contents are then
+compared with the last write of every session (as fastavro decodes it).
 
 ktables is optional: if it is not installed (``pip install ktables``) its rows are skipped with
 a note.
@@ -167,9 +169,9 @@ async def run(runs: int, quick: bool) -> list[dict[str, Any]]:
         c.table("early", f"ktables: records of the {n_records:,} not yet applied when "
                 "start() returned", "records", baseline=None, higher_is_better=False,
                 note="0: the table was complete when start() returned. start() waits for "
-                     "positions >= ListOffsets(latest) taken at start; the embedded broker "
-                     "answers the newest batch's base offset + 1 (BROKER.md), Apache Kafka the "
-                     "high watermark.")
+                     "positions >= ListOffsets(latest) taken at start; the embedded Tansu "
+                     "broker answers the newest batch's base offset + 1 (BROKER.md), Apache "
+                     "Kafka the high watermark.")
 
     async with common.bench_broker() as broker:
         bootstrap = broker.bootstrap_servers

@@ -186,7 +186,7 @@ async def _measure(c: common.Collector | None, runs: int, n_sessions: int, n_rec
 
         async def raw() -> float:
             seconds, count, _ = await _bare_read(bootstrap, config.topic, decode=False)
-            if count < n_records:  # the broker never compacts; Kafka may have, so only warn
+            if count < n_records:  # Tansu never compacts; Kafka could have, so only warn
                 print(f"(bare read saw {count} records of {n_records})", file=sys.stderr)
             return seconds
 

@@ -111,7 +111,30 @@ async def new_topic(bootstrap: str, prefix: str, partitions: int = PARTITIONS) -
     topic = f"bench-{prefix}-{uuid.uuid4().hex[:8]}"
     config = KafkaConfig(bootstrap_servers=bootstrap, topic=topic)
     await ensure_topic(config, partitions=partitions)
+    await _wait_ready(bootstrap, topic)
     return config
+
+
+async def _wait_ready(bootstrap: str, topic: str) -> None:
+    """Wait until every partition's leader answers for `topic`.
+
+    Apache Kafka lists a new topic's leaders in metadata a little before they accept requests:
+    a produce right after creation got NOT_LEADER_OR_FOLLOWER on most partitions and retried
+    after retry_backoff_ms, which a timed publish run then counted. A ListOffsets of every
+    partition (aiokafka retries it until the leaders answer) waits that out untimed; only its
+    success is used, not its answer (Tansu's is wrong, BROKER.md).
+    """
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        cluster = await consumer._client.fetch_all_metadata()
+        partitions = cluster.partitions_for_topic(topic) or set()
+        await consumer.beginning_offsets([TopicPartition(topic, p) for p in partitions])
+    finally:
+        await consumer.stop()
 
 
 async def delete_topic(bootstrap: str, topic: str) -> None:
