@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench bench-kafka bench-both clean
+.PHONY: demo test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,18 +40,9 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check snapbus tests benchmarks
 	$(BIN)/mypy --strict snapbus
 
-## every benchmark on the embedded Tansu broker; writes benchmarks/RESULTS.md
+## every benchmark on both embedded brokers (Tansu, then Apache Kafka), each ratio against its
+## baseline on the same broker; writes benchmarks/RESULTS.md
 bench: $(VENV)/.installed-dev
-	$(BIN)/python benchmarks/run_all.py --scale
-
-## every benchmark on the embedded Apache Kafka broker (Java 17+, Maven); writes
-## benchmarks/RESULTS-kafka.md
-bench-kafka: $(VENV)/.installed-dev
-	$(BIN)/python benchmarks/run_all.py --scale --engine kafka --output benchmarks/RESULTS-kafka.md
-
-## every benchmark on both brokers, one file with a side-by-side summary; writes
-## benchmarks/RESULTS.md
-bench-both: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/run_all.py --scale --engine both
 
 clean:
