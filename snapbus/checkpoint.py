@@ -7,11 +7,14 @@ fall back to a full replay, never to a wrong state:
 - **corrupt** (truncated, bit flips): a CRC-32 of the body is checked before use;
 - **foreign** (another topic, another partition count, another format version): refused;
 - **stale** (the log was truncated or the topic re-created since): the view detects a log
-  that ends before the saved offsets and re-reads the whole log.
+  that ends before the saved offsets and re-reads the whole log;
+- **too old** (the state was last complete longer ago than the topic keeps tombstones,
+  `Checkpoint.synced_ms`): sessions deleted meanwhile may have no tombstone left to say so,
+  so the view replays the whole log instead (docs/compaction.md).
 
 Format (version 5): the magic ``SNAPBUS-CHECKPOINT\\n``, a 4-byte big-endian version, a 4-byte
 header length, a JSON header (topic, partitions, offsets, sessions, body CRC-32, created,
-compact prefix), then the body: `marshal` of (sessions, indexes, stamps) as `Checkpoint`
+compact prefix, synced), then the body: `marshal` of (sessions, indexes, stamps) as `Checkpoint`
 describes them. Sessions keep the form the view held them in: the value as read from the
 topic (compact) when it was never decoded, else the nine fields; with the indexes saved too,
 loading is one `marshal` call over the mapped file plus turning the decoded ones back into
@@ -83,6 +86,10 @@ class Checkpoint:
     compact_prefix: bytes = b""
     """The header the encoded sessions were stored without (`Codec.compact_prefix`): a
     reader must have the same to expand them."""
+    synced_ms: int | None = None
+    """When the state was last known complete (ms since the epoch): every record it lacks
+    reached the log after this instant, in every partition. None: unknown (a file written
+    before snapbus recorded it), which a view does not trust."""
 
 
 def write_checkpoint(path: str | Path, checkpoint: Checkpoint) -> int:
@@ -103,6 +110,7 @@ def dumps(checkpoint: Checkpoint) -> bytes:
         "crc32": zlib.crc32(body),
         "created_ms": checkpoint.created_ms,
         "compact_prefix": checkpoint.compact_prefix.hex(),
+        "synced_ms": checkpoint.synced_ms,
     }).encode()
     return b"".join((MAGIC, _PREFIX.pack(FORMAT_VERSION, len(header)), header, body))
 
@@ -210,6 +218,8 @@ def _parse(path: Path, data: memoryview, topic: str, partitions: int | None) -> 
         offsets = _offsets(header)
         sessions = int(header["sessions"])
         compact_prefix = bytes.fromhex(header["compact_prefix"])
+        synced = header.get("synced_ms")
+        synced_ms = None if synced is None else int(synced)
     except (ValueError, KeyError, TypeError, EOFError, AttributeError) as exc:
         raise CheckpointError(f"{path} is corrupt ({type(exc).__name__}: {exc})") from None
     if not digest_ok:
@@ -223,7 +233,7 @@ def _parse(path: Path, data: memoryview, topic: str, partitions: int | None) -> 
             and len(state[1]) == 3 and isinstance(state[2], dict)):
         raise CheckpointError(f"{path} is corrupt (unexpected contents)")
     return Checkpoint(topic, int(header["partitions"]), offsets, state[0], state[1], state[2],
-                      int(header.get("created_ms", 0)), compact_prefix)
+                      int(header.get("created_ms", 0)), compact_prefix, synced_ms)
 
 
 def _unmarshal(body: bytes | memoryview) -> Any:

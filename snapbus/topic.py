@@ -23,10 +23,14 @@ from snapbus._kafka import admin_client
 from snapbus.config import KafkaConfig
 from snapbus.errors import TopicError
 
-__all__ = ["DEFAULT_PARTITIONS", "TopicInfo", "describe_topic", "ensure_topic"]
+__all__ = ["DEFAULT_DELETE_RETENTION_MS", "DEFAULT_PARTITIONS", "TopicInfo", "describe_topic",
+           "ensure_topic"]
 
 DEFAULT_PARTITIONS = 12
 """Partitions of a topic created by snapbus (the view reads all of them)."""
+
+DEFAULT_DELETE_RETENTION_MS = 86_400_000
+"""Kafka's default ``delete.retention.ms`` (24 h): taken when the broker does not report it."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -48,6 +52,29 @@ class TopicInfo:
     def compacted(self) -> bool:
         """Whether compaction is among the cleanup policies."""
         return "compact" in self.cleanup_policy.split(",")
+
+    @property
+    def tombstone_retention_ms(self) -> int:
+        """How long the broker surely keeps a tombstone after it reached the log (ms).
+
+        Compaction drops a tombstone ``delete.retention.ms`` after the cleaner first saw it,
+        which is never before it was written; a ``delete`` policy drops whole segments after
+        ``retention.ms``. The smaller of the two that apply; Kafka's default 24 h when the
+        broker reports neither (some brokers report only the configs set at creation).
+        """
+        window = _int_config(self.configs, "delete.retention.ms", DEFAULT_DELETE_RETENTION_MS)
+        if "delete" in self.cleanup_policy.split(","):
+            retention = _int_config(self.configs, "retention.ms", -1)
+            if retention >= 0:
+                window = min(window, retention)
+        return window
+
+
+def _int_config(configs: dict[str, str], name: str, default: int) -> int:
+    try:
+        return int(configs[name])
+    except (KeyError, ValueError):
+        return default
 
 
 async def _partition_count(admin: Any, topic: str) -> int | None:
@@ -104,6 +131,20 @@ async def describe_topic(config: KafkaConfig) -> TopicInfo:
     return info
 
 
+async def describe_if_exists(config: KafkaConfig) -> TopicInfo | None:
+    """`describe_topic`, but None when the topic does not exist (internal: for the view).
+
+    Raises:
+        TopicError: the configs cannot be read.
+        KafkaUnavailableError: the cluster cannot be reached.
+    """
+    async with admin_client(config) as admin:
+        try:
+            return await _describe(admin, config.topic)
+        except KafkaError as exc:
+            raise TopicError(f"cannot describe topic {config.topic!r}: {exc!r}") from exc
+
+
 async def ensure_topic(
     config: KafkaConfig,
     *,
@@ -114,7 +155,10 @@ async def ensure_topic(
 ) -> TopicInfo:
     """Create the topic compacted if it is missing, then check that it is compacted.
 
-    Safe to call from many pods at once. An existing topic is never changed.
+    Safe to call from many pods at once. An existing topic is never changed. A new topic gets
+    ``cleanup.policy=compact`` and `extra_configs`; everything else (``delete.retention.ms``,
+    ``min.compaction.lag.ms``, ...) is the cluster's default, which views read back at start
+    (docs/compaction.md says why).
 
     Raises:
         TopicError: the topic exists without ``cleanup.policy=compact`` (and

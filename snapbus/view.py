@@ -27,11 +27,20 @@ Consistency contract
 - **Expiry** (optional ``ttl_s``): sessions whose latest record is older than the TTL are
   removed from every read together (within one fetch wait of their expiry, as the background
   task sweeps them), as the cache snapbus replaces expired its entries.
+- **Deleted stays deleted**: a compacted topic keeps a tombstone only ``delete.retention.ms``
+  (read from the topic at start) after it reached the log. A view whose state was last
+  complete longer ago than that, less a margin (`_retention_margin_ms`), does not trust it: a
+  checkpoint that old is not loaded, and a view that lagged that long (stopped fetching,
+  black-holed, behind) re-reads the whole log (`stats.resyncs`). See docs/compaction.md.
+- **Topic changes**: every ``topic_check_s`` the view reads the topic's partition count and
+  configs; added partitions (which move sessions to other partitions) or a policy that is no
+  longer ``compact`` make it ``degraded`` with the reason, logged as an error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -42,7 +51,7 @@ import operator
 import time
 import uuid
 import warnings
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -54,10 +63,11 @@ from snapbus._kafka import start_client
 from snapbus._lifecycle import AsyncLifecycle
 from snapbus.codec import Codec, default_codec
 from snapbus.config import KafkaConfig, validate_topic_name
-from snapbus.errors import ConfigError, DecodeError, SnapbusError, ViewError
+from snapbus.errors import ConfigError, DecodeError, SnapbusError, TopicError, ViewError
 from snapbus.publisher import Receipt
 from snapbus.reader import BarrierProbe, Event, PartitionReader, Record, decode_value
 from snapbus.snapshot import WorkspaceSnapshot, _is_canonical, parse_uuid
+from snapbus.topic import DEFAULT_DELETE_RETENTION_MS, TopicInfo, describe_if_exists
 from snapbus.topic import ensure_topic as _ensure_topic
 
 __all__ = ["Change", "ChangeStream", "Health", "SnapshotView", "ViewStats", "ViewStatus"]
@@ -69,6 +79,13 @@ ViewStatus = Literal["starting", "catching_up", "live", "degraded", "failed", "s
 
 _LOGGED_DECODE_ERRORS = 20
 _APPLY_CHUNK = 2000  # records applied between two yields to the event loop
+_SYNC_OBSERVATIONS = 64  # (high watermark, time) pairs kept per partition while behind
+
+
+def _retention_margin_ms(retention_ms: int) -> int:
+    """The safety margin taken off the tombstone retention: a tenth of it, at most an hour
+    (clock skew between this host and the broker, and the time from a fetch to its check)."""
+    return min(retention_ms // 10, 3_600_000)
 
 
 class Change(NamedTuple):
@@ -318,6 +335,11 @@ class SnapshotView(AsyncLifecycle):
             exists and is valid) and reads only the records after it, `stop` saves the state
             there, and `save_checkpoint` saves it on demand. A corrupt, foreign or stale file
             falls back to a full replay (see `snapbus.checkpoint`).
+        topic_check_s: how often to read the topic's partition count and configs, to report
+            added partitions or a policy no longer ``compact`` (``degraded``), and to follow
+            changes of ``delete.retention.ms``; None: never (only at start).
+        clock: the wall clock (seconds since the epoch, like `time.time`) the view compares
+            record, checkpoint and fetch times with, for the TTL and tombstone retention.
         decode: ``"lazy"`` (default): the initial replay reads only the indexed fields of each
             session's latest record and decodes the rest on first use, as a GlobalKTable keeps
             serialized values (half the time to go live). A value found bad then makes
@@ -344,8 +366,25 @@ class SnapshotView(AsyncLifecycle):
         checkpoint_path: str | Path | None = None,
         decode: Literal["lazy", "eager"] = "lazy",
         consumer_options: Mapping[str, Any] | None = None,
+        topic_check_s: float | None = 30.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config if config is not None else KafkaConfig.from_env()
+        if topic_check_s is not None and topic_check_s <= 0:
+            raise ConfigError(f"topic_check_s must be positive, not {topic_check_s}")
+        self._topic_check_s = topic_check_s
+        self._watch_task: asyncio.Task[None] | None = None
+        self._topic_problem: str | None = None
+        self._clock = clock
+        # tombstone retention: per partition, (offset, ms) such that every record at or after
+        # that offset reached the log after that instant, and the state holds every record
+        # before it; and the (high watermark, ms) fetch observations not reached yet
+        self._retention_ms = DEFAULT_DELETE_RETENTION_MS
+        self._synced: dict[int, tuple[int, float]] = {}
+        self._sync_seen: dict[int, collections.deque[tuple[int, float]]] = {}
+        self._checked: dict[int, int] = {}
+        self._stamps_seen: dict[int, int] = {}
+        self._resync_reason = ""
         self._checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
         self._checkpoint_loaded: int | None = None
         self._stale_after_s = stale_after_s
@@ -436,8 +475,7 @@ class SnapshotView(AsyncLifecycle):
             loading = asyncio.ensure_future(asyncio.to_thread(
                 checkpoint.read_checkpoint, self._checkpoint_path, topic=self.config.topic))
         try:
-            if self._ensure_topic:
-                await _ensure_topic(self.config, allow_non_compacted=self._allow_non_compacted)
+            await self._read_topic_configs()
             if self._dead_letter_topic is not None:
                 await _ensure_topic(self.config.replace(topic=self._dead_letter_topic,
                                                         history_topic=None))
@@ -447,6 +485,7 @@ class SnapshotView(AsyncLifecycle):
                 self._dead_letter_producer = producer
             # with a checkpoint, fetch nothing until its offsets are known
             await self._reader.open(paused=loading is not None)
+            self._synced = dict.fromkeys(self._reader.partitions, (0, self._now_ms()))
         except BaseException:
             self._status = "stopped"
             if loading is not None:
@@ -468,6 +507,10 @@ class SnapshotView(AsyncLifecycle):
                 self._reader.resume()
         self._status = "catching_up"
         self._task = asyncio.create_task(self._run(), name=f"snapbus-view:{self.config.topic}")
+        if self._topic_check_s is not None:
+            self._watch_task = asyncio.create_task(
+                self._watch_topic(self._topic_check_s),
+                name=f"snapbus-view-topic-check:{self.config.topic}")
         caught_up = asyncio.create_task(self._caught_up.wait())
         try:
             await asyncio.wait(
@@ -504,15 +547,72 @@ class SnapshotView(AsyncLifecycle):
                             self.config.topic, self._checkpoint_path, exc,
                             extra={"topic": self.config.topic})
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        watch, self._watch_task = self._watch_task, None
+        for running in (task, watch):
+            if running is not None:
+                running.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await running
         if self._status != "failed":
             self._status = "stopped"
         await self._reader.close()
         await self._close_dead_letters()
         self._end_waiters(ViewError("the view was stopped"))
+
+    async def _read_topic_configs(self) -> None:
+        """Ensure (or describe) the topic and take its tombstone retention."""
+        info: TopicInfo | None
+        if self._ensure_topic:
+            info = await _ensure_topic(self.config,
+                                       allow_non_compacted=self._allow_non_compacted)
+        else:
+            try:
+                info = await describe_if_exists(self.config)
+            except TopicError as exc:  # (a missing topic is the reader's to report)
+                log.warning("view of %s: %s; assuming delete.retention.ms=%d", self.config.topic,
+                            exc, DEFAULT_DELETE_RETENTION_MS, extra={"topic": self.config.topic})
+                info = None
+        if info is not None:
+            self._retention_ms = info.tombstone_retention_ms
+
+    async def _watch_topic(self, interval_s: float) -> None:
+        """Read the topic's partitions and configs every `interval_s` (`_topic_changed`)."""
+        while True:
+            await asyncio.sleep(interval_s)  # (a period, not a synchronisation)
+            try:
+                info = await describe_if_exists(self.config)
+            except SnapbusError as exc:  # (an unreachable broker is reported by the reader)
+                log.debug("view of %s: cannot check the topic: %s", self.config.topic, exc)
+                continue
+            if info is not None:
+                self._topic_changed(info)
+
+    def _topic_changed(self, info: TopicInfo) -> None:
+        """Report a partition count or policy that changed under the view; follow the
+        tombstone retention."""
+        topic, reading = self.config.topic, len(self._reader.partitions)
+        problems = []
+        if info.partitions != reading:
+            problems.append(
+                f"topic {topic!r} now has {info.partitions} partitions, the view reads "
+                f"{reading}: adding partitions moves sessions to other partitions, where no "
+                "view can order their records; copy the sessions to a new topic instead "
+                "(snapbus replay | snapbus import), and restart the views on it")
+        if not info.compacted and not self._allow_non_compacted:
+            problems.append(
+                f"topic {topic!r} now has cleanup.policy={info.cleanup_policy}, not compact: "
+                "the broker will delete sessions not updated within its retention time; set "
+                "it back to compact")
+        problem = "; ".join(problems) or None
+        if problem != self._topic_problem:
+            self._topic_problem = problem
+            if problem is not None:
+                log.error("view of %s: %s", topic, problem, extra={"topic": topic})
+        retention = info.tombstone_retention_ms
+        if retention != self._retention_ms:
+            log.info("view of %s: the topic now keeps tombstones %d ms (was %d ms)", topic,
+                     retention, self._retention_ms, extra={"topic": topic})
+            self._retention_ms = retention
 
     async def _close_dead_letters(self) -> None:
         producer, self._dead_letter_producer = self._dead_letter_producer, None
@@ -551,8 +651,9 @@ class SnapshotView(AsyncLifecycle):
         sessions.update((key, snapshot._values()) for key, snapshot in self._data.items())
         data = checkpoint.dumps(checkpoint.Checkpoint(
             self.config.topic, len(self._reader.partitions), dict(self._applied),
-            sessions, self._indexes(), self._stamps, checkpoint.now_ms(),
-            self._codec.compact_prefix))
+            sessions, self._indexes(), self._stamps, int(self._now_ms()),
+            self._codec.compact_prefix,
+            int(min((t for _, t in self._synced.values()), default=0))))
         del sessions
         size = await asyncio.to_thread(checkpoint.write_file, target, data)
         log.info("view of %s saved %d sessions to %s (%d bytes)", self.config.topic,
@@ -575,6 +676,8 @@ class SnapshotView(AsyncLifecycle):
             if not problem and saved.compact_prefix != self._codec.compact_prefix:
                 problem = (f"{path} keeps values of schema {saved.compact_prefix[2:].hex()}; "
                            "this process's current schema is another")
+            if not problem:
+                problem = self._too_old(saved)
         if problem:
             log.warning("view of %s: ignoring checkpoint, replaying the whole topic: %s",
                         self.config.topic, problem, extra={"topic": self.config.topic})
@@ -603,9 +706,26 @@ class SnapshotView(AsyncLifecycle):
         if saved.offsets != early:  # (a seek drops what was fetched since)
             for partition, offset in saved.offsets.items():
                 reader.seek(partition, offset)
+        assert saved.synced_ms is not None  # (_too_old)
+        self._synced = {p: (offset, saved.synced_ms) for p, offset in saved.offsets.items()}
         self._checkpoint_loaded = len(self)
         log.info("view of %s loaded %d sessions from %s", self.config.topic, len(self),
                  path, extra={"topic": self.config.topic})
+
+    def _too_old(self, saved: checkpoint.Checkpoint) -> str:
+        """Why a checkpoint's state is too old to trust (empty: it is not): sessions deleted
+        since may have lost their tombstones."""
+        if saved.synced_ms is None:
+            return (f"{self._checkpoint_path} does not say when its state was complete "
+                    "(written by an older snapbus)")
+        age_ms = self._now_ms() - saved.synced_ms
+        if age_ms <= self._trust_ms():
+            return ""
+        return (f"{self._checkpoint_path} holds the state of {age_ms / 1000:.1f} s ago, and "
+                f"topic {self.config.topic!r} keeps tombstones only "
+                f"{self._retention_ms / 1000:g} s (delete.retention.ms, less a "
+                f"{_retention_margin_ms(self._retention_ms) / 1000:g} s margin): sessions "
+                "deleted since may have no tombstone left")
 
     # ------------------------------------------------------------------ status
 
@@ -937,7 +1057,11 @@ class SnapshotView(AsyncLifecycle):
         reader = self._reader
         truncated = reader.truncated()
         if truncated:
-            self._begin_resync(truncated)
+            self._begin_resync(
+                f"partitions {truncated} now end before the view's position (the broker lost "
+                "records, or the topic was re-created)")
+        else:
+            self._check_retention()
         staleness = reader.staleness_s()
         if staleness > self._stale_after_s:
             if self._fail_after_s is not None and staleness > self._fail_after_s:
@@ -951,19 +1075,84 @@ class SnapshotView(AsyncLifecycle):
             self._set_status("degraded", f"no answer from the broker for {staleness:.1f} s; "
                                          "serving the last known state")
         elif self._resync_seen is not None:
-            self._set_status("degraded", "the log was truncated; re-reading it")
+            self._set_status("degraded", f"{self._resync_reason}; re-reading the whole log")
+        elif self._topic_problem is not None:
+            self._set_status("degraded", self._topic_problem)
         elif self._status == "degraded" and self._caught_up.is_set():
             self._set_status("live")
         elif self._status == "degraded":
             self._set_status("catching_up")
 
-    def _begin_resync(self, partitions: list[int]) -> None:
-        log.warning("view of %s: partitions %s now end before the view's position (the broker "
-                    "lost records, or the topic was re-created); re-reading the whole log",
-                    self.config.topic, partitions, extra={"topic": self.config.topic})
+    def _now_ms(self) -> float:
+        return self._clock() * 1000
+
+    def _trust_ms(self) -> int:
+        """How long after its last complete instant the view's state is trusted."""
+        return self._retention_ms - _retention_margin_ms(self._retention_ms)
+
+    def _check_retention(self) -> None:
+        """Re-read the whole log if the view read, or still has records to read, later than
+        the topic surely keeps tombstones after its state was last complete.
+
+        Per partition, `_synced` holds (offset, time): every record from that offset on
+        reached the log after that time, so a tombstone among them stays at least until
+        time + ``delete.retention.ms``. Each fetch tells the log end (high watermark) at its
+        time; once the view's position reaches it, that pair becomes the partition's
+        `_synced`. A view still behind, or that just read records, past the trusted window
+        may have missed a tombstone gone meanwhile: it starts over (docs/compaction.md).
+        """
+        reader = self._reader
+        now = self._now_ms()
+        lateness = time.time() * 1000 - now  # fetch stamps are this host's time.time()
+        trust = self._trust_ms()
+        positions = reader.positions
+        for p in reader.partitions:
+            position = positions.get(p, 0)
+            hw = reader.highwater(p)
+            advanced = position > self._checked.get(p, position)
+            self._checked[p] = position
+            synced_at, synced_ms = self._synced.get(p, (0, now))
+            if now > synced_ms + trust and (advanced or (hw is not None and hw > position)):
+                self._begin_resync(
+                    f"partition {p} was last complete {(now - synced_ms) / 1000:.1f} s ago, "
+                    f"longer than the topic surely keeps tombstones "
+                    f"({self._retention_ms / 1000:g} s less a margin): sessions deleted "
+                    "meanwhile may have no tombstone left")
+                return
+            pending = self._sync_seen.get(p)
+            if pending is None:
+                pending = self._sync_seen[p] = collections.deque()
+            stamp = reader.fetch_stamp(p)
+            # (only a fetch answered since the last check tells something new)
+            if hw is not None and stamp is not None and stamp != self._stamps_seen.get(p):
+                self._stamps_seen[p] = stamp
+                seen_ms = stamp - lateness
+                if pending and pending[-1][0] == hw:  # (the same log end, seen later)
+                    pending[-1] = (hw, max(pending[-1][1], seen_ms))
+                elif len(pending) < _SYNC_OBSERVATIONS:
+                    pending.append((hw, seen_ms))
+                else:  # (dropping the one before: a later sync, never a wrong one)
+                    pending[-1] = (hw, seen_ms)
+            while pending and pending[0][0] <= position:
+                end, seen_ms = pending.popleft()
+                if seen_ms > synced_ms:
+                    synced_at, synced_ms = end, seen_ms
+            self._synced[p] = (synced_at, synced_ms)
+
+    def _begin_resync(self, reason: str) -> None:
+        log.warning("view of %s: %s; re-reading the whole log", self.config.topic, reason,
+                    extra={"topic": self.config.topic})
         self._resyncs += 1
         self._resync_seen = set()
+        self._resync_reason = reason
+        if self._stash is not None:  # (keys whose records are gone must not survive)
+            self._records_superseded -= sum(map(len, self._stash.values()))
+            self._stash = {}
         self._reader.restart_from_beginning()
+        self._synced = dict.fromkeys(self._reader.partitions, (0, self._now_ms()))
+        self._sync_seen.clear()
+        self._checked.clear()
+        self._stamps_seen.clear()
 
     def _finish_resync(self) -> None:
         seen, self._resync_seen = self._resync_seen or set(), None
@@ -1240,7 +1429,7 @@ class SnapshotView(AsyncLifecycle):
     def _renew(self, key: str, timestamp_ms: int) -> bool:
         """Record a session's latest record time; False if that is already past the TTL."""
         assert self._ttl_ms is not None
-        now_ms = int(time.time() * 1000)
+        now_ms = int(self._now_ms())
         stamp = timestamp_ms if timestamp_ms >= 0 else now_ms
         if stamp + self._ttl_ms <= now_ms:
             self._stamps.pop(key, None)
@@ -1257,7 +1446,7 @@ class SnapshotView(AsyncLifecycle):
     def _expire(self) -> None:
         """Remove the sessions whose latest record is older than the TTL."""
         assert self._ttl_ms is not None
-        now_ms = int(time.time() * 1000)
+        now_ms = int(self._now_ms())
         heap, stamps, ttl = self._expiry, self._stamps, self._ttl_ms
         while heap and heap[0][0] <= now_ms:
             due, key = heapq.heappop(heap)

@@ -44,7 +44,7 @@ def checkpoint_of(topic: str, partitions: int, offsets: dict[int, int],
             index.setdefault(value, set()).add(s.key)
     stamps = {s.key: created_ms - i for i, s in enumerate(snapshots)}
     return Checkpoint(topic, partitions, offsets, sessions, indexes, stamps,  # type: ignore[arg-type]
-                      created_ms, codec.compact_prefix)
+                      created_ms, codec.compact_prefix, synced_ms=created_ms)
 
 
 def sample(path: Path, topic: str = "sessions", partitions: int = 3) -> Checkpoint:
@@ -202,7 +202,7 @@ async def test_bad_or_stale_checkpoints_fall_back_to_the_log(
     stale = tmp_path / "stale.ckpt"
     ghost = make_snapshot(agent_name="ghost")
     write_checkpoint(stale, checkpoint_of(topic_name, 12, dict.fromkeys(range(12), 10_000),
-                                          [ghost], 0))
+                                          [ghost], int(time.time() * 1000)))
     async with SnapshotView(config, fetch_max_wait_ms=FETCH_WAIT_MS,
                             checkpoint_path=stale) as view:
         assert view.stats.checkpoint_sessions == 1
