@@ -161,11 +161,15 @@ async def ensure_topic(
     (docs/compaction.md says why).
 
     Raises:
-        TopicError: the topic exists without ``cleanup.policy=compact`` (and
-            `allow_non_compacted` is false), or it cannot be created.
+        TopicError: the topic exists without ``cleanup.policy=compact``, or `extra_configs`
+            would create it so (and `allow_non_compacted` is false), or it cannot be created.
         KafkaUnavailableError: the cluster cannot be reached.
     """
     topic = config.topic
+    policy = (extra_configs or {}).get("cleanup.policy", "compact")
+    if "compact" not in policy.split(",") and not allow_non_compacted:
+        raise TopicError(f"extra_configs sets cleanup.policy={policy} for topic {topic!r}; "
+                         "snapbus needs compact (or pass allow_non_compacted)")
     async with admin_client(config) as admin:
         try:
             info = await _describe(admin, topic)

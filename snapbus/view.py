@@ -375,6 +375,7 @@ class SnapshotView(AsyncLifecycle):
         self._topic_check_s = topic_check_s
         self._watch_task: asyncio.Task[None] | None = None
         self._topic_problem: str | None = None
+        self._compacted_at_start = True  # (a topic read non-compacted on purpose stays so)
         self._clock = clock
         # tombstone retention: per partition, (offset, ms) such that every record at or after
         # that offset reached the log after that instant, and the state holds every record
@@ -574,6 +575,7 @@ class SnapshotView(AsyncLifecycle):
                 info = None
         if info is not None:
             self._retention_ms = info.tombstone_retention_ms
+            self._compacted_at_start = info.compacted
 
     async def _watch_topic(self, interval_s: float) -> None:
         """Read the topic's partitions and configs every `interval_s` (`_topic_changed`)."""
@@ -598,7 +600,7 @@ class SnapshotView(AsyncLifecycle):
                 f"{reading}: adding partitions moves sessions to other partitions, where no "
                 "view can order their records; copy the sessions to a new topic instead "
                 "(snapbus replay | snapbus import), and restart the views on it")
-        if not info.compacted and not self._allow_non_compacted:
+        if not info.compacted and self._compacted_at_start and not self._allow_non_compacted:
             problems.append(
                 f"topic {topic!r} now has cleanup.policy={info.cleanup_policy}, not compact: "
                 "the broker will delete sessions not updated within its retention time; set "
@@ -1139,6 +1141,13 @@ class SnapshotView(AsyncLifecycle):
                     synced_at, synced_ms = end, seen_ms
             self._synced[p] = (synced_at, synced_ms)
 
+    def _set_live(self) -> None:
+        """Caught up: ``live``, unless the topic changed under the view (`_topic_changed`)."""
+        if self._topic_problem is None:
+            self._set_status("live")
+        else:
+            self._set_status("degraded", self._topic_problem)
+
     def _begin_resync(self, reason: str) -> None:
         log.warning("view of %s: %s; re-reading the whole log", self.config.topic, reason,
                     extra={"topic": self.config.topic})
@@ -1165,11 +1174,11 @@ class SnapshotView(AsyncLifecycle):
         reader = self._reader
         if self._resync_seen is not None and reader.caught_up_to_start():
             self._finish_resync()
-            self._set_status("live")
+            self._set_live()
         if not self._caught_up.is_set() and reader.caught_up_to_start():
             self._catch_up_seconds = time.monotonic() - (self._started_at or 0.0)
             self._caught_up.set()
-            self._set_status("live")
+            self._set_live()
             log.info("view of %s caught up: %d sessions in %.2f s", self.config.topic,
                      len(self), self._catch_up_seconds, extra={"topic": self.config.topic})
         if self._offset_waiters:

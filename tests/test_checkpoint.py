@@ -58,6 +58,9 @@ def test_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "nested" / "view.ckpt"
     written = sample(path)
     assert read_checkpoint(path, topic="sessions", partitions=3) == written
+    unknown = dataclasses.replace(written, synced_ms=None)
+    write_checkpoint(path, unknown)
+    assert read_checkpoint(path, topic="sessions", partitions=3) == unknown
     assert [p.name for p in path.parent.iterdir()] == ["view.ckpt"]  # no temporary left
 
 
@@ -258,3 +261,52 @@ async def test_ttl_applies_to_every_session_of_a_checkpoint(
         assert view.stats.checkpoint_sessions == 0
         assert len(view) == 0
         assert sorted(view.expired_sessions()) == sorted([read.session_id, unread.session_id])
+
+
+class Clock:
+    """A wall clock the test moves forward."""
+
+    def __init__(self) -> None:
+        self.ahead_s = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.ahead_s
+
+
+async def test_a_checkpoint_older_than_the_tombstone_retention_is_replayed_instead(
+    broker: BrokerAddress, topic_name: str, tmp_path: Path
+) -> None:
+    # the topic keeps tombstones 24 h (Kafka's default); the clock says how old the file is.
+    # (tests/test_compaction.py shows the session coming back on Kafka without this rule)
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    path = tmp_path / "view.ckpt"
+    kept, gone = make_snapshot(agent_name="kept"), make_snapshot(agent_name="gone")
+    clock = Clock()
+    async with SnapshotPublisher(config) as publisher:
+        await publisher.publish_many([kept, gone])
+        async with SnapshotView(config, fetch_max_wait_ms=FETCH_WAIT_MS, checkpoint_path=path,
+                                clock=clock) as view:
+            await view.barrier(timeout=30)
+        await publisher.evict(gone.session_id)
+    synced_ms = read_checkpoint(path, topic=topic_name).synced_ms
+    assert synced_ms is not None
+    assert abs(synced_ms - time.time() * 1000) < 60_000
+
+    clock.ahead_s = 21 * 3600  # within 24 h less the margin (a tenth, at most 1 h): trusted
+    async with SnapshotView(config, fetch_max_wait_ms=FETCH_WAIT_MS, checkpoint_path=path,
+                            clock=clock) as view:
+        assert view.stats.checkpoint_sessions == 2
+        assert gone.session_id not in view  # (its tombstone is still in the log)
+    clock.ahead_s += 24 * 3600  # the file saved just now is a day old: a full replay
+    async with SnapshotView(config, fetch_max_wait_ms=FETCH_WAIT_MS, checkpoint_path=path,
+                            clock=clock) as view:
+        assert view.stats.checkpoint_sessions is None
+        assert {s.key for s in view.snapshots()} == {kept.key}
+
+    # a file that does not say when its state was complete (an older snapbus) is not used
+    write_checkpoint(path, dataclasses.replace(read_checkpoint(path, topic=topic_name),
+                                               synced_ms=None))
+    async with SnapshotView(config, fetch_max_wait_ms=FETCH_WAIT_MS,
+                            checkpoint_path=path) as view:
+        assert view.stats.checkpoint_sessions is None
+        assert {s.key for s in view.snapshots()} == {kept.key}

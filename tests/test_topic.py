@@ -143,3 +143,29 @@ def test_invalid_topic_names_are_rejected(name: object) -> None:
 @pytest.mark.parametrize("name", ["a", "snapbus.workspace-sessions", "A_b-c.9", "x" * 249])
 def test_valid_topic_names_are_accepted(name: str) -> None:
     assert KafkaConfig("127.0.0.1:9092", name).topic == name
+
+
+@pytest.mark.parametrize(("policy", "configs", "window"), [
+    ("compact", {}, 86_400_000),  # not reported (some brokers report only what was set)
+    ("compact", {"delete.retention.ms": "1000"}, 1000),
+    ("compact,delete", {"delete.retention.ms": "5000", "retention.ms": "2000"}, 2000),
+    ("compact,delete", {"delete.retention.ms": "5000", "retention.ms": "-1"}, 5000),
+    ("compact", {"delete.retention.ms": "5000", "retention.ms": "2000"}, 5000),
+])
+def test_tombstone_retention_is_the_shortest_window_that_applies(
+    policy: str, configs: dict[str, str], window: int
+) -> None:
+    from snapbus.topic import TopicInfo
+    assert TopicInfo("t", 1, policy, {"cleanup.policy": policy, **configs}
+                     ).tombstone_retention_ms == window
+
+
+async def test_ensure_refuses_extra_configs_that_are_not_compacted(
+    broker: BrokerAddress, topic_name: str
+) -> None:
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    with pytest.raises(TopicError, match=r"cleanup\.policy=delete"):
+        await ensure_topic(config, extra_configs={"cleanup.policy": "delete"})
+    assert topic_name not in await list_topics(broker.bootstrap_servers)  # nothing created
+    info = await ensure_topic(config, extra_configs={"cleanup.policy": "compact,delete"})
+    assert info.compacted
