@@ -29,7 +29,7 @@ Consistency contract
   task sweeps them), as the cache snapbus replaces expired its entries.
 - **Deleted stays deleted**: a compacted topic keeps a tombstone only ``delete.retention.ms``
   (read from the topic at start) after it reached the log. A view whose state was last
-  complete longer ago than that, less a margin (`_retention_margin_ms`), does not trust it: a
+  complete longer ago than that, less a margin (a tenth, at most an hour), does not trust it: a
   checkpoint that old is not loaded, and a view that lagged that long (stopped fetching,
   black-holed, behind) re-reads the whole log (`stats.resyncs`). See docs/compaction.md.
 - **Topic changes**: every ``topic_check_s`` the view reads the topic's partition count and
