@@ -46,6 +46,7 @@ from snapbus.errors import ConfigError, KafkaUnavailableError
 from snapbus.publisher import SnapshotPublisher
 from snapbus.view import SnapshotView
 from tests.faultproxy import FaultProxy, make_snapshot, proxied_broker
+from tests.helpers import ENGINE
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("quiet_aiokafka")]
 
@@ -363,6 +364,15 @@ async def test_sasl_settings_reach_the_aiokafka_client(pki: Pki, mechanism: str)
         KafkaConfig.from_env({k: v for k, v in env.items() if k != "SNAPBUS_SASL_PASSWORD"})
 
 
+def sasl_refusal(mechanism: str) -> str:
+    """What the error says when a SASL client reaches the plaintext listener behind the proxy:
+    Tansu answers the SASL handshake with no mechanisms; Apache Kafka's plaintext listener does
+    not speak SASL at all and closes the connection."""
+    if ENGINE == "kafka":
+        return "and the SASL_SSL settings"
+    return f"the broker does not enable SASL mechanism {mechanism}"
+
+
 @pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256"])
 async def test_sasl_ssl_client_handshakes_then_fails_clearly(
     tls: FaultProxy, pki: Pki, topic_name: str, mechanism: str
@@ -377,8 +387,8 @@ async def test_sasl_ssl_client_handshakes_then_fails_clearly(
             await asyncio.wait_for(client.start(), 20)  # the bound only turns a hang into a failure
         await client.stop()
         assert loop.time() - started < 10
-        assert f"Kafka at {tls.address}: the broker does not enable SASL mechanism {mechanism}" \
-            in str(info.value)
+        assert f"Kafka at {tls.address}" in str(info.value)
+        assert sasl_refusal(mechanism) in str(info.value)
     # the client did speak SASL over TLS with the configured mechanism (read behind the proxy)
     assert mechanism in sasl_handshakes(tls.captured)
 
@@ -392,8 +402,9 @@ async def test_sasl_failure_message_points_at_the_sasl_settings(tls: FaultProxy,
     with pytest.raises(KafkaUnavailableError) as info:
         await asyncio.wait_for(SnapshotPublisher(config).start(), 20)
     message = str(info.value)
-    assert "does not enable SASL mechanism PLAIN" in message, message
-    assert "--sasl-mechanism (SNAPBUS_SASL_MECHANISM)" in message, message
+    assert sasl_refusal("PLAIN") in message, message
+    if ENGINE == "tansu":
+        assert "--sasl-mechanism (SNAPBUS_SASL_MECHANISM)" in message, message
     assert "s3cret" not in message
 
 
@@ -408,6 +419,6 @@ async def test_sasl_settings_from_cli_flags_fail_clearly(tls: FaultProxy, pki: P
     assert code == 1
     errors = [line for line in err.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, err
-    assert "does not enable SASL mechanism SCRAM-SHA-512" in errors[0]
+    assert sasl_refusal("SCRAM-SHA-512") in errors[0]
     assert "s3cret" not in err
     assert "SCRAM-SHA-512" in sasl_handshakes(tls.captured)
