@@ -6,6 +6,11 @@ that is set to it) and compaction keeps its latest value. A publish returns only
 broker acknowledged it (``acks="all"`` by default) and returns a `Receipt` that a view's
 `wait_for` accepts for read-your-writes.
 
+The producer is idempotent where the broker allows it (Apache Kafka does): a batch the client
+sends again after a lost connection is stored once, in order. A broker that refuses it (its
+InitProducerId fails, as on Tansu or without the IdempotentWrite permission) gets a plain
+producer and one warning; ``idempotence=True`` makes that refusal an error instead.
+
 Nothing invalid is ever sent: the snapshot is validated and encoded, and its size checked,
 before the producer sees it.
 """
@@ -24,14 +29,19 @@ from collections.abc import Awaitable, Iterable
 from typing import Any, Literal, NoReturn, TypeVar
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, UnknownError
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    KafkaError,
+    UnknownError,
+    UnsupportedVersionError,
+)
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from snapbus._kafka import start_client
 from snapbus._lifecycle import AsyncLifecycle
 from snapbus.codec import Codec, default_codec, encode_key
 from snapbus.config import KafkaConfig
-from snapbus.errors import PublishError, ValidationError
+from snapbus.errors import ConfigError, KafkaUnavailableError, PublishError, ValidationError
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.topic import DEFAULT_PARTITIONS, ensure_topic
 
@@ -102,6 +112,12 @@ class _MurmurPartitioner:
         return all_partitions[hashed % len(all_partitions)]
 
 
+_REFUSED = (UnknownError, UnsupportedVersionError, ClusterAuthorizationFailedError)
+"""How brokers answer InitProducerId when they do not give idempotent producers: Tansu with
+UnknownError, brokers older than 0.11 with UnsupportedVersion, a cluster without the
+IdempotentWrite permission for this principal with ClusterAuthorizationFailed."""
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -138,8 +154,10 @@ class SnapshotPublisher(AsyncLifecycle):
         acks: ``"all"`` (default: the record is on every in-sync replica), ``1`` or ``0``.
         linger_ms: how long the producer waits to batch records (higher: more throughput).
         compression_type: ``None``, ``"gzip"``, ``"snappy"``, ``"lz4"`` or ``"zstd"``.
-        enable_idempotence: turn on the idempotent producer (off by default: not every broker
-            supports it, and latest-value-wins makes a duplicate harmless).
+        idempotence: the idempotent producer (no duplicates or reordering when the client
+            resends after a lost connection). ``None`` (default): on where the broker allows
+            it, else off with one warning; ``True``: required (`start` fails where refused);
+            ``False``: off. Only with ``acks="all"`` (``None`` with other acks: off).
         delivery_timeout_s: a publish not acknowledged within this time raises `PublishError`.
         max_value_bytes: larger encoded snapshots are refused with `ValidationError`.
         ensure_topic: create the topic (compacted) on start if it is missing, and check it.
@@ -158,7 +176,7 @@ class SnapshotPublisher(AsyncLifecycle):
         acks: Literal["all", 0, 1] = "all",
         linger_ms: int = 5,
         compression_type: str | None = None,
-        enable_idempotence: bool = False,
+        idempotence: bool | None = None,
         delivery_timeout_s: float = 30.0,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         ensure_topic: bool = True,
@@ -176,12 +194,16 @@ class SnapshotPublisher(AsyncLifecycle):
         self._allow_non_compacted = allow_non_compacted
         self._partitions = partitions
         self._history_retention_ms = history_retention_ms
+        if idempotence and acks != "all":
+            raise ConfigError(f"idempotence needs acks='all', not acks={acks!r}")
+        self._idempotence = idempotence if acks == "all" else False
+        self._idempotent = False
         self._producer_kwargs: dict[str, Any] = {
             **self.config.client_kwargs(),
             "acks": acks,
             "linger_ms": linger_ms,
             "compression_type": compression_type,
-            "enable_idempotence": enable_idempotence,
+            "enable_idempotence": self._idempotence is not False,
             "request_timeout_ms": max(1000, int(delivery_timeout_s * 1000)),
             "partitioner": _MurmurPartitioner(),
             **(producer_options or {}),
@@ -193,6 +215,11 @@ class SnapshotPublisher(AsyncLifecycle):
     def topic(self) -> str:
         """The topic this publisher writes to."""
         return self.config.topic
+
+    @property
+    def idempotent(self) -> bool:
+        """Whether the started producer is idempotent (see the ``idempotence`` argument)."""
+        return self._idempotent
 
     async def start(self) -> None:
         """Connect, and ensure the topic exists and is compacted.
@@ -219,8 +246,26 @@ class SnapshotPublisher(AsyncLifecycle):
                     extra_configs={"cleanup.policy": "delete",
                                    "retention.ms": str(self._history_retention_ms)},
                 )
-        producer = AIOKafkaProducer(**self._producer_kwargs)
-        await start_client(producer, self.config, "publisher")
+        kwargs = self._producer_kwargs
+        producer = AIOKafkaProducer(**kwargs)
+        try:
+            await start_client(producer, self.config, "publisher")
+        except KafkaUnavailableError as exc:
+            if not kwargs["enable_idempotence"] or not isinstance(exc.__cause__, _REFUSED):
+                raise
+            refusal = f"{type(exc.__cause__).__name__}: {exc.__cause__}"
+            if self._idempotence:
+                raise KafkaUnavailableError(
+                    f"{self.config.bootstrap_servers} refused the idempotent producer "
+                    f"({refusal}); pass idempotence=None or False to publish without it"
+                ) from exc.__cause__
+            log.warning("%s refused the idempotent producer (%s); publishing without it: a "
+                        "batch resent after a lost connection may be stored twice",
+                        self.config.bootstrap_servers, refusal, extra={"topic": self.topic})
+            kwargs = {**kwargs, "enable_idempotence": False}
+            producer = AIOKafkaProducer(**kwargs)
+            await start_client(producer, self.config, "publisher")
+        self._idempotent = bool(kwargs["enable_idempotence"])
         self._producer = producer
         self._state = "started"
 
