@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -13,11 +14,11 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from snapbus.codec import decode, default_codec, encode
 from snapbus.config import KafkaConfig
-from snapbus.errors import KafkaUnavailableError, PublishError, ValidationError
+from snapbus.errors import ConfigError, KafkaUnavailableError, PublishError, ValidationError
 from snapbus.publisher import Receipt, SnapshotPublisher
 from snapbus.topic import DEFAULT_PARTITIONS, ensure_topic
 from snapbus.view import SnapshotView
-from tests.helpers import make_snapshot, topic_partitions
+from tests.helpers import ENGINE, make_snapshot, topic_partitions
 
 if TYPE_CHECKING:
     from tests.conftest import BrokerAddress
@@ -339,3 +340,43 @@ def test_the_cached_partitioner_is_kafkas_default_partitioner() -> None:
             assert cached(key, all_partitions, all_partitions) == default(
                 key, all_partitions, all_partitions)
     assert cached(None, [0, 1], [1]) == 1  # no key: an available partition, like the default
+
+
+async def test_idempotent_where_the_broker_allows_it(
+    broker: BrokerAddress, topic_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # idempotence=None (the default): on with Apache Kafka; Tansu refuses InitProducerId
+    # (UnknownError) and gets a plain producer, with one warning
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    with caplog.at_level(logging.WARNING, logger="snapbus.publisher"):
+        async with SnapshotPublisher(config) as publisher:
+            snapshot = make_snapshot()
+            receipt = await publisher.publish(snapshot)
+            assert publisher.idempotent == (ENGINE == "kafka")
+    refusals = [r for r in caplog.records if "refused the idempotent producer" in r.message]
+    assert len(refusals) == (0 if ENGINE == "kafka" else 1)
+    _, records = await read_topic(broker.bootstrap_servers, topic_name)
+    assert [(r.partition, r.offset, decode(r.value)) for r in records] == [
+        (receipt.partition, receipt.offset, snapshot)]
+
+
+async def test_idempotence_required_or_off(broker: BrokerAddress, topic_name: str) -> None:
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    async with SnapshotPublisher(config, idempotence=False) as publisher:
+        assert not publisher.idempotent
+        await publisher.publish(make_snapshot())
+    required = SnapshotPublisher(config, idempotence=True)
+    if ENGINE == "kafka":
+        async with required:
+            assert required.idempotent
+    else:
+        with pytest.raises(KafkaUnavailableError, match="refused the idempotent producer"):
+            await required.start()
+        await required.stop()
+
+
+def test_idempotence_needs_acks_all() -> None:
+    config = KafkaConfig("localhost:9", "t")
+    with pytest.raises(ConfigError, match="acks='all'"):
+        SnapshotPublisher(config, acks=1, idempotence=True)
+    assert SnapshotPublisher(config, acks=1)._producer_kwargs["enable_idempotence"] is False

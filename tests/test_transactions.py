@@ -26,7 +26,7 @@ from snapbus.codec import encode
 from snapbus.config import KafkaConfig
 from snapbus.errors import ConfigError
 from snapbus.publisher import SnapshotPublisher
-from snapbus.reader import PartitionReader, _batch_records, _raw_fetch_supported
+from snapbus.reader import PartitionReader, _batch_records
 from snapbus.replay import replay
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.view import Change, SnapshotView
@@ -328,7 +328,3 @@ async def test_markers_do_not_break_positions(
         [*expected, more.key])
 
 
-async def test_view_reads_through_the_fast_path(one_partition: KafkaConfig) -> None:
-    async with SnapshotView(one_partition) as view:
-        assert _raw_fetch_supported(view._reader._consumer)
-        assert view._reader._consumer._fetcher._isolation_level == READ_COMMITTED

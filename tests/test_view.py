@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import DefaultPartitioner
 
+from snapbus import reader as reader_module
 from snapbus.codec import MARKER, encode
 from snapbus.config import KafkaConfig
 from snapbus.errors import (
@@ -32,7 +33,7 @@ from snapbus.errors import (
     ViewError,
 )
 from snapbus.publisher import Receipt, SnapshotPublisher
-from snapbus.reader import PartitionReader, _raw_fetch_supported
+from snapbus.reader import PartitionReader
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.topic import DEFAULT_PARTITIONS, ensure_topic
 from snapbus.view import _APPLY_CHUNK, Change, ChangeStream, SnapshotView
@@ -942,18 +943,20 @@ async def test_index_groups_stay_exact_as_they_grow_and_shrink(
         assert view.by_agent("agent-0") == []
 
 
-async def test_read_committed_view_reads_through_getmany(
-    broker: BrokerAddress, topic_name: str
+@pytest.mark.parametrize("raw", [True, False])
+async def test_fast_path_and_getmany_give_the_same_view(
+    broker: BrokerAddress, topic_name: str, raw: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # snapbus reads aiokafka's fetch buffer itself only for read_uncommitted consumers; any
-    # other isolation goes through getmany, which must give the same view
+    # snapbus reads aiokafka's fetch buffer itself (read_committed, the only isolation it
+    # uses); with an aiokafka it does not know it goes through getmany: the same view
+    if not raw:
+        monkeypatch.setattr(reader_module, "_raw_fetch_supported", lambda consumer: False)
     config = KafkaConfig(broker.bootstrap_servers, topic_name)
     written = [make_snapshot(agent_name=f"agent-{i}") for i in range(30)]
     async with SnapshotPublisher(config) as publisher:
         await publisher.publish_many(written[:20])
-        async with new_view(config, consumer_options={"isolation_level": "read_committed"}
-                            ) as view:
-            assert not _raw_fetch_supported(view._reader._consumer)
+        async with new_view(config) as view:
+            assert view._reader._raw == raw
             receipts = await publisher.publish_many(written[20:])
             await view.wait_for(receipts[-1], timeout=WAIT_S)
             await view.barrier(timeout=WAIT_S)
@@ -961,18 +964,18 @@ async def test_read_committed_view_reads_through_getmany(
                 written, key=lambda s: s.key)
 
 
-@pytest.mark.parametrize("isolation", ["read_uncommitted", "read_committed"])
+@pytest.mark.parametrize("raw", [True, False])
 async def test_read_returns_with_the_next_fetch_already_sent(
-    broker: BrokerAddress, topic_name: str, isolation: str
+    broker: BrokerAddress, topic_name: str, raw: bool
 ) -> None:
     # While a view works through what one read returned and more records wait, the broker
     # should be reading them: a replay then fetches and applies at once, not in turn
     config = KafkaConfig(broker.bootstrap_servers, topic_name)
     async with SnapshotPublisher(config, linger_ms=0) as publisher:
         await publisher.publish_many([make_snapshot() for _ in range(40)])
-    reader = PartitionReader(config, consumer_options={**SMALL_FETCHES,
-                                                       "isolation_level": isolation})
+    reader = PartitionReader(config, consumer_options=SMALL_FETCHES)
     await reader.open()
+    reader._raw = raw  # the fast path, or getmany
     try:
         connections = reader._consumer._client._conns.values()
         reads = 0
