@@ -3,8 +3,8 @@
 Consistency contract
 --------------------
 - **Start**: `start` (or ``async with``) reads the topic from the beginning and returns once
-  the view holds everything written before it started, i.e. every partition reached the high
-  watermark its first fetch reported. If that takes longer than `start_timeout_s`, it returns
+  the view holds everything written before it started, i.e. every partition reached the last
+  stable offset its first fetch reported (the high watermark, unless a transaction is open). If that takes longer than `start_timeout_s`, it returns
   anyway with `status` ``degraded`` and the reason, and keeps catching up in the background.
 - **Live**: a background task then follows the topic. Records are applied one at a time, in
   offset order within each partition; a tombstone (null value) deletes the session. Since all
@@ -16,6 +16,10 @@ Consistency contract
   Between two awaits the view does not change, so a read sees one consistent state.
 - **Read your writes**: `wait_for(receipt)` returns once the view applied that record;
   `barrier()` returns once everything acknowledged by the broker before the call is visible.
+- **Transactions**: only committed records are applied (read_committed); records of aborted
+  transactions never are. Records behind a transaction still open (even plain ones) show when
+  it ends; meanwhile `start` and `barrier` do not wait for them, `wait_for` does
+  (docs/transactions.md).
 - **Bad records** (undecodable value, empty value, unknown schema fingerprint, key that is not
   a UUID, value whose session id differs from its key) are counted in `stats`, logged with
   their partition and offset, and skipped: they never stop the view and never erase or alter

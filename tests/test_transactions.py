@@ -328,3 +328,27 @@ async def test_markers_do_not_break_positions(
         [*expected, more.key])
 
 
+
+
+@pytest.mark.kafka
+async def test_transaction_left_open_ends_at_its_timeout(
+    broker: BrokerAddress, one_partition: KafkaConfig
+) -> None:
+    # a writer that dies with its transaction open: the coordinator aborts it after the
+    # transaction timeout (checked every 10 s by default), and the view moves on
+    config = one_partition
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers,
+                                transactional_id=f"txn-{uuid.uuid4().hex[:8]}",
+                                transaction_timeout_ms=1000)
+    await producer.start()
+    try:
+        pending = [make_snapshot(agent_name=f"pending-{i}") for i in range(3)]
+        await write(producer, config.topic, pending, commit=None)
+        async with SnapshotView(config, fetch_max_wait_ms=20) as view, \
+                SnapshotPublisher(config) as publisher:
+            assert view.status == "live"
+            behind = await publisher.publish(make_snapshot(agent_name="behind"))
+            await view.wait_for(behind, timeout=WAIT_S)
+            assert not any(s.session_id in view for s in pending)
+    finally:
+        await producer.stop()
