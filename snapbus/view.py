@@ -4,8 +4,9 @@ Consistency contract
 --------------------
 - **Start**: `start` (or ``async with``) reads the topic from the beginning and returns once
   the view holds everything written before it started, i.e. every partition reached the last
-  stable offset its first fetch reported (the high watermark, unless a transaction is open). If that takes longer than `start_timeout_s`, it returns
-  anyway with `status` ``degraded`` and the reason, and keeps catching up in the background.
+  stable offset its first fetch reported (the high watermark, unless a transaction is open).
+  If that takes longer than `start_timeout_s`, it returns anyway with `status` ``degraded``
+  and the reason, and keeps catching up in the background.
 - **Live**: a background task then follows the topic. Records are applied one at a time, in
   offset order within each partition; a tombstone (null value) deletes the session. Since all
   updates of a session share a partition, the view always holds, for each session, the value
