@@ -130,14 +130,15 @@ async def test_stop_leaves_no_process_and_start_again_works() -> None:
     assert not broker.running
 
 
-async def test_broker_dies_with_its_parent_process() -> None:
+@pytest.mark.parametrize("engine", ["tansu", pytest.param("kafka", marks=pytest.mark.kafka)])
+async def test_broker_dies_with_its_parent_process(engine: str) -> None:
     script = textwrap.dedent(
-        """
+        f"""
         import asyncio
         from snapbus.broker import EmbeddedBroker
 
         async def main():
-            broker = EmbeddedBroker()
+            broker = EmbeddedBroker(engine={engine!r})
             await broker.start()
             print(broker.pid, flush=True)
             await asyncio.Event().wait()
@@ -151,7 +152,7 @@ async def test_broker_dies_with_its_parent_process() -> None:
     )
     try:
         assert parent.stdout is not None
-        line = await asyncio.wait_for(parent.stdout.readline(), 20)
+        line = await asyncio.wait_for(parent.stdout.readline(), 90)
         broker_pid = int(line)
         assert not process_gone(broker_pid)
     finally:

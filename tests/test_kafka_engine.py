@@ -6,11 +6,7 @@ The tests that start a Kafka broker are marked ``kafka`` (they run on the Kafka 
 
 from __future__ import annotations
 
-import asyncio
 import os
-import signal
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -20,9 +16,7 @@ from snapbus.config import KafkaConfig
 from snapbus.errors import BrokerError
 from snapbus.publisher import SnapshotPublisher
 from snapbus.view import SnapshotView
-from tests.helpers import WAIT_S, eventually, make_snapshot
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import WAIT_S, make_snapshot
 
 
 def process_gone(pid: int) -> bool:
@@ -125,36 +119,6 @@ async def test_kafka_log_survives_kill_restart_and_stop_with_a_data_dir(
         config = KafkaConfig(again.bootstrap_servers, topic_name, connect_timeout_s=30)
         async with SnapshotView(config, fetch_max_wait_ms=20) as view:
             assert view.get(snapshot.session_id) == snapshot
-
-
-@pytest.mark.kafka
-async def test_kafka_broker_dies_with_its_parent_process() -> None:
-    script = textwrap.dedent(
-        """
-        import asyncio
-        from snapbus.broker import EmbeddedBroker
-
-        async def main():
-            broker = EmbeddedBroker(engine="kafka")
-            await broker.start()
-            print(broker.pid, flush=True)
-            await asyncio.Event().wait()
-
-        asyncio.run(main())
-        """
-    )
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    parent = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE, env=env
-    )
-    try:
-        assert parent.stdout is not None
-        broker_pid = int(await asyncio.wait_for(parent.stdout.readline(), 90))
-        assert not process_gone(broker_pid)
-    finally:
-        parent.send_signal(signal.SIGKILL)
-        await parent.wait()
-    await eventually(lambda: process_gone(broker_pid))
 
 
 def test_cluster_ids_never_look_like_an_option() -> None:
