@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
+import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
@@ -97,3 +100,28 @@ async def list_topics(bootstrap_servers: str) -> set[str]:
         return set(await admin.list_topics())
     finally:
         await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def serve_command(*args: str, env: Mapping[str, str] | None = None
+                        ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """Run ``python -m snapbus ARGS`` (a ``serve`` command line), yield the URL it announces and
+    the process, and SIGTERM it afterwards. With `env`, the child gets these ``SNAPBUS_*``
+    variables instead of this process's."""
+    child_env = None
+    if env is not None:
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPBUS_")}
+        child_env.update(env)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "snapbus", *args, env=child_env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), WAIT_S)).decode()
+        assert line.startswith("serving http://127.0.0.1:"), line
+        yield line.split()[1], proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), WAIT_S)

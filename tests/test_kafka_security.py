@@ -12,12 +12,10 @@ line naming the cause (`KafkaAuthenticationError`), reported in well under the c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import json
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +31,7 @@ from snapbus.errors import KafkaAuthenticationError, KafkaUnavailableError
 from snapbus.publisher import SnapshotPublisher
 from snapbus.replay import rebuild, replay
 from snapbus.view import SnapshotView
-from tests.helpers import WAIT_S, eventually, make_snapshot
+from tests.helpers import WAIT_S, eventually, make_snapshot, serve_command
 from tests.test_security import _make_ca, _write_cert
 
 pytestmark = [pytest.mark.kafka, pytest.mark.usefixtures("quiet_aiokafka")]
@@ -208,25 +206,7 @@ async def test_cli_from_flags_and_environment(brokers: Brokers, topic_name: str,
     assert [s["session_id"] for s in json.loads(rebuilt.stdout)] == [session]
 
 
-@contextlib.asynccontextmanager
-async def serve_command(env: dict[str, str], *args: str
-                        ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
-    """Run ``python -m snapbus serve --port 0 ARGS`` with these variables; yield its URL."""
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPBUS_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "snapbus", "serve", "--port", "0", "--fetch-max-wait-ms", "20",
-        *args, env={**child_env, **env},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), WAIT_S)).decode()
-        assert line.startswith("serving http://127.0.0.1:"), line
-        yield line.split()[1], proc
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(proc.wait(), WAIT_S)
+SERVE = ("serve", "--port", "0", "--fetch-max-wait-ms", "20")
 
 
 @pytest.mark.parametrize("case", ["SASL_SSL", "mutual TLS"])
@@ -235,7 +215,7 @@ async def test_serve_sidecar(brokers: Brokers, topic_name: str, case: str) -> No
     snapshot = make_snapshot(agent_name=case)
     async with SnapshotPublisher(KafkaConfig(**fields)) as publisher:
         await publisher.publish(snapshot)
-    async with serve_command(as_env(fields), "--allow-writes") as (url, proc), \
+    async with serve_command(*SERVE, "--allow-writes", env=as_env(fields)) as (url, proc), \
             httpx.AsyncClient(base_url=url, timeout=WAIT_S) as client:
         async def ready() -> bool:
             return (await client.get("/readyz")).status_code == 200
@@ -316,7 +296,7 @@ async def test_cli_refusal_prints_one_error_line(brokers: Brokers, topic_name: s
 async def test_serve_refusal_exits_with_one_error_line(brokers: Brokers,
                                                        topic_name: str) -> None:
     env = as_env(settings(brokers, "wrong password SASL_SSL", topic_name))
-    async with serve_command(env) as (_, proc):
+    async with serve_command(*SERVE, env=env) as (_, proc):
         _, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
     assert proc.returncode == 1
     lines = [line for line in err.decode().splitlines() if line.strip()]

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import json
 import signal
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -30,7 +29,7 @@ from snapbus.metrics import InstrumentedPublisher, PublisherMetrics
 from snapbus.serve import create_app, serving
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.view import SnapshotView
-from tests.helpers import eventually, make_snapshot
+from tests.helpers import eventually, make_snapshot, serve_command
 
 if TYPE_CHECKING:
     from tests.conftest import BrokerAddress
@@ -397,31 +396,16 @@ async def test_shutdown_ends_open_change_streams(sidecar: Sidecar) -> None:
 # ---------------------------------------------------------------------------- the command
 
 
-@contextlib.asynccontextmanager
-async def serve_command(
-    broker: BrokerAddress, topic_name: str, *args: str, verbose: bool = False,
-) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
-    """Run ``python -m snapbus ... serve --port 0 ARGS``; yield its URL; SIGTERM it after."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "snapbus", *(["-v"] if verbose else []),
-        "-b", broker.bootstrap_servers, "-t", topic_name,
-        "serve", "--port", "0", "--fetch-max-wait-ms", "20", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), WAIT_S)).decode()
-        assert line.startswith("serving http://127.0.0.1:"), line
-        yield line.split()[1], proc
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(proc.wait(), WAIT_S)
+def serve_args(broker: BrokerAddress, topic_name: str, *args: str,
+               verbose: bool = False) -> list[str]:
+    """``snapbus ... serve --port 0 ARGS`` against the test broker and topic."""
+    return [*(["-v"] if verbose else []), "-b", broker.bootstrap_servers, "-t", topic_name,
+            "serve", "--port", "0", "--fetch-max-wait-ms", "20", *args]
 
 
 async def test_serve_command(broker: BrokerAddress, topic_name: str) -> None:
-    async with serve_command(broker, topic_name, "--allow-writes", "--ttl", "3600",
-                             "--log-json", verbose=True) as (url, proc):
+    async with serve_command(*serve_args(broker, topic_name, "--allow-writes", "--ttl", "3600",
+                                         "--log-json", verbose=True)) as (url, proc):
         async with httpx.AsyncClient(base_url=url, timeout=WAIT_S) as client:
             async def ready() -> bool:
                 return (await client.get("/readyz")).status_code == 200
@@ -459,8 +443,8 @@ async def test_serve_command_runs_a_janitor(broker: BrokerAddress, topic_name: s
     async with SnapshotView(config, fetch_max_wait_ms=20) as plain, \
             InstrumentedPublisher(config) as publisher:
         await plain.wait_for(await publisher.publish(snapshot), timeout=WAIT_S)
-        async with serve_command(broker, topic_name, "--ttl", "1", "--janitor",
-                                 "--janitor-interval", "0.2") as (url, proc):
+        async with serve_command(*serve_args(broker, topic_name, "--ttl", "1", "--janitor",
+                                             "--janitor-interval", "0.2")) as (url, proc):
             # The janitor deletes the session from the topic once it is a second old.
             await eventually(lambda: snapshot.session_id not in plain)
             async with httpx.AsyncClient(base_url=url, timeout=WAIT_S) as client:
