@@ -17,7 +17,7 @@ import random
 import statistics
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from rich.console import Console
@@ -72,18 +72,35 @@ class _Pod:
     evictions: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class _Ack:
+    """One acknowledged record, as the ledger keeps it (for stress reports)."""
+
+    pod: str
+    session_id: uuid.UUID
+    partition: int
+    offset: int
+    value: WorkspaceSnapshot | None  # None: a tombstone
+    sent_s: float  # perf_counter when the publish began
+    acked_s: float  # perf_counter when it was acknowledged
+
+
 class _Ledger:
     """The acknowledged records, from which the expected final state is computed."""
 
     def __init__(self, initial: dict[uuid.UUID, WorkspaceSnapshot]) -> None:
         self.initial = initial
+        self.acks: list[_Ack] = []
         self.latest: dict[uuid.UUID, tuple[int, WorkspaceSnapshot | None]] = {}
         self.sent_at: dict[tuple[uuid.UUID, WorkspaceSnapshot | None], float] = {}
         self.latencies: list[float] = []
         self.creators: dict[uuid.UUID, str] = {}
         self.handoffs = 0
 
-    def record(self, receipt: Receipt, value: WorkspaceSnapshot | None) -> None:
+    def record(self, pod: str, receipt: Receipt, value: WorkspaceSnapshot | None,
+               sent_s: float) -> None:
+        self.acks.append(_Ack(pod, receipt.session_id, receipt.partition, receipt.offset, value,
+                              sent_s, time.perf_counter()))
         previous = self.latest.get(receipt.session_id)
         if previous is None or receipt.offset > previous[0]:
             self.latest[receipt.session_id] = (receipt.offset, value)
@@ -113,16 +130,18 @@ def _new_snapshot(rng: random.Random, pod: str, repos: list[uuid.UUID]) -> Works
 
 
 async def _publish(pod: _Pod, ledger: _Ledger, snapshot: WorkspaceSnapshot) -> None:
-    ledger.sent_at.setdefault((snapshot.session_id, snapshot), time.perf_counter())
+    sent = time.perf_counter()
+    ledger.sent_at.setdefault((snapshot.session_id, snapshot), sent)
     receipt = await pod.publisher.publish(snapshot)
-    ledger.record(receipt, snapshot)
+    ledger.record(pod.name, receipt, snapshot, sent)
     pod.publishes += 1
 
 
 async def _evict(pod: _Pod, ledger: _Ledger, session_id: uuid.UUID) -> None:
-    ledger.sent_at.setdefault((session_id, None), time.perf_counter())
+    sent = time.perf_counter()
+    ledger.sent_at.setdefault((session_id, None), sent)
     receipt = await pod.publisher.evict(session_id)
-    ledger.record(receipt, None)
+    ledger.record(pod.name, receipt, None, sent)
     pod.evictions += 1
 
 
@@ -247,6 +266,28 @@ async def run_demo(
         seed: seed for the simulated workload, for a repeatable run.
         console: where to show progress and the summary (default: stdout).
     """
+    return await _run_demo(config, pods=pods, duration_s=duration_s, rate=rate,
+                           max_sessions=max_sessions, fetch_max_wait_ms=fetch_max_wait_ms,
+                           seed=seed, console=console, inspect=None)
+
+
+_Inspect = Callable[[list[_Pod], _Ledger, dict[uuid.UUID, WorkspaceSnapshot]], Awaitable[None]]
+"""Called with the pods (views still open), the ledger and the expected state, right after
+the comparison (the stress runner's hook: benchmarks/stress_demo.py)."""
+
+
+async def _run_demo(
+    config: KafkaConfig | None,
+    *,
+    pods: int,
+    duration_s: float,
+    rate: float,
+    max_sessions: int,
+    fetch_max_wait_ms: int,
+    seed: int | None,
+    console: Console | None,
+    inspect: _Inspect | None,
+) -> DemoResult:
     console = console or Console()
     rng = random.Random(seed)
     async with _broker_for(config) as cfg, contextlib.AsyncExitStack() as stack:
@@ -298,6 +339,8 @@ async def run_demo(
                 extra = len(actual.keys() - expected.keys())
                 differ = sum(1 for k in expected.keys() & actual.keys() if expected[k] != actual[k])
                 mismatches.append(f"{pod.name}: {missing} missing, {extra} extra, {differ} differ")
+        if inspect is not None:
+            await inspect(members, ledger, expected)
         latencies_ms = [x * 1000 for x in ledger.latencies]
         result = DemoResult(
             pods=pods,
