@@ -149,6 +149,40 @@ async def _read_log(config: KafkaConfig, at_least: dict[int, int],
     return records, highwater
 
 
+async def _tail(config: KafkaConfig, stop: asyncio.Event, seen: dict[int, list[int]]) -> None:
+    """A bare consumer following the topic like a view does: the offsets it receives."""
+    consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False,
+                                auto_offset_reset="earliest", fetch_max_wait_ms=20,
+                                **config.client_kwargs())
+    await consumer.start()
+    try:
+        parts = sorted(consumer.partitions_for_topic(config.topic) or ())
+        tps = [TopicPartition(config.topic, p) for p in parts]
+        consumer.assign(tps)
+        for tp in tps:
+            consumer.seek(tp, 0)
+        while not stop.is_set():
+            batch = await consumer.getmany(timeout_ms=50)
+            for tp, recs in batch.items():
+                seen.setdefault(tp.partition, []).extend(r.offset for r in recs)
+    finally:
+        await consumer.stop()
+
+
+def _skips(seen: dict[int, list[int]], log: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Jumps in a tail's offsets (a partition's offsets are contiguous here: no compaction)."""
+    held = {(r["partition"], r["offset"]) for r in log}
+    found = []
+    for p, offsets in seen.items():
+        expected = 0
+        for o in offsets:
+            if o > expected:
+                found.append({"partition": p, "skipped": list(range(expected, o)),
+                              "in_log": all((p, x) in held for x in range(expected, o))})
+            expected = o + 1
+    return found
+
+
 def _check_log(ledger: _Ledger, log: list[dict[str, Any]]) -> dict[str, Any]:
     """Compare acknowledged records with the log: lost acks, offsets acked twice."""
     at = {(r["partition"], r["offset"]): r for r in log}
@@ -195,9 +229,13 @@ async def _one_run(n: int, broker: EmbeddedBroker, args: argparse.Namespace,
     started = time.perf_counter()
     error = None
     result = None
+    tail_stop = asyncio.Event()
+    tail_seen: dict[int, list[int]] = {}
+    tail = None
     try:
         await ensure_topic(cfg)
         await _prime_partitions(cfg)  # what run_demo does for its own embedded broker
+        tail = asyncio.create_task(_tail(cfg, tail_stop, tail_seen))
         result = await _run_demo(cfg, pods=args.pods, duration_s=args.duration, rate=args.rate,
                                  max_sessions=args.max_sessions,
                                  fetch_max_wait_ms=args.fetch_max_wait_ms, seed=None,
@@ -205,6 +243,9 @@ async def _one_run(n: int, broker: EmbeddedBroker, args: argparse.Namespace,
     except Exception as exc:  # a failed run is reported, not fatal to the loop
         error = f"{type(exc).__name__}: {exc}"
         console.print_exception()
+    tail_stop.set()
+    if tail is not None:
+        await tail
     ledger = capture.ledger
     check: dict[str, Any] = {"lost": [], "wrong": [], "acked_twice": [], "log_state": {}}
     log: list[dict[str, Any]] = []
@@ -215,6 +256,7 @@ async def _one_run(n: int, broker: EmbeddedBroker, args: argparse.Namespace,
             at_least[ack.partition] = max(at_least.get(ack.partition, 0), ack.offset + 1)
         log, highwater = await _read_log(cfg, at_least)
         check = _check_log(ledger, log)
+    skips = _skips(tail_seen, log)
     expected = {str(k): _value_json(v) for k, v in capture.expected.items()}
     log_matches_ledger = check["log_state"] == expected
     summary = {
@@ -226,6 +268,8 @@ async def _one_run(n: int, broker: EmbeddedBroker, args: argparse.Namespace,
         "error": error,
         "lost_acks": len(check["lost"]), "wrong_acks": len(check["wrong"]),
         "acked_twice": len(check["acked_twice"]),
+        "bare_tail_skips": len(skips),
+        "bare_tail_skips_in_log": sum(1 for x in skips if x["in_log"]),
         "log_final_state_matches_ledger": log_matches_ledger if ledger else None,
         "converged_later": {name: v.get("converged_later") for name, v in capture.views.items()
                             if "converged_later" in v},
@@ -250,6 +294,7 @@ async def _one_run(n: int, broker: EmbeddedBroker, args: argparse.Namespace,
         verdict = {
             "summary": summary, "log_highwater": highwater,
             "lost": check["lost"], "wrong": check["wrong"], "acked_twice": check["acked_twice"],
+            "bare_tail_skips": skips,
             "sessions": {s: {
                 "ledger": [_ack_json(a) for a in (ledger.acks if ledger else [])
                            if str(a.session_id) == s],
@@ -281,7 +326,8 @@ async def _main(args: argparse.Namespace, out: pathlib.Path) -> list[dict[str, A
             flag = "FAIL" if summary["failed"] else "ok"
             print(f"run {n:4d} {args.engine} {flag:4s} {summary['seconds']:5.1f} s "
                   f"ops={summary['operations']} mismatches={summary['mismatches']} "
-                  f"lost={summary['lost_acks']} error={summary['error']}"
+                  f"lost={summary['lost_acks']} tail_skips={summary['bare_tail_skips']} "
+                  f"error={summary['error']}"
                   + (f" -> {summary['report']}" if "report" in summary else ""), flush=True)
             if summary["failed"] and args.stop_on_failure:
                 break

@@ -157,6 +157,12 @@ class BarrierProbe:
         return len(self.targets) >= partitions
 
 
+_HOLE_WINDOW = 10_000
+"""Offsets below the high watermark where a gap may be a write still in flight (Tansu)."""
+
+_HOLE_CONFIRM_S = 0.5
+"""How long a gap near the log end must persist before it is taken as permanent."""
+
 _QUICK_READ_MS = 5
 """How long a read waits for records while the log ends are not all known yet."""
 
@@ -221,6 +227,8 @@ class PartitionReader:
         self._opened_ms = 0
         self._started = False
         self._raw = False  # read aiokafka's fetch buffer directly (decided in open)
+        self._holes: dict[int, tuple[int, float]] = {}  # partition -> (gap, first seen)
+        self._holes_ok_below: dict[int, int] = {}  # partition -> holes accepted before this
 
     @property
     def _consumer(self) -> AIOKafkaConsumer:
@@ -307,6 +315,8 @@ class PartitionReader:
         else:
             fetched = await consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_records)
             batches = {tp.partition: records for tp, records in fetched.items()}
+        if batches:
+            self._hold_at_holes(batches)
         positions = {p: await consumer.position(tp) for p, tp in self._tps.items()}
         if batches and any(self._lag(positions).values()):
             for _ in range(_SEND_TURNS):  # (before `positions` counts these records)
@@ -320,6 +330,40 @@ class PartitionReader:
                 if end is not None:
                     self.end_targets[p] = end
         return batches
+
+    def _hold_at_holes(self, batches: dict[int, list[Record]]) -> None:
+        """Drop records after a hole near the log end, and read from the hole again.
+
+        A hole is a gap between the position and the next record (or between two records).
+        Tansu 0.6 opens one for a moment under concurrent writers: it raises the high
+        watermark before it stores the batch, and a fetch in between returns the records
+        after the missing batch, so a consumer moved past an acknowledged record for good
+        (issue 21; docs/demo-convergence.md). On Apache Kafka a hole is permanent (compaction,
+        transaction markers) and is accepted once fetches `_HOLE_CONFIRM_S` apart still show
+        it; holes more than `_HOLE_WINDOW` offsets below the high watermark (a compacted
+        log's replay) are accepted at once, as are all holes in a fetch that confirmed one.
+        """
+        now = time.monotonic()
+        for p, records in batches.items():
+            hw = self.highwater(p)
+            if not records or hw is None:
+                continue
+            expected = self.positions.get(p, 0)
+            for i, record in enumerate(records):
+                offset = record.offset
+                if (offset > expected and expected >= hw - _HOLE_WINDOW
+                        and expected >= self._holes_ok_below.get(p, 0)):
+                    at, first_seen = self._holes.get(p, (expected, now))
+                    if at != expected:
+                        first_seen = now
+                    if now - first_seen < _HOLE_CONFIRM_S:
+                        self._holes[p] = (expected, first_seen)
+                        del records[i:]  # (not applied: the hole may fill)
+                        self._consumer.seek(self._tps[p], expected)
+                        break
+                    self._holes.pop(p, None)  # still there: a real gap
+                    self._holes_ok_below[p] = records[-1].offset
+                expected = offset + 1
 
     def highwater(self, partition: int) -> int | None:
         """The latest high watermark a fetch reported for `partition`, or None before any."""
