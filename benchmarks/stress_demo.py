@@ -233,7 +233,7 @@ async def _one_run(n: int, broker: EmbeddedBroker, args: argparse.Namespace,
     tail_seen: dict[int, list[int]] = {}
     tail = None
     try:
-        await ensure_topic(cfg)
+        await ensure_topic(cfg, partitions=args.partitions)
         await _prime_partitions(cfg)  # what run_demo does for its own embedded broker
         tail = asyncio.create_task(_tail(cfg, tail_stop, tail_seen))
         result = await _run_demo(cfg, pods=args.pods, duration_s=args.duration, rate=args.rate,
@@ -340,6 +340,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=3.0, help="seconds of publishing")
     parser.add_argument("--engine", choices=("tansu", "kafka"), default="tansu")
     parser.add_argument("--pods", type=int, default=3)
+    parser.add_argument("--partitions", type=int, default=12,
+                        help="the topic's partitions (fewer: more writers per partition)")
     parser.add_argument("--rate", type=float, default=50.0, help="operations/s per pod")
     parser.add_argument("--max-sessions", type=int, default=200)
     parser.add_argument("--fetch-max-wait-ms", type=int, default=20)
@@ -362,6 +364,7 @@ def main() -> None:
     failures = [r for r in runs if r["failed"]]
     totals = {"engine": args.engine, "runs": len(runs), "failures": len(failures),
               "duration_s": args.duration, "pods": args.pods, "load": args.load,
+              "partitions": args.partitions, "rate": args.rate,
               "fresh_broker": args.fresh_broker, "failed_runs": failures}
     name = f"summary-{args.engine}-{os.getpid()}.json"
     (out / name).write_text(json.dumps({**totals, "all": runs}, indent=1, default=str))

@@ -160,7 +160,7 @@ class BarrierProbe:
 _HOLE_WINDOW = 10_000
 """Offsets below the high watermark where a gap may be a write still in flight (Tansu)."""
 
-_HOLE_CONFIRM_S = 0.5
+_HOLE_CONFIRM_S = 0.25
 """How long a gap near the log end must persist before it is taken as permanent."""
 
 _QUICK_READ_MS = 5
@@ -229,6 +229,7 @@ class PartitionReader:
         self._raw = False  # read aiokafka's fetch buffer directly (decided in open)
         self._holes: dict[int, tuple[int, float]] = {}  # partition -> (gap, first seen)
         self._holes_ok_below: dict[int, int] = {}  # partition -> holes accepted before this
+        self._skipped: dict[int, list[int]] = {}  # offsets the last read skipped (markers, aborted)
 
     @property
     def _consumer(self) -> AIOKafkaConsumer:
@@ -311,12 +312,14 @@ class PartitionReader:
             timeout_ms = min(timeout_ms, _QUICK_READ_MS)
         batches: dict[int, list[Record]]
         if self._raw:
-            batches = await _read_raw(consumer, timeout_ms / 1000, self._max_records)
+            batches = await _read_raw(consumer, timeout_ms / 1000, self._max_records,
+                                      self._skipped)
         else:
             fetched = await consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_records)
             batches = {tp.partition: records for tp, records in fetched.items()}
         if batches:
             self._hold_at_holes(batches)
+        self._skipped.clear()
         positions = {p: await consumer.position(tp) for p, tp in self._tps.items()}
         if batches and any(self._lag(positions).values()):
             for _ in range(_SEND_TURNS):  # (before `positions` counts these records)
@@ -334,14 +337,16 @@ class PartitionReader:
     def _hold_at_holes(self, batches: dict[int, list[Record]]) -> None:
         """Drop records after a hole near the log end, and read from the hole again.
 
-        A hole is a gap between the position and the next record (or between two records).
+        A hole is a gap between the position and the next record (or between two records),
+        transaction markers and aborted records (which the fetch skipped) aside.
         Tansu 0.6 opens one for a moment under concurrent writers: it raises the high
         watermark before it stores the batch, and a fetch in between returns the records
         after the missing batch, so a consumer moved past an acknowledged record for good
-        (issue 21; docs/demo-convergence.md). On Apache Kafka a hole is permanent (compaction,
-        transaction markers) and is accepted once fetches `_HOLE_CONFIRM_S` apart still show
-        it; holes more than `_HOLE_WINDOW` offsets below the high watermark (a compacted
-        log's replay) are accepted at once, as are all holes in a fetch that confirmed one.
+        (issue 21; docs/demo-convergence.md). On Apache Kafka a hole is permanent
+        (compaction, aborted records under read_committed) and is accepted once fetches
+        `_HOLE_CONFIRM_S` apart still show it; holes more than `_HOLE_WINDOW` offsets below
+        the high watermark (a compacted log's replay) are accepted at once, as are all holes
+        in the fetch that confirmed one.
         """
         now = time.monotonic()
         for p, records in batches.items():
@@ -349,8 +354,11 @@ class PartitionReader:
             if not records or hw is None:
                 continue
             expected = self.positions.get(p, 0)
+            skipped = set(self._skipped.get(p, ()))
             for i, record in enumerate(records):
                 offset = record.offset
+                while expected in skipped:  # (a transaction marker or aborted record: no gap)
+                    expected += 1
                 if (offset > expected and expected >= hw - _HOLE_WINDOW
                         and expected >= self._holes_ok_below.get(p, 0)):
                     at, first_seen = self._holes.get(p, (expected, now))
@@ -527,8 +535,8 @@ def _raw_fetch_supported(consumer: AIOKafkaConsumer) -> bool:
     )
 
 
-async def _read_raw(consumer: AIOKafkaConsumer, timeout_s: float,
-                    max_records: int | None) -> dict[int, list[Record]]:
+async def _read_raw(consumer: AIOKafkaConsumer, timeout_s: float, max_records: int | None,
+                    skipped: dict[int, list[int]]) -> dict[int, list[Record]]:
     """`getmany` without building a `ConsumerRecord` per record: wait up to `timeout_s` for
     fetched data, then take whole fetched partitions until `max_records` is passed."""
     if consumer._closed:
@@ -537,7 +545,7 @@ async def _read_raw(consumer: AIOKafkaConsumer, timeout_s: float,
     deadline = time.monotonic() + timeout_s
     while True:
         with consumer._subscription.fetch_context():
-            drained = _drain(fetcher, max_records)
+            drained = _drain(fetcher, max_records, skipped)
         remaining = deadline - time.monotonic()
         if drained or remaining <= 0:
             return drained
@@ -550,9 +558,12 @@ async def _read_raw(consumer: AIOKafkaConsumer, timeout_s: float,
         waiter.result()  # raises what the fetcher failed with (authorization errors)
 
 
-def _drain(fetcher: Any, max_records: int | None) -> dict[int, list[Record]]:
+def _drain(fetcher: Any, max_records: int | None,
+           skipped: dict[int, list[int]] | None = None) -> dict[int, list[Record]]:
     """Take the buffered fetch results, as `Fetcher.fetched_records` does, keeping the
-    batches' own record objects (see `_batch_records`)."""
+    batches' own record objects (see `_batch_records`). The offsets of the records it skips
+    (transaction markers, aborted transactions) go to `skipped` (partition -> offsets): they
+    are no gap."""
     drained: dict[int, list[Record]] = {}
     committed = fetcher._isolation_level == _READ_COMMITTED
     taken = 0
@@ -571,7 +582,8 @@ def _drain(fetcher: Any, max_records: int | None) -> dict[int, list[Record]]:
         records, next_offset = _batch_records(
             tp, partition_records._records, partition_records.next_fetch_offset,
             partition_records._aborted_transactions if committed else None,
-            partition_records._check_crcs)
+            partition_records._check_crcs,
+            None if skipped is None else skipped.setdefault(tp.partition, []))
         partition_records.next_fetch_offset = next_offset
         result._update_position()
         result._partition_records = None
@@ -588,6 +600,7 @@ def _drain(fetcher: Any, max_records: int | None) -> dict[int, list[Record]]:
 def _batch_records(
     tp: TopicPartition, memory: Any, next_offset: int,
     aborted_transactions: Sequence[tuple[int, int]] | None, check_crcs: bool,
+    skipped: list[int] | None = None,
 ) -> tuple[list[Record], int]:
     """The records of one fetched partition's batches (aiokafka `MemoryRecords`) from
     `next_offset` on, and the offset to fetch next, as aiokafka's `PartitionRecords` gives them.
@@ -595,7 +608,8 @@ def _batch_records(
     Control batches (transaction markers) are skipped. With `aborted_transactions` (the fetch
     response's list of (producer id, first offset), given only to read_committed fetches), a
     transactional batch is skipped while its producer has an aborted transaction that began
-    at or before it and whose abort marker has not come yet.
+    at or before it and whose abort marker has not come yet. The offsets of the skipped records
+    are added to `skipped`, when given.
     """
     records: list[Record] = []
     pending = sorted(aborted_transactions or (), key=lambda entry: entry[1])
@@ -612,9 +626,15 @@ def _batch_records(
                 if batch.is_control_batch and _is_abort_marker(batch):
                     aborting.discard(batch.producer_id)
                 elif batch.is_transactional and batch.producer_id in aborting:
+                    if skipped is not None:
+                        skipped.extend(range(max(batch.base_offset, next_offset),
+                                             batch.next_offset))
                     next_offset = batch.next_offset
                     continue
-        if not batch.is_control_batch:
+        if batch.is_control_batch:
+            if skipped is not None:
+                skipped.extend(range(max(batch.base_offset, next_offset), batch.next_offset))
+        else:
             if getattr(batch, "base_offset", -1) >= next_offset:
                 records.extend(batch)
             else:  # fetched from inside the batch (a seek), or a legacy message set

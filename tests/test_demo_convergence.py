@@ -14,7 +14,9 @@ import contextlib
 import uuid
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
+from snapbus.codec import encode
 from snapbus.config import KafkaConfig
 from snapbus.demo import _prime_partitions, run_demo
 from snapbus.publisher import SnapshotPublisher
@@ -99,3 +101,69 @@ async def test_the_demo_converges_with_pods_writing_at_full_speed(
     await _prime_partitions(config)
     result = await run_demo(config, pods=pods, duration_s=2.0, rate=0)
     assert result.converged, result.mismatches
+
+
+async def _read_until(reader: PartitionReader, end: int) -> list[int]:
+    seen: list[int] = []
+    while reader.positions.get(0, 0) < end:
+        for records in (await reader.read(timeout_ms=50)).values():
+            seen.extend(r.offset for r in records)
+        assert not reader._holes, "a transaction marker was taken for a hole"
+    return seen
+
+
+@pytest.mark.kafka
+async def test_transaction_markers_are_no_hole(broker: BrokerAddress, topic_name: str) -> None:
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    await ensure_topic(config, partitions=1)
+    producer = AIOKafkaProducer(transactional_id=f"t-{topic_name}", **config.client_kwargs())
+    await producer.start()
+    try:
+        for _ in range(2):
+            async with producer.transaction():
+                await producer.send_and_wait(topic_name, encode(make_snapshot()), key=b"k")
+    finally:
+        await producer.stop()
+    async with SnapshotPublisher(config) as publisher:
+        receipt = await publisher.publish(make_snapshot())
+    reader = PartitionReader(config, fetch_max_wait_ms=20)
+    await reader.open()
+    try:
+        seen = await asyncio.wait_for(_read_until(reader, receipt.offset + 1), WAIT_S)
+    finally:
+        await reader.close()
+    assert seen == [0, 2, receipt.offset]  # (1 and 3: commit markers)
+
+
+@pytest.mark.kafka
+async def test_a_gap_that_stays_is_passed_after_a_moment(
+    broker: BrokerAddress, topic_name: str
+) -> None:
+    # Aborted records are a permanent gap to a read_committed reader: it must go on past it
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    await ensure_topic(config, partitions=1)
+    producer = AIOKafkaProducer(transactional_id=f"t-{topic_name}", **config.client_kwargs())
+    await producer.start()
+    try:
+        await producer.begin_transaction()
+        await producer.send_and_wait(topic_name, encode(make_snapshot()), key=b"k")
+        await producer.abort_transaction()
+    finally:
+        await producer.stop()
+    async with SnapshotPublisher(config) as publisher:
+        receipt = await publisher.publish(make_snapshot())
+    reader = PartitionReader(config, fetch_max_wait_ms=20,
+                             consumer_options={"isolation_level": "read_committed"})
+    await reader.open()
+    seen: list[int] = []
+    try:
+        async def follow() -> None:
+            while reader.positions.get(0, 0) <= receipt.offset:
+                for records in (await reader.read(timeout_ms=50)).values():
+                    seen.extend(r.offset for r in records)
+
+        await asyncio.wait_for(follow(), WAIT_S)
+    finally:
+        await reader.close()
+    assert seen == [receipt.offset]
+    assert reader._holes_ok_below == {0: receipt.offset}  # it was held, then passed
