@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench stress clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,13 @@ lint: $(VENV)/.installed-dev
 ## baseline on the same broker; writes benchmarks/RESULTS.md
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/run_all.py --scale --engine both
+
+## the demo scenario many times (issue 21); a failed run writes a report to stress-reports/.
+## STRESS_ARGS: e.g. "--runs 50 --engine kafka", "--partitions 1 --rate 0" (more writers per
+## partition), "--fresh-broker --load 2"; see benchmarks/stress_demo.py
+STRESS_ARGS ?= --runs 100 --duration 3
+stress: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/stress_demo.py $(STRESS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -243,6 +243,7 @@ async def _one_run(n: int, broker: EmbeddedBroker, args: argparse.Namespace,
     except Exception as exc:  # a failed run is reported, not fatal to the loop
         error = f"{type(exc).__name__}: {exc}"
         console.print_exception()
+    demo_s = time.perf_counter() - started
     tail_stop.set()
     if tail is not None:
         await tail
@@ -259,9 +260,14 @@ async def _one_run(n: int, broker: EmbeddedBroker, args: argparse.Namespace,
     skips = _skips(tail_seen, log)
     expected = {str(k): _value_json(v) for k, v in capture.expected.items()}
     log_matches_ledger = check["log_state"] == expected
+    # Records each view applied against the records in the log: fewer means the view skipped
+    # some, even when later records hid it in the final state (not comparable after a resync)
+    short = {name: len(log) - v["stats"]["records_applied"] for name, v in capture.views.items()
+             if v["stats"]["resyncs"] == 0}
     summary = {
         "run": n, "engine": args.engine, "topic": cfg.topic,
-        "seconds": round(time.perf_counter() - started, 2),
+        "seconds": round(demo_s, 2),
+        "check_seconds": round(time.perf_counter() - started - demo_s, 2),
         "operations": None if result is None else result.publishes + result.evictions,
         "converged": None if result is None else result.converged,
         "mismatches": [] if result is None else result.mismatches,
@@ -269,12 +275,15 @@ async def _one_run(n: int, broker: EmbeddedBroker, args: argparse.Namespace,
         "lost_acks": len(check["lost"]), "wrong_acks": len(check["wrong"]),
         "acked_twice": len(check["acked_twice"]),
         "bare_tail_skips": len(skips),
+        "view_records_skipped": sum(x for x in short.values() if x > 0),
+        "view_resyncs": sum(v["stats"]["resyncs"] for v in capture.views.values()),
         "bare_tail_skips_in_log": sum(1 for x in skips if x["in_log"]),
         "log_final_state_matches_ledger": log_matches_ledger if ledger else None,
         "converged_later": {name: v.get("converged_later") for name, v in capture.views.items()
                             if "converged_later" in v},
     }
     failed = (error is not None or not summary["converged"] or check["lost"]
+              or summary["view_records_skipped"]
               or check["wrong"] or check["acked_twice"] or not log_matches_ledger)
     summary["failed"] = bool(failed)
     if failed:
@@ -324,9 +333,12 @@ async def _main(args: argparse.Namespace, out: pathlib.Path) -> list[dict[str, A
                 summary = await _one_run(n, shared, args, out)
             runs.append(summary)
             flag = "FAIL" if summary["failed"] else "ok"
-            print(f"run {n:4d} {args.engine} {flag:4s} {summary['seconds']:5.1f} s "
+            print(f"run {n:4d} {args.engine} {flag:4s} {summary['seconds']:5.1f}"
+                  f"+{summary['check_seconds']:.1f} s "
                   f"ops={summary['operations']} mismatches={summary['mismatches']} "
                   f"lost={summary['lost_acks']} tail_skips={summary['bare_tail_skips']} "
+                  f"view_skips={summary['view_records_skipped']} "
+                  f"resyncs={summary['view_resyncs']} "
                   f"error={summary['error']}"
                   + (f" -> {summary['report']}" if "report" in summary else ""), flush=True)
             if summary["failed"] and args.stop_on_failure:
