@@ -54,7 +54,7 @@ from snapbus.config import KafkaConfig
 from snapbus.demo import _Ledger, _Pod, _prime_partitions, _run_demo
 from snapbus.reader import decode_value
 from snapbus.snapshot import WorkspaceSnapshot
-from snapbus.topic import ensure_topic
+from snapbus.topic import describe_topic, ensure_topic
 
 RECHECKS = 3  # more barriers after a mismatch: did the view converge later (a barrier bug)?
 
@@ -123,7 +123,7 @@ async def _read_log(config: KafkaConfig, at_least: dict[int, int],
     codec = Codec()
     records: list[dict[str, Any]] = []
     try:
-        parts = sorted(consumer.partitions_for_topic(config.topic) or ())
+        parts = list(range((await describe_topic(config)).partitions))
         tps = [TopicPartition(config.topic, p) for p in parts]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
@@ -156,7 +156,7 @@ async def _tail(config: KafkaConfig, stop: asyncio.Event, seen: dict[int, list[i
                                 **config.client_kwargs())
     await consumer.start()
     try:
-        parts = sorted(consumer.partitions_for_topic(config.topic) or ())
+        parts = list(range((await describe_topic(config)).partitions))
         tps = [TopicPartition(config.topic, p) for p in parts]
         consumer.assign(tps)
         for tp in tps:
@@ -213,6 +213,15 @@ def _ack_json(ack: Any) -> dict[str, Any]:
             "acked_s": round(ack.acked_s, 4)}
 
 
+def _broker_log(broker: EmbeddedBroker) -> str:
+    """The tail of the broker's output (diagnostics; reaches into the broker's internals)."""
+    for holder in (getattr(broker, "_kafka", None), broker):
+        child = getattr(holder, "_child", None) or getattr(holder, "_broker", None)
+        if child is not None and hasattr(child, "log_tail"):
+            return str(child.log_tail())[-3000:]
+    return "(no log)"
+
+
 @contextlib.asynccontextmanager
 async def _broker(engine: str) -> AsyncIterator[EmbeddedBroker]:
     async with EmbeddedBroker(engine=engine) as broker:  # type: ignore[arg-type]
@@ -255,8 +264,11 @@ async def _one_run(n: int, broker: EmbeddedBroker, args: argparse.Namespace,
         at_least: dict[int, int] = {}
         for ack in ledger.acks:
             at_least[ack.partition] = max(at_least.get(ack.partition, 0), ack.offset + 1)
-        log, highwater = await _read_log(cfg, at_least)
-        check = _check_log(ledger, log)
+        try:
+            log, highwater = await _read_log(cfg, at_least)
+            check = _check_log(ledger, log)
+        except BaseException as exc:  # (the broker died; aiokafka then leaks CancelledError)
+            error = f"{error or ''} reading the log: {type(exc).__name__}: {exc}".strip()
     skips = _skips(tail_seen, log)
     expected = {str(k): _value_json(v) for k, v in capture.expected.items()}
     log_matches_ledger = check["log_state"] == expected
@@ -331,7 +343,14 @@ async def _main(args: argparse.Namespace, out: pathlib.Path) -> list[dict[str, A
                     summary = await _one_run(n, broker, args, out)
             else:
                 summary = await _one_run(n, shared, args, out)
+            broker_now = shared
+            if broker_now is not None and not broker_now.running:
+                summary["failed"] = True
+                summary["error"] = f"{summary['error'] or ''} the broker died".strip()
+                print(f"the {args.engine} broker died; its log ends:\n{_broker_log(broker_now)}")
             runs.append(summary)
+            if broker_now is not None and not broker_now.running:
+                break
             flag = "FAIL" if summary["failed"] else "ok"
             print(f"run {n:4d} {args.engine} {flag:4s} {summary['seconds']:5.1f}"
                   f"+{summary['check_seconds']:.1f} s "

@@ -299,6 +299,8 @@ class PartitionReader:
         """Read `partition` from `offset` next."""
         self._consumer.seek(self._tps[partition], offset)
         self.positions[partition] = offset
+        self._holes.pop(partition, None)  # (gaps accepted before are checked again)
+        self._holes_ok_below.pop(partition, None)
 
     async def read(self, timeout_ms: int) -> dict[int, list[Record]]:
         """Return the next records by partition, each list in offset order (may be empty).
