@@ -313,3 +313,39 @@ async def test_partitions_added_or_policy_changed_under_a_running_view_are_repor
             assert view.status_reason == reason
     finally:
         await admin.close()
+
+
+@pytest.mark.kafka
+async def test_a_compacted_hole_near_the_log_end_is_passed_after_a_moment(
+    broker: BrokerAddress, topic_name: str
+) -> None:
+    # The reader holds at a gap near the log end for a moment (Tansu opens such gaps while a
+    # write is half done: docs/demo-convergence.md). A gap the cleaner made is permanent: the
+    # reader must go on past it, returning every record the log still has, once and in order.
+    from snapbus.reader import PartitionReader
+
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    await ensure_topic(config, partitions=1, extra_configs=fast_compaction(60_000))
+    session = make_snapshot()
+    async with SnapshotPublisher(config) as publisher:
+        for i in range(5):
+            await publisher.publish(session.replace(intent=f"version {i}"))
+    raw = await compact_until(config, lambda raw: len(records_of(raw, session)) == 1,
+                              "the older versions of the session removed")
+    expected = [offset for offset, _, _ in raw[0]]
+    assert expected[0] > 0  # (a hole at the start of the log, within reach of the log end)
+
+    reader = PartitionReader(config, fetch_max_wait_ms=FETCH_WAIT_MS)
+    await reader.open()
+    seen: list[int] = []
+    try:
+        async def read_all() -> bool:
+            for records in (await reader.read(timeout_ms=50)).values():
+                seen.extend(r.offset for r in records)
+            return reader.positions.get(0, 0) > expected[-1]
+
+        await eventually(read_all, what="the compacted log read to its end")
+    finally:
+        await reader.close()
+    assert seen == expected
+    assert reader._holes_ok_below  # it held at the hole, then passed it
