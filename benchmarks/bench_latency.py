@@ -221,7 +221,8 @@ async def _bare(
         task = asyncio.create_task(follow())
         try:
             producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=ACKS,
-                                        linger_ms=LINGER_MS, idempotence=False)
+                                        linger_ms=LINGER_MS,
+                                        enable_idempotence=common.bare_idempotence())
             await producer.start()
             try:
                 async def publish(pair: tuple[bytes, bytes]) -> None:

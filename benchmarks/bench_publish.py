@@ -41,7 +41,7 @@ async def _bare(bootstrap: str, topic: str, pairs: list[tuple[bytes, bytes | Non
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=ACKS, linger_ms=LINGER_MS,
-                                idempotence=False)
+                                enable_idempotence=common.bare_idempotence())
     await producer.start()
     try:
         t0 = time.perf_counter()
@@ -58,7 +58,7 @@ async def _bare_gather(
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=ACKS, linger_ms=LINGER_MS,
-                                idempotence=False)
+                                enable_idempotence=common.bare_idempotence())
 
     async def one(key: bytes, value: bytes | None) -> Any:
         return await (await producer.send(topic, value, key=key))
@@ -83,7 +83,7 @@ async def _bare_encode(bootstrap: str, topic: str, records: list[dict[str, str]]
     header = MARKER + writer.fingerprint
     parsed = writer.parsed
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=ACKS, linger_ms=LINGER_MS,
-                                idempotence=False)
+                                enable_idempotence=common.bare_idempotence())
     await producer.start()
     try:
         t0 = time.perf_counter()

@@ -33,6 +33,7 @@ __all__ = [
     "ENGINES",
     "BenchBroker",
     "Collector",
+    "bare_idempotence",
     "bench_broker",
     "broker_description",
     "bulk_produce",
@@ -66,6 +67,12 @@ def engine() -> str:
     if name not in ENGINES:
         raise SystemExit(f"SNAPBUS_BENCH_ENGINE={name!r}: use one of {', '.join(ENGINES)}")
     return name
+
+
+def bare_idempotence() -> bool:
+    """`enable_idempotence` for a bare aiokafka producer doing a snapbus publisher's work: the
+    publisher is idempotent where the broker allows it (Kafka), plain where refused (Tansu)."""
+    return engine() == "kafka"
 
 
 def engine_description(name: str) -> str:
