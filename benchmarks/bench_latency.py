@@ -19,17 +19,13 @@ are not counted. Then, with the producer stopped and nothing published:
   read-your-writes barrier returns on an up-to-date view), a few times with a random gap of up
   to one wait between them; the baseline is one idle fetch round trip of the bare consumer (the
   time between two consecutive fetch responses, seen through aiokafka's
-  ``last_poll_timestamp``). Why that baseline: a barrier must see a fetch response *requested
-  after* the call (its high watermark then covers every record acknowledged before it), and an
-  up-to-date follower's fetch is parked on the broker up to fetch_max_wait_ms, so no
-  fetch-based barrier returns faster than one such round trip after the one in flight: the
-  barrier's floor is the rest of the fetch in flight plus one round trip, about 1.5x
-  (snapbus waits for the second response newer than the call; `snapbus.reader.BarrierProbe`).
-  The view checks barriers after each read, and an idle read returns after its
-  fetch_max_wait_ms rather than when a response arrives, which adds up to one more wait
-  (measured: about 2-2.5 round trips on both brokers).
-  A ListOffsets round trip would be faster but is no baseline: the Tansu broker answers it
-  wrongly (BROKER.md) and snapbus does not use it.
+  ``last_poll_timestamp``). Why that baseline: a barrier's target must be a log end read
+  *after* the call (it then covers every record acknowledged before it), and the simple way to
+  get one, waiting for the follower's own next fetch response, costs about that round trip
+  (an up-to-date follower's fetch is parked on the broker up to fetch_max_wait_ms). snapbus
+  asks the log ends with a Fetch that waits for nothing, on a connection of its own (one
+  broker round trip; `snapbus.reader.PartitionReader.log_ends`). A ListOffsets round trip
+  would be as fast but is no baseline: the Tansu broker answers it wrongly (BROKER.md).
 - idle CPU: the follower is left idle and the CPU used by this process
   (``time.process_time``) and by the broker process (/proc, embedded broker only) is reported
   as a percentage of one core.
@@ -269,11 +265,9 @@ async def run(runs: int, quick: bool) -> list[dict[str, Any]]:
                 baseline=f"bare aiokafka, one idle fetch round trip, wait={wait}",
                 higher_is_better=False, metric="barrier",
                 note="Baseline: the time between two consecutive fetch responses of an "
-                     "up-to-date bare consumer with the same wait. A barrier needs a response "
-                     "requested after the call: the rest of the fetch in flight plus one round "
-                     "trip, about 1.5x, is the floor (module docstring). The view checks its "
-                     "barriers once per read, and an idle read returns after its wait, not when "
-                     "a response arrives: that adds up to one more wait.")
+                     "up-to-date bare consumer with the same wait (what waiting for the "
+                     "follower's own next fetch costs). snapbus asks the log ends with a Fetch "
+                     "that waits for nothing, on its own connection (module docstring).")
     c.table("ack", "publish() until acknowledged (acks=all, linger_ms=5), p50, both waits",
             "ms", baseline="bare aiokafka", higher_is_better=False,
             note="Part of every latency above: the producer lingers linger_ms before sending.")
