@@ -51,7 +51,7 @@ from aiokafka.protocol.fetch import FetchRequest
 from snapbus._kafka import start_client
 from snapbus.codec import Codec, decode_key_text
 from snapbus.config import KafkaConfig
-from snapbus.errors import ConfigError, TopicError
+from snapbus.errors import ConfigError, KafkaUnavailableError, TopicError
 from snapbus.snapshot import WorkspaceSnapshot
 
 __all__ = [
@@ -163,6 +163,9 @@ _HOLE_WINDOW = 10_000
 _HOLE_CONFIRM_S = 0.25
 """How long a gap near the log end must persist before it is taken as permanent."""
 
+_HOLE_RETRY_S = 0.02
+"""How long a partition held at a gap rests before it is fetched again (no re-fetch spin)."""
+
 _QUICK_READ_MS = 5
 """How long a read waits for records while the log ends are not all known yet."""
 
@@ -227,8 +230,10 @@ class PartitionReader:
         self._opened_ms = 0
         self._started = False
         self._raw = False  # read aiokafka's fetch buffer directly (decided in open)
-        self._holes: dict[int, tuple[int, float]] = {}  # partition -> (gap, first seen)
+        # partition -> (gap, when first seen, the high watermark then)
+        self._holes: dict[int, tuple[int, float, int]] = {}
         self._holes_ok_below: dict[int, int] = {}  # partition -> holes accepted before this
+        self._held: dict[int, float] = {}  # partition paused at a gap -> when to fetch it again
         self._skipped: dict[int, list[int]] = {}  # offsets the last read skipped (markers, aborted)
 
     @property
@@ -262,7 +267,13 @@ class PartitionReader:
         # A whole-cluster Metadata request: the client's bootstrap asked for no topics (Metadata
         # v1+ reads an empty list as "none"), and naming the topic would auto-create it on
         # brokers that do that.
-        cluster = await self._consumer._client.fetch_all_metadata()
+        try:
+            cluster = await self._consumer._client.fetch_all_metadata()
+        except KafkaError as exc:
+            await self.close()
+            raise KafkaUnavailableError(
+                f"cannot read the metadata of topic {topic!r} from "
+                f"{self.config.bootstrap_servers}: {exc}") from exc
         partitions = cluster.partitions_for_topic(topic)
         if not partitions:
             await self.close()
@@ -294,13 +305,17 @@ class PartitionReader:
     def resume(self) -> None:
         """Start fetching after `open(paused=True)`."""
         self._consumer.resume(*self._tps.values())
+        self._held.clear()
 
     def seek(self, partition: int, offset: int) -> None:
         """Read `partition` from `offset` next."""
-        self._consumer.seek(self._tps[partition], offset)
+        tp = self._tps[partition]
+        self._consumer.seek(tp, offset)
         self.positions[partition] = offset
         self._holes.pop(partition, None)  # (gaps accepted before are checked again)
         self._holes_ok_below.pop(partition, None)
+        if self._held.pop(partition, None) is not None:
+            self._consumer.resume(tp)
 
     async def read(self, timeout_ms: int) -> dict[int, list[Record]]:
         """Return the next records by partition, each list in offset order (may be empty).
@@ -312,6 +327,8 @@ class PartitionReader:
             # (until a fetch has told every log end: an empty tail answers only after the
             # broker's long-poll, which a full-length wait here would just miss)
             timeout_ms = min(timeout_ms, _QUICK_READ_MS)
+        if self._held:
+            timeout_ms = min(timeout_ms, self._release_held())
         batches: dict[int, list[Record]]
         if self._raw:
             batches = await _read_raw(consumer, timeout_ms / 1000, self._max_records,
@@ -336,19 +353,31 @@ class PartitionReader:
                     self.end_targets[p] = end
         return batches
 
+    def _release_held(self) -> int:
+        """Fetch again the partitions held at a gap whose rest is over; return the ms until the
+        next one is due."""
+        now = time.monotonic()
+        due = [p for p, at in self._held.items() if at <= now]
+        for p in due:
+            del self._held[p]
+        if due:
+            self._consumer.resume(*(self._tps[p] for p in due))
+        return max(1, int(1000 * (min(self._held.values(), default=now) - now)))
+
     def _hold_at_holes(self, batches: dict[int, list[Record]]) -> None:
         """Drop records after a hole near the log end, and read from the hole again.
 
-        A hole is a gap between the position and the next record (or between two records),
-        transaction markers and aborted records (which the fetch skipped) aside.
-        Tansu 0.6 opens one for a moment under concurrent writers: it raises the high
+        A hole is a gap between the position and the next record (or between two records);
+        transaction markers and aborted transactions' records, which the fetch skipped, are
+        none. Tansu 0.6 opens one for a moment under concurrent writers: it raises the high
         watermark before it stores the batch, and a fetch in between returns the records
         after the missing batch, so a consumer moved past an acknowledged record for good
-        (issue 21; docs/demo-convergence.md). On Apache Kafka a hole is permanent
-        (compaction, aborted records under read_committed) and is accepted once fetches
-        `_HOLE_CONFIRM_S` apart still show it; holes more than `_HOLE_WINDOW` offsets below
-        the high watermark (a compacted log's replay) are accepted at once, as are all holes
-        in the fetch that confirmed one.
+        (issue 21; docs/demo-convergence.md). The held partition rests `_HOLE_RETRY_S`
+        (paused) before it is fetched again. On Apache Kafka a hole is permanent (records
+        the cleaner removed) and is accepted once fetches `_HOLE_CONFIRM_S` apart still show
+        it, together with every other hole below the log end seen when it was first seen
+        (their writes were as old); holes more than `_HOLE_WINDOW` offsets below the high
+        watermark (a compacted log's replay) are accepted at once.
         """
         now = time.monotonic()
         for p, records in batches.items():
@@ -356,23 +385,28 @@ class PartitionReader:
             if not records or hw is None:
                 continue
             expected = self.positions.get(p, 0)
+            if records[-1].offset - expected + 1 == len(records):
+                continue  # (no gap at all: the usual read, checked without a loop)
+            ok_below = self._holes_ok_below.get(p, 0)
             skipped = set(self._skipped.get(p, ()))
             for i, record in enumerate(records):
                 offset = record.offset
-                while expected in skipped:  # (a transaction marker or aborted record: no gap)
+                while expected in skipped:
                     expected += 1
-                if (offset > expected and expected >= hw - _HOLE_WINDOW
-                        and expected >= self._holes_ok_below.get(p, 0)):
-                    at, first_seen = self._holes.get(p, (expected, now))
+                if offset > expected and expected >= hw - _HOLE_WINDOW and expected >= ok_below:
+                    at, first_seen, end_then = self._holes.get(p, (expected, now, hw))
                     if at != expected:
-                        first_seen = now
+                        first_seen, end_then = now, hw
                     if now - first_seen < _HOLE_CONFIRM_S:
-                        self._holes[p] = (expected, first_seen)
+                        self._holes[p] = (expected, first_seen, end_then)
                         del records[i:]  # (not applied: the hole may fill)
-                        self._consumer.seek(self._tps[p], expected)
+                        tp = self._tps[p]
+                        self._consumer.seek(tp, expected)
+                        self._consumer.pause(tp)
+                        self._held[p] = now + _HOLE_RETRY_S
                         break
                     self._holes.pop(p, None)  # still there: a real gap
-                    self._holes_ok_below[p] = records[-1].offset
+                    ok_below = self._holes_ok_below[p] = max(end_then, offset)
                 expected = offset + 1
 
     def highwater(self, partition: int) -> int | None:
