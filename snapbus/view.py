@@ -84,6 +84,8 @@ ViewStatus = Literal["starting", "catching_up", "live", "degraded", "failed", "s
 
 _LOGGED_DECODE_ERRORS = 20
 _APPLY_CHUNK = 2000  # records applied between two yields to the event loop
+_LOG_ENDS_WAIT_S = 5.0  # how long barrier() waits for the log ends before its own fetches
+_SHORT_RETENTION_MS = 60_000  # a tombstone retention that warrants a warning at start
 _SYNC_OBSERVATIONS = 64  # (high watermark, time) pairs kept per partition while behind
 
 
@@ -463,8 +465,8 @@ class SnapshotView(AsyncLifecycle):
     async def start(self) -> None:
         """Replay the topic, then follow it live in the background.
 
-        Returns once the view is complete as of the high watermarks at start, or after
-        `start_timeout_s` with status ``degraded``.
+        Returns once the view is complete as of the log ends (last stable offsets) at start,
+        or after `start_timeout_s` with status ``degraded``.
 
         Raises:
             KafkaUnavailableError: the cluster cannot be reached in time.
@@ -580,6 +582,12 @@ class SnapshotView(AsyncLifecycle):
                 info = None
         if info is not None:
             self._retention_ms = info.tombstone_retention_ms
+            if self._retention_ms < _SHORT_RETENTION_MS:
+                log.warning("view of %s: the topic keeps tombstones only %d ms "
+                            "(delete.retention.ms): a view behind by longer re-reads the whole "
+                            "log, and one whose full read takes longer may show sessions "
+                            "deleted meanwhile; raise it", self.config.topic,
+                            self._retention_ms, extra={"topic": self.config.topic})
             self._compacted_at_start = info.compacted
 
     async def _watch_topic(self, interval_s: float) -> None:
@@ -590,6 +598,10 @@ class SnapshotView(AsyncLifecycle):
                 info = await describe_if_exists(self.config)
             except SnapbusError as exc:  # (an unreachable broker is reported by the reader)
                 log.debug("view of %s: cannot check the topic: %s", self.config.topic, exc)
+                continue
+            except Exception:  # (the check must not end silently: say why, try again later)
+                log.exception("view of %s: checking the topic failed", self.config.topic,
+                              extra={"topic": self.config.topic})
                 continue
             if info is not None:
                 self._topic_changed(info)
@@ -969,17 +981,24 @@ class SnapshotView(AsyncLifecycle):
             ViewError: the view stopped or failed meanwhile.
         """
         self._require_running()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         reader = self._reader
         probe = reader.start_barrier()
-        ends = await reader.log_ends()
+        bound = _LOG_ENDS_WAIT_S if timeout is None else min(timeout, _LOG_ENDS_WAIT_S)
+        try:
+            ends = await asyncio.wait_for(reader.log_ends(), bound)
+        except asyncio.TimeoutError:
+            ends = None  # (a broker slow to answer: the view's own fetches will tell)
         self._require_running()
         if ends is not None:
             probe.targets.update(ends)
             if self._applied_all(ends):
                 return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[None] = loop.create_future()
         self._barriers.append((probe, future))
-        await asyncio.wait_for(future, timeout)
+        await asyncio.wait_for(future, None if deadline is None
+                               else max(0.0, deadline - loop.time()))
 
     def _applied_all(self, targets: dict[int, int]) -> bool:
         applied = self._applied
@@ -1103,11 +1122,15 @@ class SnapshotView(AsyncLifecycle):
 
         Per partition, `_synced` holds (offset, time): every record from that offset on
         reached the log after that time, so a tombstone among them stays at least until
-        time + ``delete.retention.ms``. Each fetch tells the log end (high watermark) at its
-        time; once the view's position reaches it, that pair becomes the partition's
+        time + ``delete.retention.ms``. Each fetch tells the log end (the last stable offset)
+        at its time; once the view's position reaches it, that pair becomes the partition's
         `_synced`. A view still behind, or that just read records, past the trusted window
         may have missed a tombstone gone meanwhile: it starts over (docs/compaction.md).
         """
+        # While the view reads the whole log from its start, re-reading it again would not
+        # bring back a tombstone removed meanwhile, and with a short retention would never end.
+        may_resync = self._resync_seen is None and (self._checkpoint_loaded is not None
+                                                    or self._caught_up.is_set())
         reader = self._reader
         now = self._now_ms()
         lateness = time.time() * 1000 - now  # fetch stamps are this host's time.time()
@@ -1115,11 +1138,12 @@ class SnapshotView(AsyncLifecycle):
         positions = reader.positions
         for p in reader.partitions:
             position = positions.get(p, 0)
-            hw = reader.highwater(p)
+            hw = reader.stable_end(p)  # (read_committed: the cleaner keeps what is beyond)
             advanced = position > self._checked.get(p, position)
             self._checked[p] = position
             synced_at, synced_ms = self._synced.get(p, (0, now))
-            if now > synced_ms + trust and (advanced or (hw is not None and hw > position)):
+            if may_resync and now > synced_ms + trust and (
+                    advanced or (hw is not None and hw > position)):
                 self._begin_resync(
                     f"partition {p} was last complete {(now - synced_ms) / 1000:.1f} s ago, "
                     f"longer than the topic surely keeps tombstones "
