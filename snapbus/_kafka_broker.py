@@ -23,7 +23,8 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -112,6 +113,7 @@ class KafkaNode:
         self._tls = tls or tls_client_auth
         self._tls_client_auth = tls_client_auth
         self._ports: dict[str, int] = {}
+        self._remove_data: Callable[[], object] | None = None  # (a weakref.finalize)
         self._child: Child | None = None
         self.tls_files: TlsFiles | None = None
 
@@ -132,11 +134,23 @@ class KafkaNode:
         return {protocol: f"{HOST}:{p}" for protocol, p in ports.items()}
 
     async def start(self, deadline: float) -> None:
-        java = _java()
+        java = await asyncio.to_thread(_java)
         classpath = await asyncio.to_thread(_classpath)
         first = self._data_dir is None
         if self._data_dir is None:
-            self._data_dir = Path(tempfile.mkdtemp(prefix="snapbus-kafka-"))
+            temporary = Path(tempfile.mkdtemp(prefix="snapbus-kafka-"))
+            self._data_dir = temporary
+            # (removed by stop(), or at the latest when this object or the interpreter goes)
+            self._remove_data = weakref.finalize(self, shutil.rmtree, temporary, True)
+        try:
+            await self._start(java, classpath, first, deadline)
+        except BaseException:
+            if first:  # (nothing of a failed first start stays on disk: TLS keys included)
+                self._drop_temporary_data()
+            raise
+
+    async def _start(self, java: str, classpath: str, first: bool, deadline: float) -> None:
+        assert self._data_dir is not None
         self._data_dir.mkdir(parents=True, exist_ok=True)
         if first or not self._ports:
             self._assign_ports()
@@ -169,9 +183,15 @@ class KafkaNode:
         if child is not None:
             await child.terminate()
         if not self._keep_data and self._data_dir is not None:
-            await asyncio.to_thread(shutil.rmtree, self._data_dir, True)
+            await asyncio.to_thread(self._drop_temporary_data)
+
+    def _drop_temporary_data(self) -> None:
+        if self._remove_data is not None:
+            self._remove_data()
+            self._remove_data = None
             self._data_dir = None
             self.tls_files = None
+            self._ports = {}
 
     def kill(self) -> None:
         child, self._child = self._child, None

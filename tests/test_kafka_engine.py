@@ -129,3 +129,17 @@ def test_cluster_ids_never_look_like_an_option() -> None:
     assert not [found for found in ids if found.startswith("-")]
     assert all(len(found) == 22 for found in ids)
     assert len(set(ids)) == len(ids)
+
+
+@pytest.mark.kafka
+async def test_a_failed_start_leaves_nothing_on_disk(monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    broker = EmbeddedBroker(engine="kafka", tls=True,
+                            broker_config={"num.network.threads": "not a number"})
+    with pytest.raises(BrokerError, match="num.network.threads"):
+        await broker.start()
+    assert not broker.running
+    assert list(tmp_path.iterdir()) == []  # (the log directory and the TLS keys are gone)
