@@ -88,9 +88,11 @@ class _Ack:
 class _Ledger:
     """The acknowledged records, from which the expected final state is computed."""
 
-    def __init__(self, initial: dict[uuid.UUID, WorkspaceSnapshot]) -> None:
+    def __init__(self, initial: dict[uuid.UUID, WorkspaceSnapshot], *,
+                 keep_acks: bool = False) -> None:
         self.initial = initial
-        self.acks: list[_Ack] = []
+        self.keep_acks = keep_acks
+        self.acks: list[_Ack] = []  # (every acknowledgement, for an inspecting stress run)
         self.latest: dict[uuid.UUID, tuple[int, WorkspaceSnapshot | None]] = {}
         self.sent_at: dict[tuple[uuid.UUID, WorkspaceSnapshot | None], float] = {}
         self.latencies: list[float] = []
@@ -99,8 +101,9 @@ class _Ledger:
 
     def record(self, pod: str, receipt: Receipt, value: WorkspaceSnapshot | None,
                sent_s: float) -> None:
-        self.acks.append(_Ack(pod, receipt.session_id, receipt.partition, receipt.offset, value,
-                              sent_s, time.perf_counter()))
+        if self.keep_acks:
+            self.acks.append(_Ack(pod, receipt.session_id, receipt.partition, receipt.offset,
+                                  value, sent_s, time.perf_counter()))
         previous = self.latest.get(receipt.session_id)
         if previous is None or receipt.offset > previous[0]:
             self.latest[receipt.session_id] = (receipt.offset, value)
@@ -306,7 +309,7 @@ async def _run_demo(
             members.append(_Pod(f"pod-{i + 1}", publisher, view, stream,
                                 random.Random(rng.getrandbits(64))))
         initial = {s.session_id: s for s in members[0].view.snapshots()}
-        ledger = _Ledger(initial)
+        ledger = _Ledger(initial, keep_acks=inspect is not None)
         repos = [uuid.UUID(int=rng.getrandbits(128), version=4) for _ in range(5)]
         measurers = [asyncio.create_task(_measure(pod, ledger)) for pod in members]
         started = time.perf_counter()

@@ -457,7 +457,7 @@ class PartitionReader:
         consumer = self._consumer
         client = consumer._client
         fetcher = consumer._fetcher
-        isolation = getattr(fetcher, "_isolation_level", _READ_UNCOMMITTED)
+        isolation = getattr(fetcher, "_isolation_level", _READ_COMMITTED)
         by_node: dict[int, list[tuple[int, int, int]]] = {}
         for p, tp in self._tps.items():
             leader = client.cluster.leader_for_partition(tp)
@@ -479,9 +479,9 @@ class PartitionReader:
                 for partition, error_code, highwater, *rest in partitions:
                     if error_code or highwater < 0:
                         return None
-                    end = highwater
-                    if isolation != _READ_UNCOMMITTED and response.API_VERSION >= 4:
-                        end = rest[0] if rest[0] >= 0 else highwater
+                    end = highwater  # (read_committed: the last stable offset, when told)
+                    if response.API_VERSION >= 4 and rest[0] >= 0:
+                        end = rest[0]
                     ends[partition] = end
         return ends if ends.keys() == self._tps.keys() else None
 
