@@ -341,7 +341,7 @@ async def test_view_degrades_during_fault_and_recovers_without_restart(
         assert model.mismatches(view, strict=True) == []  # still serving the last known state
         loop = asyncio.get_running_loop()
         began = loop.time()
-        with pytest.raises(asyncio.TimeoutError):  # the timeout bounds the whole call, log ends included
+        with pytest.raises(asyncio.TimeoutError):  # (the timeout bounds the whole call)
             await view.barrier(timeout=0.5)
         assert loop.time() - began < 3.0
         across = asyncio.create_task(view.barrier(timeout=WAIT_S))  # waits out the fault
