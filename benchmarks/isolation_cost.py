@@ -13,7 +13,7 @@ the log end. Each for each of:
 
 Cases run in a new random order each run; the table gives the median over the runs.
 
-    python benchmarks/bench_txn.py [--runs N] [--quick]
+    python -m benchmarks.isolation_cost [--runs N] [--quick]
 """
 
 from __future__ import annotations
