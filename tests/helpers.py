@@ -8,13 +8,16 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
 
 from snapbus.broker import EmbeddedBroker
+from snapbus.config import KafkaConfig
+from snapbus.publisher import SnapshotPublisher
 from snapbus.snapshot import WorkspaceSnapshot
+from snapbus.view import SnapshotView
 
 WAIT_S = 30.0
 """Default bound of condition waits: generous, it only turns a hang into a failure."""
@@ -125,3 +128,23 @@ async def serve_command(*args: str, env: Mapping[str, str] | None = None
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
             await asyncio.wait_for(proc.wait(), WAIT_S)
+
+
+async def round_trip(
+    config: KafkaConfig, snapshot: WorkspaceSnapshot | None = None,
+    before_evict: Callable[[WorkspaceSnapshot], Awaitable[None]] | None = None,
+) -> None:
+    """Publish, read it back in a running view and in a fresh one, (check more), evict."""
+    snapshot = snapshot or make_snapshot()
+    async with SnapshotPublisher(config) as publisher, \
+            SnapshotView(config, fetch_max_wait_ms=20) as view:
+        receipt = await publisher.publish(snapshot)
+        await view.wait_for(receipt, timeout=WAIT_S)
+        assert view.get(snapshot.session_id) == snapshot
+        async with SnapshotView(config, fetch_max_wait_ms=20) as fresh:
+            assert fresh.get(snapshot.session_id) == snapshot
+        if before_evict is not None:
+            await before_evict(snapshot)
+        gone = await publisher.evict(snapshot.session_id)
+        await view.wait_for(gone, timeout=WAIT_S)
+        assert snapshot.session_id not in view

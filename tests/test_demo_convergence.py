@@ -112,18 +112,27 @@ async def _read_until(reader: PartitionReader, end: int) -> list[int]:
     return seen
 
 
+async def write_transactions(config: KafkaConfig, commits: list[bool]) -> None:
+    """One transaction of one record per entry, committed (True) or aborted (False)."""
+    producer = AIOKafkaProducer(transactional_id=f"t-{config.topic}", **config.client_kwargs())
+    await producer.start()
+    try:
+        for commit in commits:
+            await producer.begin_transaction()
+            await producer.send_and_wait(config.topic, encode(make_snapshot()), key=b"k")
+            if commit:
+                await producer.commit_transaction()
+            else:
+                await producer.abort_transaction()
+    finally:
+        await producer.stop()
+
+
 @pytest.mark.kafka
 async def test_transaction_markers_are_no_hole(broker: BrokerAddress, topic_name: str) -> None:
     config = KafkaConfig(broker.bootstrap_servers, topic_name)
     await ensure_topic(config, partitions=1)
-    producer = AIOKafkaProducer(transactional_id=f"t-{topic_name}", **config.client_kwargs())
-    await producer.start()
-    try:
-        for _ in range(2):
-            async with producer.transaction():
-                await producer.send_and_wait(topic_name, encode(make_snapshot()), key=b"k")
-    finally:
-        await producer.stop()
+    await write_transactions(config, commits=[True, True])
     async with SnapshotPublisher(config) as publisher:
         receipt = await publisher.publish(make_snapshot())
     reader = PartitionReader(config, fetch_max_wait_ms=20)
@@ -143,14 +152,7 @@ async def test_aborted_records_are_no_hole(
     # knows them, so it goes on at once (no hold, nothing passed as a real gap)
     config = KafkaConfig(broker.bootstrap_servers, topic_name)
     await ensure_topic(config, partitions=1)
-    producer = AIOKafkaProducer(transactional_id=f"t-{topic_name}", **config.client_kwargs())
-    await producer.start()
-    try:
-        await producer.begin_transaction()
-        await producer.send_and_wait(topic_name, encode(make_snapshot()), key=b"k")
-        await producer.abort_transaction()
-    finally:
-        await producer.stop()
+    await write_transactions(config, commits=[False])
     async with SnapshotPublisher(config) as publisher:
         receipt = await publisher.publish(make_snapshot())
     reader = PartitionReader(config, fetch_max_wait_ms=20)

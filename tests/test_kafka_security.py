@@ -30,8 +30,9 @@ from snapbus.config import KafkaConfig
 from snapbus.errors import KafkaAuthenticationError, KafkaUnavailableError
 from snapbus.publisher import SnapshotPublisher
 from snapbus.replay import rebuild, replay
+from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.view import SnapshotView
-from tests.helpers import WAIT_S, eventually, make_snapshot, serve_command
+from tests.helpers import WAIT_S, eventually, make_snapshot, round_trip, serve_command
 from tests.test_security import _make_ca, _write_cert
 
 pytestmark = [pytest.mark.kafka, pytest.mark.usefixtures("quiet_aiokafka")]
@@ -160,20 +161,13 @@ def one_error_line(result: Result) -> str:
 @pytest.mark.parametrize("case", CASES)
 async def test_publisher_view_and_replay(brokers: Brokers, topic_name: str, case: str) -> None:
     config = KafkaConfig(**settings(brokers, case, topic_name))
-    snapshot = make_snapshot(agent_name=case)
-    async with SnapshotPublisher(config) as publisher, \
-            SnapshotView(config, fetch_max_wait_ms=20) as view:
-        receipt = await publisher.publish(snapshot)
-        await view.wait_for(receipt, timeout=WAIT_S)
-        assert view.get(snapshot.session_id) == snapshot
-        async with SnapshotView(config, fetch_max_wait_ms=20) as fresh:
-            assert fresh.get(snapshot.session_id) == snapshot
+
+    async def replay_and_rebuild(snapshot: WorkspaceSnapshot) -> None:
         events = [event async for event in replay(config)]
         assert [(e.session_id, e.snapshot) for e in events] == [(snapshot.session_id, snapshot)]
         assert await rebuild(config) == {snapshot.session_id: snapshot}
-        gone = await publisher.evict(snapshot.session_id)
-        await view.wait_for(gone, timeout=WAIT_S)
-        assert snapshot.session_id not in view
+
+    await round_trip(config, make_snapshot(agent_name=case), before_evict=replay_and_rebuild)
 
 
 @pytest.mark.parametrize("case", ["SCRAM-SHA-256", "SASL_SSL", "mutual TLS"])

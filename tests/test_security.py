@@ -46,7 +46,7 @@ from snapbus.errors import ConfigError, KafkaUnavailableError
 from snapbus.publisher import SnapshotPublisher
 from snapbus.view import SnapshotView
 from tests.faultproxy import FaultProxy, make_snapshot, proxied_broker
-from tests.helpers import ENGINE
+from tests.helpers import ENGINE, round_trip
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("quiet_aiokafka")]
 
@@ -186,21 +186,6 @@ def ssl_config(proxy: FaultProxy, topic: str, cafile: Path, **changes: object) -
     config = KafkaConfig(proxy.address, topic, security_protocol="SSL", ssl_cafile=str(cafile),
                          connect_timeout_s=5)
     return config.replace(**changes)
-
-
-async def round_trip(config: KafkaConfig) -> None:
-    """Publish, read it back in a running view and in a fresh one, evict."""
-    snapshot = make_snapshot()
-    async with SnapshotPublisher(config) as publisher, \
-            SnapshotView(config, fetch_max_wait_ms=20) as view:
-        receipt = await publisher.publish(snapshot)
-        await view.wait_for(receipt, timeout=WAIT_S)
-        assert view.get(snapshot.session_id) == snapshot
-        async with SnapshotView(config, fetch_max_wait_ms=20) as fresh:
-            assert fresh.get(snapshot.session_id) == snapshot
-        gone = await publisher.evict(snapshot.session_id)
-        await view.wait_for(gone, timeout=WAIT_S)
-        assert snapshot.session_id not in view
 
 
 async def run_cli(*args: str, env: dict[str, str] | None = None,
