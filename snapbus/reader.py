@@ -234,6 +234,7 @@ class PartitionReader:
         self._holes: dict[int, tuple[int, float, int]] = {}
         self._holes_ok_below: dict[int, int] = {}  # partition -> holes accepted before this
         self._held: dict[int, float] = {}  # partition paused at a gap -> when to fetch it again
+        self._short: dict[int, int | None] = {}  # log end below position: first fetch stamp
         self._skipped: dict[int, list[int]] = {}  # offsets the last read skipped (markers, aborted)
 
     @property
@@ -434,9 +435,15 @@ class PartitionReader:
         return stamp
 
     def reached(self, targets: Mapping[int, int]) -> bool:
-        """Whether every partition's position is at or past its target."""
+        """Whether every partition's position is at or past its target, and none is past the
+        log end its latest fetch reported (a log shorter than the position is a truncation
+        being confirmed, `truncated`: nothing is reached there)."""
         positions = self.positions
-        return all(positions.get(p, 0) >= target for p, target in targets.items())
+        for p, target in targets.items():
+            position = positions.get(p, 0)
+            if position < target or p in self._short:
+                return False
+        return True
 
     def start_barrier(self) -> BarrierProbe:
         """Begin tracking fetch responses for a read-your-writes barrier."""
@@ -495,11 +502,19 @@ class PartitionReader:
 
         Either means records the reader already applied are gone from the broker (a broker
         that lost its data, or a topic deleted and re-created): the reader must start over.
+        A log end below the position counts once a later fetch response still shows it: a
+        truncation stays, while a view on a fresh Apache Kafka topic was seen, rarely, to hold
+        one stale high watermark below its position for a moment.
         """
         found = set(self.rewound)
         for p in self._tps:
             hw = self.highwater(p)
-            if hw is not None and hw < self.positions.get(p, 0):
+            if hw is None or hw >= self.positions.get(p, 0):
+                self._short.pop(p, None)
+                continue
+            stamp = self.fetch_stamp(p)
+            first = self._short.setdefault(p, stamp)
+            if stamp != first:
                 found.add(p)
         return sorted(found)
 
@@ -509,6 +524,7 @@ class PartitionReader:
             self.seek(p, 0)
         self.end_targets.clear()
         self.rewound.clear()
+        self._short.clear()
 
     def staleness_s(self) -> float:
         """Seconds since the broker last answered a fetch for the least recent partition."""

@@ -993,7 +993,7 @@ class SnapshotView(AsyncLifecycle):
         self._require_running()
         if ends is not None:
             probe.targets.update(ends)
-            if self._applied_all(ends):
+            if self._applied_all(ends) and reader.reached(ends):
                 return
         future: asyncio.Future[None] = loop.create_future()
         self._barriers.append((probe, future))
