@@ -334,6 +334,9 @@ async def test_a_compacted_hole_near_the_log_end_is_passed_after_a_moment(
                               "the older versions of the session removed")
     expected = [offset for offset, _, _ in raw[0]]
     assert expected[0] > 0  # (a hole at the start of the log, within reach of the log end)
+    # The cleaner keeps running while the reader reads: it may still remove an older filler
+    # record, but never the latest record of a key.
+    latest = sorted({key: offset for offset, key, _ in raw[0]}.values())
 
     reader = PartitionReader(config, fetch_max_wait_ms=FETCH_WAIT_MS)
     await reader.open()
@@ -347,5 +350,6 @@ async def test_a_compacted_hole_near_the_log_end_is_passed_after_a_moment(
         await eventually(read_all, what="the compacted log read to its end")
     finally:
         await reader.close()
-    assert seen == expected
+    assert seen == sorted(set(seen)), "every record once, in order"
+    assert set(latest) <= set(seen) <= set(expected)
     assert reader._holes_ok_below  # it held at the hole, then passed it
