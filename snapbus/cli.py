@@ -655,6 +655,12 @@ def schema_check(candidate: str, folder: str | None) -> None:
 # ---------------------------------------------------------------------------- serve
 
 
+class _Refused(click.ClickException):
+    """A usage error told in one line (no usage text): exit status 2."""
+
+    exit_code = 2
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1",
               help="Address to listen on (0.0.0.0: every interface).")
@@ -672,20 +678,39 @@ def schema_check(candidate: str, folder: str | None) -> None:
 @click.option("--fetch-max-wait-ms", type=click.IntRange(1, 10_000), default=100,
               help="The view's fetch wait: lower is fresher, higher is idler.")
 @click.option("--log-json", is_flag=True, help="Log JSON lines on stderr.")
+@click.option("--token-file", type=click.Path(dir_okay=False),
+              help="File holding the bearer token every /sessions and /changes request must "
+                   "send (Authorization: Bearer ...); never give the token itself as a flag.  "
+                   "[env: SNAPBUS_SERVE_TOKEN holds the token; this file wins]")
+@click.option("--tls-cert", type=click.Path(dir_okay=False),
+              help="Serve HTTPS with this PEM certificate chain (and key, unless --tls-key).")
+@click.option("--tls-key", type=click.Path(dir_okay=False),
+              help="The PEM private key of --tls-cert (unencrypted).")
 def serve(host: str, port: int, allow_writes: bool, ttl_s: float | None, janitor: bool,
-          janitor_interval: float, fetch_max_wait_ms: int, log_json: bool) -> None:
+          janitor_interval: float, fetch_max_wait_ms: int, log_json: bool,
+          token_file: str | None, tls_cert: str | None, tls_key: str | None) -> None:
     """Serve the sessions over HTTP for pods that do not run Python, until Ctrl-C.
 
     GET /sessions/{id}, /sessions?repo=&agent=&state=, /changes (server-sent events),
     /metrics (Prometheus), /healthz and /readyz; with --allow-writes also PUT and DELETE
     /sessions/{id}. Needs the extra snapbus[serve].
+
+    With a token, every /sessions and /changes request needs it. Without one, --allow-writes
+    beyond loopback is refused, and reads beyond loopback are served with a warning.
     """
     if janitor and ttl_s is None:
         raise click.UsageError("--janitor needs --ttl")
+    if tls_key is not None and tls_cert is None:
+        raise click.UsageError("--tls-key needs --tls-cert")
     try:
-        from snapbus.serve import run_server
+        from snapbus.serve import check_exposure, read_token, run_server
     except ImportError as exc:
         raise click.ClickException(str(exc)) from None
+    try:
+        token = read_token(token_file)
+        check_exposure(host, has_token=token is not None, allow_writes=allow_writes)
+    except SnapbusError as exc:
+        raise _Refused(str(exc)) from None
     if log_json:
         from snapbus.logs import configure_logging
 
@@ -693,12 +718,14 @@ def serve(host: str, port: int, allow_writes: bool, ttl_s: float | None, janitor
 
     def listening(url: str) -> None:
         mode = "read-write" if allow_writes else "read-only"
+        mode += ", bearer token required" if token is not None else ""
         click.echo(f"serving {url} ({mode}); Ctrl-C to stop")
         sys.stdout.flush()
 
     _run(run_server(_config(), host=host, port=port, allow_writes=allow_writes, ttl_s=ttl_s,
                     janitor=janitor, janitor_interval_s=janitor_interval,
-                    fetch_max_wait_ms=fetch_max_wait_ms, on_listening=listening))
+                    fetch_max_wait_ms=fetch_max_wait_ms, on_listening=listening, token=token,
+                    tls_certfile=tls_cert, tls_keyfile=tls_key))
 
 
 def main() -> None:

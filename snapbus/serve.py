@@ -30,6 +30,15 @@ Writes are off unless a publisher is given (``--allow-writes``); without one, PU
 answer 405 saying so. Errors are JSON ``{"error": message}`` (plus ``"field"`` when one field
 is at fault). Reads answer from memory whatever the view holds: route traffic by ``/readyz``
 to serve only complete, fresh data.
+
+With a bearer token (``token=``; ``snapbus serve`` reads it from ``SNAPBUS_SERVE_TOKEN`` or
+``--token-file``, never from a flag), every ``/sessions`` and ``/changes`` request must carry
+``Authorization: Bearer <token>``: a missing or wrong one is 401 with ``WWW-Authenticate:
+Bearer``, the same answer either way, checked before anything else and compared in constant
+time. ``/metrics``, ``/healthz`` and ``/readyz`` stay open for probes and scrapers; they show
+counts and the view's state, never a session. Serving writes beyond loopback without a token
+is refused (`ConfigError`); serving reads there without one logs a warning. ``tls_certfile``
+(and ``tls_keyfile``) make the listener HTTPS. See docs/sidecar-security.md.
 """
 
 from __future__ import annotations
@@ -37,11 +46,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import hmac
+import ipaddress
 import json
 import logging
+import os
+import re
 import socket
+import ssl
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 try:
@@ -68,7 +83,8 @@ from snapbus.publisher import Receipt, SnapshotPublisher
 from snapbus.snapshot import WorkspaceSnapshot, parse_uuid
 from snapbus.view import Change, SnapshotView
 
-__all__ = ["MAX_BODY_BYTES", "create_app", "run_server", "serving"]
+__all__ = ["MAX_BODY_BYTES", "MIN_TOKEN_CHARS", "TOKEN_ENV", "check_exposure", "create_app",
+           "read_token", "run_server", "serving"]
 
 log = logging.getLogger("snapbus.serve")
 
@@ -76,6 +92,121 @@ MAX_BODY_BYTES = 2_000_000
 """Largest PUT body accepted (413 beyond); the encoded snapshot has its own limit."""
 
 _FILTERS = ("repo", "agent", "state")
+
+TOKEN_ENV = "SNAPBUS_SERVE_TOKEN"
+"""The environment variable `read_token` reads the sidecar's bearer token from."""
+
+MIN_TOKEN_CHARS = 16
+"""Shortest bearer token accepted: ``openssl rand -hex 32`` makes a good one."""
+
+_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # visible ASCII: what an HTTP header carries intact
+_UNAUTHORIZED = "a valid bearer token is required"
+_TOKEN_HINT = f"set {TOKEN_ENV} or --token-file"
+
+
+def _check_token(token: str, source: str) -> str:
+    if not token:
+        raise ConfigError(f"the sidecar token from {source} is empty")
+    if not _TOKEN_CHARS.fullmatch(token):
+        raise ConfigError(f"the sidecar token from {source} must be visible ASCII characters, "
+                          "without spaces")
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ConfigError(f"the sidecar token from {source} is shorter than {MIN_TOKEN_CHARS} "
+                          "characters; make one with `openssl rand -hex 32`")
+    return token
+
+
+def read_token(path: str | os.PathLike[str] | None = None,
+               env: Mapping[str, str] | None = None) -> str | None:
+    """The sidecar's bearer token: the file at `path` if given, else ``SNAPBUS_SERVE_TOKEN``.
+
+    None when neither is given. Whitespace around the file's content (a trailing newline) is
+    ignored. A token is never taken from a command-line value, which any user sees in ``ps``.
+
+    Raises:
+        ConfigError: the file cannot be read, or the token is empty (a variable set to the
+            empty string counts: a secret that failed to mount must not open the sidecar),
+            shorter than `MIN_TOKEN_CHARS`, or not visible ASCII.
+    """
+    if path is not None:
+        try:
+            with open(path, encoding="ascii") as file:
+                return _check_token(file.read().strip(), f"file {os.fspath(path)}")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ConfigError(f"cannot read the sidecar token file {os.fspath(path)}: "
+                              f"{reason}") from exc
+    token = (os.environ if env is None else env).get(TOKEN_ENV)
+    return None if token is None else _check_token(token, TOKEN_ENV)
+
+
+def _resolve(host: str, port: int) -> tuple[Any, ...]:
+    """The address `host` listens on: the first answer of ``getaddrinfo`` (passive)."""
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+
+
+def _is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def check_exposure(host: str, *, has_token: bool, allow_writes: bool) -> str | None:
+    """Check that serving on `host` exposes no session unguarded beyond loopback.
+
+    Returns a one-line warning when reads would be open beyond loopback (no token), else
+    None. A host that does not resolve passes: listening on it fails with its own error.
+
+    Raises:
+        ConfigError: writes would be open beyond loopback (no token).
+    """
+    if has_token:
+        return None
+    try:
+        address = _resolve(host, 0)[4][0]
+    except OSError:
+        return None
+    if _is_loopback(address):
+        return None
+    if allow_writes:
+        raise ConfigError(f"refusing to serve writes on {host} (beyond loopback) without a "
+                          f"token: {_TOKEN_HINT}")
+    return (f"serving every session to anyone who reaches {host} (beyond loopback, no "
+            f"token): {_TOKEN_HINT}")
+
+
+class _Guard:
+    """Checks a request's bearer token in constant time (no token: every request passes)."""
+
+    def __init__(self, token: str | None) -> None:
+        if token is not None:
+            _check_token(token, "token=")
+        # Digests, so that compare_digest compares equal lengths: not even the length leaks.
+        self._digest = None if token is None else hashlib.sha256(token.encode()).digest()
+
+    @property
+    def enabled(self) -> bool:
+        return self._digest is not None
+
+    def allows(self, request: Request) -> bool:
+        if self._digest is None:
+            return True
+        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        given = credentials.strip() if scheme.lower() == "bearer" else ""
+        # (Starlette decodes header bytes as Latin-1: encoding back gives the bytes sent.)
+        return hmac.compare_digest(hashlib.sha256(given.encode("latin-1")).digest(),
+                                   self._digest)
+
+    def __call__(self, handler: Callable[[Request], Awaitable[Response]]
+                 ) -> Callable[[Request], Awaitable[Response]]:
+        """Wrap `handler` so that it runs only for an authorized request."""
+        async def guarded(request: Request) -> Response:
+            if not self.allows(request):
+                return _error(401, _UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
+            return await handler(request)
+
+        return guarded
 
 
 def _error(status: int, message: str, *, field: str | None = None,
@@ -109,7 +240,8 @@ class _Service:
 
     def __init__(self, view: SnapshotView, publisher: SnapshotPublisher | None,
                  registry: CollectorRegistry, *, write_timeout_s: float, heartbeat_s: float,
-                 max_pending: int) -> None:
+                 max_pending: int, token: str | None) -> None:
+        self.guard = _Guard(token)
         self.view = view
         self.publisher = publisher
         self.registry = registry
@@ -282,6 +414,7 @@ def create_app(
     write_timeout_s: float = 10.0,
     heartbeat_s: float = 15.0,
     max_pending: int = 10_000,
+    token: str | None = None,
 ) -> Starlette:
     """Build the ASGI application serving `view` (see the module docstring for the routes).
 
@@ -297,16 +430,23 @@ def create_app(
         heartbeat_s: seconds between keep-alive comments on ``/changes``.
         max_pending: changes an event-stream client may fall behind before the server ends
             its stream with ``event: error`` (it may reconnect, then re-read ``/sessions``).
+        token: when given, every ``/sessions`` and ``/changes`` request needs
+            ``Authorization: Bearer <token>`` (401 otherwise); see `read_token`.
+
+    Raises:
+        ConfigError: a token shorter than `MIN_TOKEN_CHARS` or not visible ASCII.
     """
     registry = registry if registry is not None else CollectorRegistry()
     ViewMetrics(view, registry)
     service = _Service(view, publisher, registry, write_timeout_s=write_timeout_s,
-                       heartbeat_s=heartbeat_s, max_pending=max_pending)
+                       heartbeat_s=heartbeat_s, max_pending=max_pending, token=token)
+    guard = service.guard
     app = Starlette(
         routes=[
-            Route("/sessions", service.sessions, methods=["GET"]),
-            Route("/sessions/{session_id}", service.session, methods=["GET", "PUT", "DELETE"]),
-            Route("/changes", service.changes, methods=["GET"]),
+            Route("/sessions", guard(service.sessions), methods=["GET"]),
+            Route("/sessions/{session_id}", guard(service.session),
+                  methods=["GET", "PUT", "DELETE"]),
+            Route("/changes", guard(service.changes), methods=["GET"]),
             Route("/metrics", service.metrics, methods=["GET"]),
             Route("/healthz", service.healthz, methods=["GET"]),
             Route("/readyz", service.readyz, methods=["GET"]),
@@ -328,8 +468,7 @@ class _Server(uvicorn.Server):
 def _listen(host: str, port: int) -> socket.socket:
     """Bind and listen, so that address errors surface here, with a clear message."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, address = _resolve(host, port)
         sock = socket.socket(family, kind, proto)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
@@ -344,28 +483,76 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _check_tls(certfile: str | os.PathLike[str] | None,
+               keyfile: str | os.PathLike[str] | None) -> None:
+    """Load the certificate and key once here, so that a bad file is one clear line."""
+    if certfile is None:
+        if keyfile is not None:
+            raise ConfigError("a TLS key needs its certificate: give --tls-cert too")
+        return
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # (An empty password: an encrypted key fails here instead of prompting on a terminal.)
+        context.load_cert_chain(certfile, keyfile, password=lambda: b"")
+    except OSError as exc:
+        files = os.fspath(certfile) + (f" with key {os.fspath(keyfile)}" if keyfile else "")
+        raise ConfigError(
+            f"cannot load the TLS certificate {files}: {exc.strerror or exc}; both must be PEM, "
+            "the key unencrypted and matching the certificate (or in the certificate file)"
+        ) from exc
+
+
 @contextlib.asynccontextmanager
 async def serving(app: Starlette, host: str = "127.0.0.1", port: int = 0,
-                  *, access_log: bool = False) -> AsyncIterator[str]:
+                  *, access_log: bool = False,
+                  tls_certfile: str | os.PathLike[str] | None = None,
+                  tls_keyfile: str | os.PathLike[str] | None = None) -> AsyncIterator[str]:
     """Serve `app` with uvicorn in the running event loop; yield its base URL.
 
     Port 0 picks a free port. On exit the server stops: event streams of a `create_app`
-    application end, then open requests get a few seconds to finish.
+    application end, then open requests get a few seconds to finish. With `tls_certfile`
+    (PEM, the chain; the key too unless `tls_keyfile`) the server speaks HTTPS only.
 
     Raises:
-        ConfigError: the address cannot be listened on.
+        ConfigError: the address cannot be listened on, the TLS files cannot be loaded, or a
+            `create_app` application with writes and no token would listen beyond loopback
+            (see `check_exposure`).
     """
-    async with _serving(app, _listen(host, port), access_log=access_log) as url:
+    _check_tls(tls_certfile, tls_keyfile)
+    sock = _listen(host, port)
+    try:
+        service = getattr(app.state, "snapbus", None)
+        if isinstance(service, _Service):
+            _warn_exposure(sock, writable=service.publisher is not None,
+                           guarded=service.guard.enabled)
+    except ConfigError:
+        sock.close()
+        raise
+    async with _serving(app, sock, access_log=access_log, tls_certfile=tls_certfile,
+                        tls_keyfile=tls_keyfile) as url:
         yield url
 
 
+def _warn_exposure(sock: socket.socket, *, writable: bool, guarded: bool) -> None:
+    """`check_exposure` on the address bound: raise for writes, log a warning for reads."""
+    warning = check_exposure(sock.getsockname()[0], has_token=guarded, allow_writes=writable)
+    if warning is not None:
+        log.warning("%s", warning)
+
+
 @contextlib.asynccontextmanager
-async def _serving(app: Starlette, sock: socket.socket, *,
-                   access_log: bool) -> AsyncIterator[str]:
+async def _serving(app: Starlette, sock: socket.socket, *, access_log: bool,
+                   tls_certfile: str | os.PathLike[str] | None = None,
+                   tls_keyfile: str | os.PathLike[str] | None = None) -> AsyncIterator[str]:
     bound_host, bound_port = sock.getsockname()[:2]
     url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+    scheme = "http" if tls_certfile is None else "https"
+    # ssl_ciphers=None keeps Python's defaults (TLS 1.2+, forward secrecy): uvicorn before
+    # 0.32 would otherwise set the wide "TLSv1" cipher list.
     config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=access_log,
-                            timeout_graceful_shutdown=5, ws="none")
+                            timeout_graceful_shutdown=5, ws="none",
+                            ssl_certfile=tls_certfile, ssl_keyfile=tls_keyfile,
+                            ssl_ciphers=None)
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name="snapbus-serve")
     try:
@@ -374,7 +561,7 @@ async def _serving(app: Starlette, sock: socket.socket, *,
                 task.result()
                 raise ConfigError(f"the HTTP server on port {bound_port} did not start")
             await asyncio.sleep(0.01)
-        yield f"http://{url_host}:{bound_port}"
+        yield f"{scheme}://{url_host}:{bound_port}"
     finally:
         service = getattr(app.state, "snapbus", None)
         if isinstance(service, _Service):
@@ -397,6 +584,9 @@ async def run_server(
     janitor_interval_s: float = 30.0,
     fetch_max_wait_ms: int = 100,
     on_listening: Callable[[str], None] | None = None,
+    token: str | None = None,
+    tls_certfile: str | os.PathLike[str] | None = None,
+    tls_keyfile: str | os.PathLike[str] | None = None,
 ) -> None:
     """Run the sidecar until SIGINT or SIGTERM: a view of the topic, served over HTTP.
 
@@ -406,13 +596,21 @@ async def run_server(
 
     Args:
         on_listening: called with the base URL once the server listens.
+        token: the bearer token every ``/sessions`` and ``/changes`` request must carry
+            (`read_token` reads it); without one, writes are refused beyond loopback and
+            reads there are served with a warning logged.
+        tls_certfile, tls_keyfile: serve HTTPS (see `serving`).
 
     Raises:
-        ConfigError: the address cannot be listened on, or a janitor without a TTL.
+        ConfigError: the address cannot be listened on, a janitor without a TTL, a bad token
+            or TLS file, or writes beyond loopback without a token.
         KafkaUnavailableError, TopicError: the view or the publisher cannot start.
     """
     if janitor and ttl_s is None:
         raise ConfigError("a janitor needs a TTL: it deletes the sessions the TTL expired")
+    if token is not None:
+        _check_token(token, "token=")
+    _check_tls(tls_certfile, tls_keyfile)
     registry = CollectorRegistry()
     from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
 
@@ -424,6 +622,7 @@ async def run_server(
             # Cheap checks first, so that a failure leaves nothing half started.
             sock = _listen(host, port)
             stack.callback(sock.close)
+            _warn_exposure(sock, writable=allow_writes, guarded=token is not None)
             publisher: InstrumentedPublisher | None = None
             if allow_writes or janitor:
                 publisher = InstrumentedPublisher(config, metrics=PublisherMetrics(registry))
@@ -431,11 +630,14 @@ async def run_server(
             view = SnapshotView(config, ttl_s=ttl_s, fetch_max_wait_ms=fetch_max_wait_ms,
                                 ensure_topic=False)
             stack.push_async_callback(view.stop)
-            app = create_app(view, publisher if allow_writes else None, registry=registry)
+            app = create_app(view, publisher if allow_writes else None, registry=registry,
+                             token=token)
             url = await stack.enter_async_context(
-                _serving(app, sock, access_log=log.isEnabledFor(logging.INFO)))
-            log.info("serving %s on %s (%s)", config.topic, url,
-                     "writes allowed" if allow_writes else "read-only")
+                _serving(app, sock, access_log=log.isEnabledFor(logging.INFO),
+                         tls_certfile=tls_certfile, tls_keyfile=tls_keyfile))
+            log.info("serving %s on %s (%s%s)", config.topic, url,
+                     "writes allowed" if allow_writes else "read-only",
+                     ", bearer token required" if token is not None else "")
             if on_listening is not None:
                 on_listening(url)
             starting = asyncio.create_task(view.start())
