@@ -547,8 +547,8 @@ async def _serving(app: Starlette, sock: socket.socket, *, access_log: bool,
     bound_host, bound_port = sock.getsockname()[:2]
     url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
     scheme = "http" if tls_certfile is None else "https"
-    # ssl_ciphers=None keeps Python's defaults (TLS 1.2+, forward secrecy): uvicorn before
-    # 0.32 would otherwise set the wide "TLSv1" cipher list.
+    # ssl_ciphers=None keeps Python's defaults (TLS 1.2+, forward secrecy): older uvicorn
+    # releases would otherwise set the wide "TLSv1" cipher list.
     config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=access_log,
                             timeout_graceful_shutdown=5, ws="none",
                             ssl_certfile=tls_certfile, ssl_keyfile=tls_keyfile,
