@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench stress clean
+.PHONY: demo test lint bench stress clean pods
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,17 +24,33 @@ demo: $(VENV)/.installed-broker
 	$(BIN)/snapbus demo
 
 ## the whole test suite: unit and integration tests on Tansu, then the integration tests on
-## Apache Kafka (skipped with one line when Java or Maven is missing; on CI that fails the run)
+## Apache Kafka with the wire-contract pods (`make pods`; skipped with one line when Java or
+## Maven is missing; on CI that fails the run)
 test: $(VENV)/.installed-dev
 	$(BIN)/pytest
 	@if reason=$$($(BIN)/python -m snapbus._kafka_broker 2>&1); then \
 	  echo "== the integration suite on Apache Kafka ($$reason)"; \
+	  $(MAKE) --no-print-directory pods || exit 1; \
 	  SNAPBUS_TEST_ENGINE=kafka $(BIN)/pytest -m "integration or kafka"; \
 	elif [ -n "$$CI" ]; then \
 	  echo "error: the Kafka leg cannot run: $$reason" >&2; exit 1; \
 	else \
 	  echo "note: the Kafka leg of the tests did not run: $$reason"; \
 	fi
+
+## the Java and Rust pods of the wire-contract tests (tests/test_interop.py, docs/interop.md):
+## Maven caches its jars in ~/.m2, cargo builds in $(SNAPBUS_INTEROP_RUST_TARGET), so a new
+## clone reuses what an earlier run built (the tests build them too when missing or stale)
+SNAPBUS_INTEROP_RUST_TARGET ?= $(HOME)/.cache/snapbus/interop-rust
+export SNAPBUS_INTEROP_RUST_TARGET
+JAVA_POD := interop/java/target/pod.jar
+pods: $(JAVA_POD)
+	@echo "== the Rust pod (cargo, $(SNAPBUS_INTEROP_RUST_TARGET))"
+	cd interop/rust && CARGO_TARGET_DIR=$(SNAPBUS_INTEROP_RUST_TARGET) cargo build --quiet --locked
+
+$(JAVA_POD): interop/java/pom.xml $(wildcard interop/java/src/main/java/dev/snapbus/interop/*.java) schemas/workspace_snapshot.avsc
+	@echo "== the Java pod (Maven)"
+	cd interop/java && mvn -q -B package -DskipTests
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check snapbus tests benchmarks
