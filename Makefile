@@ -43,10 +43,11 @@ test: $(VENV)/.installed-dev
 ## clone reuses what an earlier run built (the tests build them too when missing or stale)
 SNAPBUS_INTEROP_RUST_TARGET ?= $(HOME)/.cache/snapbus/interop-rust
 export SNAPBUS_INTEROP_RUST_TARGET
+CARGO ?= $(shell command -v cargo || echo $(HOME)/.cargo/bin/cargo)
 JAVA_POD := interop/java/target/pod.jar
 pods: $(JAVA_POD)
 	@echo "== the Rust pod (cargo, $(SNAPBUS_INTEROP_RUST_TARGET))"
-	cd interop/rust && CARGO_TARGET_DIR=$(SNAPBUS_INTEROP_RUST_TARGET) cargo build --quiet --locked
+	cd interop/rust && CARGO_TARGET_DIR=$(SNAPBUS_INTEROP_RUST_TARGET) $(CARGO) build --quiet --locked
 
 $(JAVA_POD): interop/java/pom.xml $(wildcard interop/java/src/main/java/dev/snapbus/interop/*.java) schemas/workspace_snapshot.avsc
 	@echo "== the Java pod (Maven)"

@@ -44,6 +44,9 @@ POD_TIMEOUT_S = 120.0
 
 def _tool(name: str) -> str:
     path = shutil.which(name)
+    rustup = Path.home() / ".cargo" / "bin" / name  # (rustup's, when not on PATH)
+    if path is None and rustup.is_file():
+        path = str(rustup)
     if path is None:
         pytest.fail(f"{name} is not installed: the {name} pod of the wire-contract tests "
                     "cannot be built (docs/interop.md)")
