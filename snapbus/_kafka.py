@@ -46,6 +46,8 @@ async def start_client(client: Any, config: KafkaConfig, what: str) -> None:
             detail = f"no answer within {config.connect_timeout_s:g} s"
         else:
             detail = str(exc) or repr(exc)
+            if "Unable to bootstrap from" in detail:  # aiokafka lists (host, port, family)
+                detail = "no broker answered"
             # aiokafka's bootstrap only logs why each server failed, then raises "Unable to
             # bootstrap": a wrong password fails fast but the error would not say so.
             if config.security_protocol != "PLAINTEXT":

@@ -17,7 +17,7 @@ import logging
 import re
 import sys
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
@@ -59,10 +59,22 @@ class _Settings:
         return KafkaConfig.from_env({}, **values)
 
 
+class _BadInput(click.ClickException):
+    """Bad input found after parsing (a value the library refused): exit status 2."""
+
+    exit_code = 2
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine; snapbus errors become one line on stderr and exit status 1."""
+    """Run a coroutine; snapbus errors become one line on stderr.
+
+    Invalid values (`ValidationError`) exit 2 like usage errors; anything else
+    (unreachable cluster, missing topic, refused write, a port in use) exits 1.
+    """
     try:
         return asyncio.run(coro)
+    except ValidationError as exc:
+        raise _BadInput(str(exc)) from None
     except SnapbusError as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
@@ -92,7 +104,102 @@ def _config(**overrides: Any) -> KafkaConfig:
         raise click.UsageError(str(exc)) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def _option_names(command: click.Command) -> dict[str, bool]:
+    """A command's option names, each mapped to whether it takes a value."""
+    names: dict[str, bool] = {}
+    for param in command.params:
+        if isinstance(param, click.Option):
+            for name in (*param.opts, *param.secondary_opts):
+                names[name] = not (param.is_flag or param.count)
+    return names
+
+
+def _option_name(token: str, known: dict[str, bool]) -> str | None:
+    """The option a token names (``--x=v``, ``-bHOST`` and ``-b`` forms), if known."""
+    if token.startswith("--"):
+        name = token.split("=", 1)[0]
+    elif token.startswith("-") and len(token) > 1:
+        name = token[:2]
+    else:
+        return None
+    return name if name in known else None
+
+
+def _hoist_global_options(group: click.Group, args: list[str]) -> list[str]:
+    """Move global options typed after the command in front of it (``snapbus get -b H ID``).
+
+    An option the command itself defines stays where it is; ``--`` ends the search.
+    """
+    globals_ = _option_names(group)
+    start = 0
+    while start < len(args) and args[start].startswith("-") and args[start] != "--":
+        name = _option_name(args[start], globals_)
+        start += 1
+        if name is not None and globals_[name] and args[start - 1] == name:
+            start += 1  # the option's value
+    end = start
+    command: click.Command = group
+    while isinstance(command, click.Group) and end < len(args):
+        sub = command.commands.get(args[end])
+        if sub is None:
+            return args
+        command, end = sub, end + 1
+    if command is group:
+        return args
+    own = _option_names(command)
+    moved: list[str] = []
+    rest: list[str] = []
+    index = end
+    while index < len(args):
+        token = args[index]
+        index += 1
+        if token == "--":
+            rest += args[index - 1:]
+            break
+        own_name = _option_name(token, own)
+        global_name = None if own_name else _option_name(token, globals_)
+        target = moved if global_name else rest
+        target.append(token)
+        name = own_name or global_name
+        takes_value = own.get(own_name, False) if own_name else globals_.get(name or "", False)
+        if name is not None and takes_value and token == name and index < len(args):
+            target.append(args[index])
+            index += 1
+    return [*args[:start], *moved, *args[start:end], *rest]
+
+
+class _Group(click.Group):
+    """The root group: global options anywhere, and every error on one line.
+
+    Click prints a usage error as four lines (usage, a hint, a blank line, the error); here
+    every error is one line, ``Error: ...`` naming the flag, argument or value at fault, and
+    exits 2 for bad input, 1 for any other failure, 130 on Ctrl-C.
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            result = super().main(_hoist_global_options(self, argv), prog_name, complete_var,
+                                  standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            if not standalone_mode:
+                raise
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            if not standalone_mode:
+                raise
+            click.echo("Aborted.", err=True)
+            sys.exit(130)
+        if not standalone_mode:
+            return result
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=_Group,
+             context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="snapbus")
 @click.option("--bootstrap-servers", "-b", envvar="SNAPBUS_BOOTSTRAP_SERVERS",
               help="Kafka brokers, host:port[,host:port].  [env: SNAPBUS_BOOTSTRAP_SERVERS; "
@@ -188,13 +295,26 @@ TIME = _TimeType()
 @click.option("--port", type=click.IntRange(1, 65535),
               help="Port of the plaintext listener (default: a free one).")
 @click.option("--durable", is_flag=True,
-              help="tansu: keep data in S3 storage served by moto (gone when the command "
-                   "ends); kafka always keeps its log on disk.")
+              help="tansu only: store the log in an S3 server (moto) run by this command, so "
+                   "it survives a broker crash and restart within the command. It is LOST "
+                   "when the command ends: to keep data across runs use --engine kafka "
+                   "--data-dir DIR.")
 @click.option("--data-dir", type=click.Path(file_okay=False),
-              help="kafka: keep the log in this directory, across restarts of the command.")
+              help="kafka only: keep the log in this directory; a new `snapbus broker "
+                   "--engine kafka --data-dir DIR` finds the topics and sessions again.")
 def broker(engine: str, port: int | None, durable: bool, data_dir: str | None) -> None:
-    """Run an embedded Kafka broker in the foreground until Ctrl-C."""
+    """Run an embedded Kafka broker in the foreground until Ctrl-C.
+
+    Only --engine kafka --data-dir DIR keeps data after the command ends.
+    """
     from snapbus.broker import EmbeddedBroker
+
+    if durable and engine == "kafka":
+        raise click.UsageError("--durable is a tansu option: the kafka engine keeps its log "
+                               "on disk (give --data-dir DIR to keep it after the command)")
+    if data_dir is not None and engine == "tansu":
+        raise click.UsageError("--data-dir needs --engine kafka: tansu cannot keep data after "
+                               "the command ends")
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -204,6 +324,10 @@ def broker(engine: str, port: int | None, durable: bool, data_dir: str | None) -
                 durable=durable and engine == "tansu", data_dir=data_dir,
             ) as embedded:
                 click.echo(f"broker listening on {embedded.bootstrap_servers} ({engine})")
+                if engine == "tansu":
+                    kept = "until the command ends" if durable else "in memory only"
+                    click.echo(f"  data is kept {kept}; --engine kafka --data-dir DIR keeps it "
+                               "across runs", err=True)
                 click.echo(f"  export SNAPBUS_BOOTSTRAP_SERVERS={embedded.bootstrap_servers}")
                 sys.stdout.flush()
                 await stop.wait()
@@ -291,9 +415,53 @@ async def topic_describe(as_json: bool) -> None:
 
 # ---------------------------------------------------------------------------- write
 
+_FIELD_OPTIONS = ("session_id", "repo_id", "agent_id", "agent_name", "changeset_id", "intent",
+                  "base_commit", "state", "mode")
 
-def _read_json_input(source: str) -> Iterator[WorkspaceSnapshot]:
-    """Yield snapshots from a JSON object, a JSON array, or JSON Lines ('-' is stdin)."""
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _snapshot_error(exc: ValidationError, where: str | None = None) -> click.UsageError:
+    """A snapshot's validation error, naming the flag (or the input position) at fault."""
+    if where is not None:
+        return click.BadParameter(f"{where}: {exc}", param_hint="--file")
+    hint = _flag(exc.field) if exc.field in _FIELD_OPTIONS else None
+    return click.BadParameter(str(exc), param_hint=hint)
+
+
+def _json_items(source: str, text: str) -> list[tuple[str, Any]]:
+    """Parse a JSON object, a JSON array or JSON Lines; each item with where it came from."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as whole:
+        lines = text.splitlines()
+        first = next(line for line in lines if line.strip())
+        try:
+            json.loads(first)
+        except ValueError:  # not JSON Lines either: report where the document breaks
+            raise click.BadParameter(
+                f"{source} line {whole.lineno} column {whole.colno}: not valid JSON: "
+                f"{whole.msg}", param_hint="--file") from None
+        items = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                items.append((f"{source} line {number}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise click.BadParameter(
+                    f"{source} line {number} column {exc.colno}: not valid JSON: {exc.msg}",
+                    param_hint="--file") from None
+        return items
+    if isinstance(data, list):
+        return [(f"{source} item {number}", item) for number, item in enumerate(data, 1)]
+    return [(source, data)]
+
+
+def _read_json_input(source: str) -> list[WorkspaceSnapshot]:
+    """Snapshots from a JSON object, a JSON array, or JSON Lines ('-' is stdin)."""
     if source == "-":
         text = sys.stdin.read()
     else:
@@ -301,60 +469,78 @@ def _read_json_input(source: str) -> Iterator[WorkspaceSnapshot]:
             text = Path(source).read_text(encoding="utf-8")
         except OSError as exc:
             raise click.BadParameter(f"cannot read {source}: {exc.strerror}",
-                                     param_hint="--json") from None
-    text = text.strip()
-    if not text:
-        raise click.BadParameter(f"{source} is empty", param_hint="--json")
-    try:
-        data = json.loads(text)
-        items = data if isinstance(data, list) else [data]
-    except ValueError:
+                                     param_hint="--file") from None
+        except UnicodeDecodeError:
+            raise click.BadParameter(f"{source} is not UTF-8 text",
+                                     param_hint="--file") from None
+    if not text.strip():
+        raise click.BadParameter(f"{source} is empty", param_hint="--file")
+    snapshots = []
+    for where, item in _json_items(source, text):
         try:
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except ValueError as exc:
-            raise click.BadParameter(f"{source}: not JSON or JSON Lines: {exc}",
-                                     param_hint="--json") from None
-    for number, item in enumerate(items, 1):
-        try:
-            yield WorkspaceSnapshot.from_dict(item)
+            snapshots.append(WorkspaceSnapshot.from_input(item))
         except ValidationError as exc:
-            where = f"{source} item {number}" if len(items) > 1 else source
-            raise click.BadParameter(f"{where}: {exc}", param_hint="--json") from None
+            raise _snapshot_error(exc, where) from None
+    return snapshots
+
+
+_ALLOW_NON_COMPACTED = click.option(
+    "--allow-non-compacted", is_flag=True,
+    help="Write even if the topic's cleanup.policy is not compact.")
+
+
+def _publisher(allow_non_compacted: bool) -> Any:
+    from snapbus.publisher import SnapshotPublisher
+
+    return SnapshotPublisher(_config(), allow_non_compacted=allow_non_compacted)
 
 
 @cli.command()
-@click.option("--json", "json_source", metavar="FILE",
-              help="Read snapshots from a JSON object/array/JSON Lines file ('-': stdin).")
-@click.option("--session-id", help="Session UUID (default: a new one).")
-@click.option("--repo-id", help="Repository UUID.")
-@click.option("--agent-id", help="Agent identifier.")
-@click.option("--agent-name", default="", help="Agent display name.")
-@click.option("--changeset-id", help="Changeset UUID (default: a new one).")
-@click.option("--intent", default="", help="Intent text.")
-@click.option("--base-commit", default="", help="Base commit hash.")
-@click.option("--state", default="active", help="Lifecycle state.")
-@click.option("--mode", default="ephemeral", help="ephemeral or persistent.")
-def publish(json_source: str | None, **fields: Any) -> None:
-    """Publish snapshots given by flags or as JSON; print where each was stored."""
+@click.option("--file", "-f", "file_source", metavar="FILE",
+              help="Read snapshots from a JSON object, array or JSON Lines file ('-': stdin) "
+                   "instead of the field flags.")
+@click.option("--json", "json_source", metavar="FILE", hidden=True,
+              help="Deprecated spelling of --file.")
+@click.option("--session-id", help="Session UUID.  [default: a new one]")
+@click.option("--repo-id", help="Repository UUID (required).")
+@click.option("--agent-id", help="Agent identifier (required, not blank).")
+@click.option("--agent-name", help="Agent display name.  [default: empty]")
+@click.option("--changeset-id", help="Changeset UUID.  [default: a new one]")
+@click.option("--intent", help="Intent text.  [default: empty]")
+@click.option("--base-commit", help="Base commit hash.  [default: empty]")
+@click.option("--state", help="Lifecycle state, not blank.  [default: active]")
+@click.option("--mode", help="ephemeral or persistent, not blank.  [default: ephemeral]")
+@_ALLOW_NON_COMPACTED
+def publish(file_source: str | None, json_source: str | None, allow_non_compacted: bool,
+            **fields: Any) -> None:
+    """Publish a whole snapshot given by flags, or the snapshots of a JSON file.
+
+    A snapshot replaces the session's previous one: omitted fields take their defaults.
+    To change some fields of an existing session use `snapbus update`.
+    """
     if json_source is not None:
-        snapshots = list(_read_json_input(json_source))
+        if file_source is not None:
+            raise click.UsageError("give --file only (--json FILE is its old spelling)")
+        click.echo("warning: publish --json FILE is deprecated; use --file FILE", err=True)
+        file_source = json_source
+    given = {name: value for name, value in fields.items() if value is not None}
+    if file_source is not None:
+        if given:
+            flags = ", ".join(_flag(name) for name in given)
+            raise click.UsageError(f"{flags} cannot be combined with --file: put the fields "
+                                   "in the file, or change a session with `snapbus update`")
+        snapshots = _read_json_input(file_source)
     else:
         for required in ("repo_id", "agent_id"):
-            if not fields[required]:
-                raise click.UsageError(f"--{required.replace('_', '-')} is required "
-                                       "(or give --json FILE)")
-        fields["session_id"] = fields["session_id"] or str(uuid.uuid4())
-        fields["changeset_id"] = fields["changeset_id"] or str(uuid.uuid4())
+            if required not in given:
+                raise click.UsageError(f"{_flag(required)} is required (or give --file FILE)")
         try:
-            snapshots = [WorkspaceSnapshot.from_dict(fields)]
+            snapshots = [WorkspaceSnapshot.from_input(given)]
         except ValidationError as exc:
-            option = f"--{exc.field.replace('_', '-')}" if exc.field else None
-            raise click.BadParameter(str(exc), param_hint=option) from None
+            raise _snapshot_error(exc) from None
 
     async def send() -> None:
-        from snapbus.publisher import SnapshotPublisher
-
-        async with SnapshotPublisher(_config()) as publisher:
+        async with _publisher(allow_non_compacted) as publisher:
             receipts = await publisher.publish_many(snapshots)
         for receipt in receipts:
             click.echo(f"published {receipt.session_id} to "
@@ -364,22 +550,77 @@ def publish(json_source: str | None, **fields: Any) -> None:
 
 
 @cli.command()
+@click.argument("session_id")
+@click.option("--repo-id", help="New repository UUID.")
+@click.option("--agent-id", help="New agent identifier.")
+@click.option("--agent-name", help="New agent display name.")
+@click.option("--changeset-id", help="New changeset UUID.")
+@click.option("--intent", help="New intent text.")
+@click.option("--base-commit", help="New base commit hash.")
+@click.option("--state", help="New lifecycle state.")
+@click.option("--mode", help="New mode.")
+@_ALLOW_NON_COMPACTED
+def update(session_id: str, allow_non_compacted: bool, **fields: Any) -> None:
+    """Change some fields of an existing session; the others keep their values.
+
+    Reads the session's latest snapshot (exit 1 if there is none), publishes it with the
+    given fields changed and prints the result as JSON. Not atomic: a write by another
+    process between the read and this publish is overwritten.
+    """
+    try:
+        wanted = parse_uuid(session_id, field="SESSION_ID")
+    except ValidationError as exc:
+        raise click.BadParameter(str(exc), param_hint="SESSION_ID") from None
+    changes = {name: value for name, value in fields.items() if value is not None}
+    if not changes:
+        raise click.UsageError("nothing to change: give at least one field flag, e.g. "
+                               "--state submitted")
+
+    async def send() -> WorkspaceSnapshot:
+        async with _view() as view:
+            current = view.get(wanted)
+            if current is None:
+                raise click.ClickException(
+                    f"session {wanted} not found on topic {view.config.topic}: update changes "
+                    "existing sessions (create one with `snapbus publish`)")
+            try:
+                changed = WorkspaceSnapshot.from_input({**current.to_dict(), **changes})
+            except ValidationError as exc:
+                raise _snapshot_error(exc) from None
+            async with _publisher(allow_non_compacted) as publisher:
+                await publisher.publish(changed)
+        return changed
+
+    changed = _run(send())
+    click.echo(json.dumps(changed.to_dict(), indent=2, ensure_ascii=False))
+
+
+@cli.command()
 @click.argument("session_ids", nargs=-1, required=True)
-def evict(session_ids: tuple[str, ...]) -> None:
-    """Publish tombstones: the sessions disappear from every view."""
+@_ALLOW_NON_COMPACTED
+def evict(session_ids: tuple[str, ...], allow_non_compacted: bool) -> None:
+    """Publish tombstones: the sessions disappear from every view.
+
+    A tombstone is written whether or not the session is present (evicting is idempotent,
+    like HTTP DELETE); the output says which sessions were absent. Exits 0 either way.
+    """
     try:
         ids = [parse_uuid(s, field="SESSION_ID") for s in session_ids]
     except ValidationError as exc:
         raise click.BadParameter(str(exc), param_hint="SESSION_ID") from None
 
     async def send() -> None:
-        from snapbus.publisher import SnapshotPublisher
-
-        async with SnapshotPublisher(_config()) as publisher:
+        async with _view() as view:
+            present = {session_id: session_id in view for session_id in ids}
+        async with _publisher(allow_non_compacted) as publisher:
             for session_id in ids:
                 receipt = await publisher.evict(session_id)
-                click.echo(f"evicted {session_id} at "
-                           f"{receipt.topic}[{receipt.partition}]@{receipt.offset}")
+                where = f"{receipt.topic}[{receipt.partition}]@{receipt.offset}"
+                if present[session_id]:
+                    click.echo(f"evicted {session_id} at {where}")
+                else:
+                    click.echo(f"absent {session_id} (was not there; tombstone written at "
+                               f"{where})")
 
     _run(send())
 
@@ -399,16 +640,32 @@ def _console(file: TextIO | None = None) -> Console:
     return console if console.is_terminal else Console(file=file, width=200)
 
 
+def _agent(snapshot: WorkspaceSnapshot) -> str:
+    """``name (id)``, or the id alone when no name was set."""
+    if snapshot.agent_name:
+        return f"{snapshot.agent_name} ({snapshot.agent_id})"
+    return snapshot.agent_id
+
+
+_SORT_KEYS: dict[str, Callable[[WorkspaceSnapshot], tuple[str, ...]]] = {
+    "session": lambda s: (s.key,),
+    "repo": lambda s: (s.repo_key, s.agent_id, s.key),
+    "agent": lambda s: (s.agent_id, s.key),
+    "state": lambda s: (s.state, s.key),
+}
+
+
 def _table(snapshots: list[WorkspaceSnapshot]) -> Table:
+    """Sessions in the given order; labels never break, only the intent is shortened."""
     table = Table(show_lines=False)
     for column in ("session_id", "repo_id"):
         table.add_column(column, no_wrap=True, min_width=36)
-    for column in ("agent", "state", "mode", "intent"):
-        table.add_column(column, overflow="fold")
-    for s in sorted(snapshots, key=lambda s: (str(s.repo_id), s.agent_id, str(s.session_id))):
+    for column in ("agent", "state", "mode"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("intent", no_wrap=True, overflow="ellipsis")
+    for s in snapshots:
         intent = s.intent if len(s.intent) <= 60 else s.intent[:57] + "..."
-        table.add_row(str(s.session_id), str(s.repo_id), f"{s.agent_name} ({s.agent_id})",
-                      s.state, s.mode, intent)
+        table.add_row(str(s.session_id), str(s.repo_id), _agent(s), s.state, s.mode, intent)
     return table
 
 
@@ -434,11 +691,16 @@ async def get(session_id: str) -> None:
 @click.option("--state", help="Only sessions in this state.")
 @click.option("--as-of", type=TIME,
               help="Show the sessions as they were at this time (replays the log).")
+@click.option("--sort", type=click.Choice(list(_SORT_KEYS)), default="session",
+              help="Order by session id, or by repo/agent/state then session id.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @_command
 async def list_sessions(repo_id: str | None, agent_id: str | None, state: str | None,
-                        as_of: datetime.datetime | None, as_json: bool) -> None:
-    """List the latest snapshot of every session, optionally filtered or as of a time."""
+                        as_of: datetime.datetime | None, sort: str, as_json: bool) -> None:
+    """List the latest snapshot of every session, optionally filtered or as of a time.
+
+    Table and JSON list the sessions in the same order (--sort; by session id unless told).
+    """
     if repo_id is not None:
         try:
             repo_id = str(parse_uuid(repo_id, field="--repo"))
@@ -454,6 +716,7 @@ async def list_sessions(repo_id: str | None, agent_id: str | None, state: str | 
     else:
         async with _view() as view:
             found = view.select(repo_id=repo_id, agent_id=agent_id, state=state)
+    found = sorted(found, key=_SORT_KEYS[sort])
     if as_json:
         click.echo(json.dumps([s.to_dict() for s in found], indent=2, ensure_ascii=False))
     else:
@@ -487,7 +750,7 @@ async def watch(as_json: bool, count: int | None) -> None:
                     now = change.new or change.old
                     assert now is not None
                     click.echo(f"{kind:8} {change.session_id} state={now.state} "
-                               f"agent={now.agent_name} repo={now.repo_id}")
+                               f"agent={_agent(now)} repo={now.repo_id}")
                 sys.stdout.flush()
                 seen += 1
                 if count is not None and seen >= count:
@@ -503,13 +766,21 @@ def _event_row(event: Any) -> tuple[str, ...]:
         return (when, f"{event.partition}@{event.offset}", str(event.session_id), "DELETED",
                 "", "")
     return (when, f"{event.partition}@{event.offset}", str(event.session_id), snapshot.state,
-            f"{snapshot.agent_name} ({snapshot.agent_id})", snapshot.intent[:50])
+            _agent(snapshot), snapshot.intent[:50])
+
+
+_EVENT_ORDERS: dict[str, Callable[[Any], tuple[Any, ...]]] = {
+    "time": lambda e: (e.timestamp_ms is None, e.timestamp_ms or 0, e.partition, e.offset),
+    "partition": lambda e: (e.partition, e.offset),
+}
 
 
 def _events_table(events: list[Any]) -> Table:
+    """Events as a table, in the order given; labels never break, the intent is cut."""
     table = Table()
-    for column in ("timestamp", "partition@offset", "session_id", "state", "agent", "intent"):
-        table.add_column(column, no_wrap=column in ("session_id", "timestamp"))
+    for column in ("timestamp", "partition@offset", "session_id", "state", "agent"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("intent", no_wrap=True, overflow="ellipsis")
     for event in events:
         table.add_row(*_event_row(event))
     return table
@@ -522,21 +793,34 @@ def _events_table(events: list[Any]) -> Table:
               help="Output format.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True),
               help="Write to this file instead of stdout.")
+@click.option("--sort", type=click.Choice(list(_EVENT_ORDERS)), default="time",
+              help="table: by record time (then partition, offset), or by partition and "
+                   "offset.")
 @click.option("--no-progress", is_flag=True, help="Do not show a progress bar on stderr.")
 def replay_command(since: datetime.datetime | None, until: datetime.datetime | None,
-                   fmt: str, output: str | None, no_progress: bool) -> None:
-    """Export the log's events between two times, in offset order per partition."""
+                   fmt: str, output: str | None, sort: str, no_progress: bool) -> None:
+    """Export the log's events between two times.
+
+    jsonl streams each partition in offset order (partitions interleaved as read; every
+    session's events stay in order, which is what `import` needs). table sorts (--sort).
+    """
     if since and until and since >= until:
         raise click.BadParameter("--since must be before --until", param_hint="--since")
     config = _config()
     with contextlib.ExitStack() as stack:
-        out = stack.enter_context(open(output, "w", encoding="utf-8")) if output else sys.stdout
-        count = _run(_replay_to(config, out, since, until, fmt, not no_progress))
+        try:
+            out = (stack.enter_context(open(output, "w", encoding="utf-8")) if output
+                   else sys.stdout)
+        except OSError as exc:
+            raise click.BadParameter(f"cannot write {output}: {exc.strerror}",
+                                     param_hint="'--output' / '-o'") from None
+        count = _run(_replay_to(config, out, since, until, fmt, not no_progress, sort))
     click.echo(f"{count} event(s)", err=True)
 
 
 async def _replay_to(config: KafkaConfig, out: TextIO, since: datetime.datetime | None,
-                     until: datetime.datetime | None, fmt: str, show_progress: bool) -> int:
+                     until: datetime.datetime | None, fmt: str, show_progress: bool,
+                     sort: str = "time") -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from snapbus.replay import replay, write_jsonl
@@ -552,7 +836,7 @@ async def _replay_to(config: KafkaConfig, out: TextIO, since: datetime.datetime 
 
         events = replay(config, since=since, until=until, progress=progress)
         if fmt == "table":
-            collected = [event async for event in events]
+            collected = sorted([event async for event in events], key=_EVENT_ORDERS[sort])
             _console(out).print(_events_table(collected))
             return len(collected)
         return await write_jsonl(events, out)
@@ -580,13 +864,48 @@ async def history_command(session_id: str, as_json: bool) -> None:
     _console().print(_events_table(events))
 
 
+_IMPORT_CHUNK = 1000
+"""Events published per round of an import (and per progress-bar step)."""
+
+
+def _export_event(line: str) -> tuple[uuid.UUID, WorkspaceSnapshot | None]:
+    """One line of a `snapbus replay` export: the session and its snapshot (None: deleted).
+
+    Raises:
+        ValueError: the line is not an export event (the message says what is wrong).
+    """
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"column {exc.colno}: not valid JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise TypeError(f"expected a JSON object, found {type(data).__name__}")
+    missing = [key for key in ("session_id", "snapshot") if key not in data]
+    if missing:
+        raise ValueError(f"not an export event: no {' or '.join(repr(k) for k in missing)} "
+                         "key (import reads the JSON Lines of `snapbus replay`; "
+                         "to publish plain snapshots use `snapbus publish --file`)")
+    session = parse_uuid(data["session_id"], field="session_id")
+    value = data["snapshot"]
+    if value is None:
+        return session, None
+    snapshot = WorkspaceSnapshot.from_dict(value)
+    if snapshot.session_id != session:
+        raise ValueError(f"session_id {session} differs from the snapshot's "
+                         f"{snapshot.session_id}")
+    return session, snapshot
+
+
 @cli.command("import")
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
-def import_command(source: str) -> None:
+@click.option("--no-progress", is_flag=True, help="Do not show a progress bar on stderr.")
+@_ALLOW_NON_COMPACTED
+def import_command(source: str, no_progress: bool, allow_non_compacted: bool) -> None:
     """Publish the events of a JSON Lines export (from `snapbus replay`) to the topic.
 
-    Snapshots are published and tombstones evict, in file order, so a view of the target
-    topic ends equal to the exported state.
+    Snapshots are published and tombstones evict, each session's events in file order, so
+    a view of the target topic ends equal to the exported state. The whole file is checked
+    before anything is published; an empty file is an error.
     """
     items: list[tuple[uuid.UUID, WorkspaceSnapshot | None]] = []
     with contextlib.ExitStack() as stack:
@@ -596,27 +915,48 @@ def import_command(source: str) -> None:
             if not line.strip():
                 continue
             try:
-                data = json.loads(line)
-                session = parse_uuid(data["session_id"], field="session_id")
-                value = data["snapshot"]
-                items.append((session, None if value is None
-                              else WorkspaceSnapshot.from_dict(value)))
-            except (ValueError, KeyError, TypeError) as exc:
+                items.append(_export_event(line))
+            except (ValueError, TypeError) as exc:
                 raise click.BadParameter(f"{source} line {number}: {exc}",
                                          param_hint="SOURCE") from None
-    _run(_import(_config(), items))
+    if not items:
+        raise click.BadParameter(f"{source} holds no events", param_hint="SOURCE")
+    _run(_import(_config(), items, show_progress=not no_progress,
+                 allow_non_compacted=allow_non_compacted))
 
 
-async def _import(config: KafkaConfig,
-                  items: list[tuple[uuid.UUID, WorkspaceSnapshot | None]]) -> None:
+async def _import(config: KafkaConfig, items: list[tuple[uuid.UUID, WorkspaceSnapshot | None]],
+                  *, show_progress: bool = False, allow_non_compacted: bool = False) -> None:
+    """Publish in rounds: each run of snapshots in one pipelined batch, tombstones together.
+
+    Rounds follow file order, so a session's records keep their order.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
     from snapbus.publisher import SnapshotPublisher
 
-    async with SnapshotPublisher(config) as publisher:
-        for session, snapshot in items:
-            if snapshot is None:
-                await publisher.evict(session)
-            else:
-                await publisher.publish(snapshot)
+    stderr = Console(stderr=True)
+    async with SnapshotPublisher(config, allow_non_compacted=allow_non_compacted) as publisher:
+        with Progress("[progress.description]{task.description}", BarColumn(),
+                      MofNCompleteColumn(), TimeElapsedColumn(), console=stderr,
+                      disable=not (show_progress and stderr.is_terminal),
+                      transient=True) as bar:
+            task = bar.add_task(f"importing into {config.topic}", total=len(items))
+            start = 0
+            while start < len(items):
+                deleting = items[start][1] is None
+                end = start
+                while (end < len(items) and end - start < _IMPORT_CHUNK
+                       and (items[end][1] is None) == deleting):
+                    end += 1
+                if deleting:
+                    await asyncio.gather(*(publisher.evict(session)
+                                           for session, _ in items[start:end]))
+                else:
+                    await publisher.publish_many(
+                        snapshot for _, snapshot in items[start:end] if snapshot is not None)
+                bar.update(task, completed=end)
+                start = end
     click.echo(f"imported {len(items)} event(s) into {config.topic}")
 
 
@@ -716,7 +1056,8 @@ def serve(host: str, port: int, allow_writes: bool, ttl_s: float | None, janitor
 
         configure_logging(json=True, level=logging.getLogger().level)
 
-    def listening(url: str) -> None:
+    def ready(url: str) -> None:
+        # announced once the view is live: a failure to start is the only output
         mode = "read-write" if allow_writes else "read-only"
         mode += ", bearer token required" if token is not None else ""
         click.echo(f"serving {url} ({mode}); Ctrl-C to stop")
@@ -724,7 +1065,7 @@ def serve(host: str, port: int, allow_writes: bool, ttl_s: float | None, janitor
 
     _run(run_server(_config(), host=host, port=port, allow_writes=allow_writes, ttl_s=ttl_s,
                     janitor=janitor, janitor_interval_s=janitor_interval,
-                    fetch_max_wait_ms=fetch_max_wait_ms, on_listening=listening, token=token,
+                    fetch_max_wait_ms=fetch_max_wait_ms, on_ready=ready, token=token,
                     tls_certfile=tls_cert, tls_keyfile=tls_key))
 
 

@@ -17,13 +17,17 @@ builds the same ASGI application (Starlette) around a view the caller already ru
 ``GET /metrics``            Prometheus metrics (`snapbus.metrics`)
 ``GET /healthz``            200 unless the view failed or stopped (503); the `Health` as JSON
 ``GET /readyz``             200 only while the view is caught up and live, else 503; same JSON
-``PUT /sessions/{id}``      writes only: publish the JSON body (the snapshot fields;
-                            ``session_id`` may be omitted, else must equal the path), wait
+``PUT /sessions/{id}``      writes only: publish the JSON body (the snapshot fields, with the
+                            defaults of `WorkspaceSnapshot.from_input`; ``session_id`` may
+                            be omitted, else must equal the path), wait
                             until this view shows it, answer ``{"snapshot", "receipt"}``;
                             400 for a body that is not JSON, 422 for invalid fields, 503 if
                             the broker did not acknowledge, 504 if the view did not show it
+``PATCH /sessions/{id}``    writes only: change some fields of a session the view holds (404
+                            if absent), the others keep their values; answers like PUT
 ``DELETE /sessions/{id}``   writes only: publish a tombstone, wait until the view applied it,
-                            answer ``{"deleted": was_present, "receipt"}``
+                            answer ``{"deleted": was_present, "receipt"}``: idempotent,
+                            200 also for an absent session (``snapbus evict`` alike)
 ==========================  ====================================================================
 
 Writes are off unless a publisher is given (``--allow-writes``); without one, PUT and DELETE
@@ -255,16 +259,17 @@ class _Service:
 
     async def session(self, request: Request) -> Response:
         method = request.method
-        if method in ("PUT", "DELETE") and self.publisher is None:
+        if method in ("PUT", "PATCH", "DELETE") and self.publisher is None:
             return _error(405, "writes are disabled on this server; start it with "
-                               "`snapbus serve --allow-writes` to PUT or DELETE sessions",
+                               "`snapbus serve --allow-writes` to PUT, PATCH or DELETE "
+                               "sessions",
                           headers={"Allow": "GET, HEAD"})
         try:
             session_id = parse_uuid(request.path_params["session_id"], field="session_id")
         except ValidationError as exc:
             return _error(400, str(exc), field=exc.field)
-        if method == "PUT":
-            return await self._put(request, session_id)
+        if method in ("PUT", "PATCH"):
+            return await self._put(request, session_id, patch=method == "PATCH")
         if method == "DELETE":
             return await self._delete(session_id)
         snapshot = self.view.get(session_id)
@@ -346,7 +351,8 @@ class _Service:
 
     # ------------------------------------------------------------------ writes
 
-    async def _put(self, request: Request, session_id: uuid.UUID) -> Response:
+    async def _put(self, request: Request, session_id: uuid.UUID, *,
+                   patch: bool = False) -> Response:
         assert self.publisher is not None
         body = bytearray()
         async for chunk in request.stream():
@@ -369,8 +375,17 @@ class _Service:
                 return _error(422, f"session_id in the body ({given}) differs from the one "
                                    f"in the path ({session_id}); omit it or make them equal",
                               field="session_id")
+        base: dict[str, Any] = {}
+        if patch:
+            current = self.view.get(session_id)
+            if current is None:
+                return _error(404, f"session {session_id} is not in the view of topic "
+                                   f"{self.view.config.topic!r}; PATCH changes existing "
+                                   "sessions (PUT creates one)")
+            base = current.to_dict()
         try:
-            snapshot = WorkspaceSnapshot.from_dict({**data, "session_id": str(session_id)})
+            snapshot = WorkspaceSnapshot.from_input(
+                {**base, **data, "session_id": str(session_id)})
             receipt = await self.publisher.publish(snapshot)
         except ValidationError as exc:
             return _error(422, str(exc), field=exc.field)
@@ -445,7 +460,7 @@ def create_app(
         routes=[
             Route("/sessions", guard(service.sessions), methods=["GET"]),
             Route("/sessions/{session_id}", guard(service.session),
-                  methods=["GET", "PUT", "DELETE"]),
+                  methods=["GET", "PUT", "PATCH", "DELETE"]),
             Route("/changes", guard(service.changes), methods=["GET"]),
             Route("/metrics", service.metrics, methods=["GET"]),
             Route("/healthz", service.healthz, methods=["GET"]),
@@ -584,6 +599,7 @@ async def run_server(
     janitor_interval_s: float = 30.0,
     fetch_max_wait_ms: int = 100,
     on_listening: Callable[[str], None] | None = None,
+    on_ready: Callable[[str], None] | None = None,
     token: str | None = None,
     tls_certfile: str | os.PathLike[str] | None = None,
     tls_keyfile: str | os.PathLike[str] | None = None,
@@ -596,6 +612,7 @@ async def run_server(
 
     Args:
         on_listening: called with the base URL once the server listens.
+        on_ready: called with the base URL once the view has replayed the topic and is live.
         token: the bearer token every ``/sessions`` and ``/changes`` request must carry
             (`read_token` reads it); without one, writes are refused beyond loopback and
             reads there are served with a warning logged.
@@ -647,6 +664,8 @@ async def run_server(
                 if not starting.done():  # stopped during the initial replay
                     return
                 starting.result()  # raises why the view could not start
+                if on_ready is not None:
+                    on_ready(url)
                 if janitor and publisher is not None:
                     await stack.enter_async_context(
                         Janitor(view, publisher, interval_s=janitor_interval_s))

@@ -23,7 +23,8 @@ from typing import Any, NoReturn
 
 from snapbus.errors import ValidationError
 
-__all__ = ["FIELDS", "ID_FIELDS", "TEXT_FIELDS", "WorkspaceSnapshot", "parse_uuid"]
+__all__ = ["FIELDS", "ID_FIELDS", "INPUT_DEFAULTS", "TEXT_FIELDS", "WorkspaceSnapshot",
+           "parse_uuid"]
 
 ID_FIELDS: tuple[str, ...] = ("session_id", "repo_id", "changeset_id")
 """The fields holding UUIDs."""
@@ -50,6 +51,17 @@ FIELDS: tuple[str, ...] = (
     "mode",
 )
 """Every field, in schema order."""
+
+INPUT_DEFAULTS: dict[str, str] = {
+    "agent_name": "",
+    "intent": "",
+    "base_commit": "",
+    "state": "active",
+    "mode": "ephemeral",
+}
+"""What `WorkspaceSnapshot.from_input` fills in for an omitted field (the ids get new UUIDs)."""
+
+_NON_EMPTY_INPUT = ("agent_id", "state", "mode")
 
 _UUID_RE = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{32}"
@@ -276,6 +288,31 @@ class WorkspaceSnapshot:
         return self
 
     # conversions
+
+    @classmethod
+    def from_input(cls, data: Mapping[str, Any]) -> WorkspaceSnapshot:
+        """Build a snapshot from what a user typed: the one rule of every entry point.
+
+        The command line's flags, its JSON input and the sidecar's PUT all come here.
+        ``repo_id`` and ``agent_id`` are required; an omitted ``session_id`` or
+        ``changeset_id`` gets a new UUID, any other omitted field its `INPUT_DEFAULTS` value.
+        ``agent_id``, ``state`` and ``mode`` must not be blank. (Records read from the topic
+        are not held to this: a reader keeps whatever other writers published.)
+
+        Raises:
+            ValidationError: a field is missing, unknown, blank or invalid (the error names it).
+        """
+        if not isinstance(data, Mapping):
+            raise ValidationError(f"a snapshot must be a mapping, not {type(data).__name__}")
+        missing = [name for name in ("repo_id", "agent_id") if data.get(name) is None]
+        if missing:
+            raise ValidationError(f"missing field(s): {', '.join(missing)}", field=missing[0])
+        values = {"session_id": uuid.uuid4(), "changeset_id": uuid.uuid4(), **INPUT_DEFAULTS,
+                  **data}
+        for name in _NON_EMPTY_INPUT:
+            if isinstance(values[name], str) and not values[name].strip():
+                raise ValidationError(f"{name} is empty", field=name)
+        return cls.from_dict(values)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WorkspaceSnapshot:
