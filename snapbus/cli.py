@@ -361,10 +361,29 @@ def demo(pods: int, duration: float, rate: float, fetch_max_wait_ms: int,
         ctx = click.get_current_context().find_root()
         explicit = ctx.get_parameter_source("topic") is not click.core.ParameterSource.DEFAULT
         config = _config() if explicit else _config(topic=DEMO_TOPIC)
+    click.echo(f"The {pods} pods are simulated in this one process: each is a publisher and "
+               "a SnapshotView, talking to the broker as real pods would.")
     result = _run(run_demo(config, pods=pods, duration_s=duration, rate=rate,
                            fetch_max_wait_ms=fetch_max_wait_ms, seed=seed))
     if not result.converged:
         raise click.ClickException("the views did not converge")
+    click.echo(_demo_next_steps(config))
+
+
+def _demo_next_steps(config: KafkaConfig | None) -> str:
+    """What to type after the demo: the broker and topic it used, or how to get one."""
+    if config is None:
+        return ("\nThe embedded broker stopped with the demo. Next, keep one running and look "
+                "around:\n"
+                "  snapbus broker                 # in one terminal; it prints the export line\n"
+                "  export SNAPBUS_BOOTSTRAP_SERVERS=127.0.0.1:PORT\n"
+                "  snapbus demo                   # sessions stay, on topic snapbus.demo\n"
+                "  snapbus -t snapbus.demo ls     # then: watch, get ID, serve")
+    where = f"-b {config.bootstrap_servers} -t {config.topic}"
+    return ("\nNext, look at the sessions the demo left:\n"
+            f"  snapbus {where} ls\n"
+            f"  snapbus {where} watch          # live changes (run the demo again)\n"
+            f"  snapbus {where} serve          # the HTTP sidecar on :8080")
 
 
 # ---------------------------------------------------------------------------- topic
@@ -660,13 +679,34 @@ def _table(snapshots: list[WorkspaceSnapshot]) -> Table:
     table = Table(show_lines=False)
     for column in ("session_id", "repo_id"):
         table.add_column(column, no_wrap=True, min_width=36)
-    for column in ("agent", "state", "mode"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("intent", no_wrap=True, overflow="ellipsis")
-    for s in snapshots:
-        intent = s.intent if len(s.intent) <= 60 else s.intent[:57] + "..."
-        table.add_row(str(s.session_id), str(s.repo_id), _agent(s), s.state, s.mode, intent)
+    rows = [(str(s.session_id), str(s.repo_id), _agent(s), s.state, s.mode,
+             s.intent if len(s.intent) <= 60 else s.intent[:57] + "...") for s in snapshots]
+    for index, column in enumerate(("agent", "state", "mode"), 2):
+        table.add_column(column, no_wrap=True, min_width=_widest(column, rows, index))
+    table.add_column("intent", no_wrap=True, overflow="ellipsis", ratio=1)
+    for row in rows:
+        table.add_row(*row)
     return table
+
+
+def _print_table(console: Console, table: Table) -> None:
+    """Print a table without breaking a word: ids and labels are never cut or wrapped; the
+    intent column gives way first, and when even the rest is wider than the console the
+    lines run past its edge (as kubectl's do) instead."""
+    # each column: its minimum (the intent at least 10), one space of padding each side and
+    # one border line
+    needed = sum((column.min_width or 10) + 3 for column in table.columns) + 1
+    width = console.width
+    console.width = max(width, needed)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
+def _widest(header: str, rows: list[tuple[str, ...]], index: int, cap: int = 40) -> int:
+    """The width a label column needs so that no value is cut (up to `cap`)."""
+    return min(cap, max([len(header), *(len(row[index]) for row in rows)]))
 
 
 @cli.command()
@@ -721,7 +761,7 @@ async def list_sessions(repo_id: str | None, agent_id: str | None, state: str | 
         click.echo(json.dumps([s.to_dict() for s in found], indent=2, ensure_ascii=False))
     else:
         console = _console()
-        console.print(_table(found))
+        _print_table(console, _table(found))
         console.print(f"{len(found)} session(s)")
 
 
@@ -770,7 +810,7 @@ def _event_row(event: Any) -> tuple[str, ...]:
 
 
 _EVENT_ORDERS: dict[str, Callable[[Any], tuple[Any, ...]]] = {
-    "time": lambda e: (e.timestamp_ms is None, e.timestamp_ms or 0, e.partition, e.offset),
+    "time": lambda e: (e.timestamp_ms < 0, e.timestamp_ms, e.partition, e.offset),
     "partition": lambda e: (e.partition, e.offset),
 }
 
@@ -778,11 +818,13 @@ _EVENT_ORDERS: dict[str, Callable[[Any], tuple[Any, ...]]] = {
 def _events_table(events: list[Any]) -> Table:
     """Events as a table, in the order given; labels never break, the intent is cut."""
     table = Table()
-    for column in ("timestamp", "partition@offset", "session_id", "state", "agent"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("intent", no_wrap=True, overflow="ellipsis")
-    for event in events:
-        table.add_row(*_event_row(event))
+    rows = [_event_row(event) for event in events]
+    for index, column in enumerate(("timestamp", "partition@offset", "session_id", "state",
+                                    "agent")):
+        table.add_column(column, no_wrap=True, min_width=_widest(column, rows, index))
+    table.add_column("intent", no_wrap=True, overflow="ellipsis", ratio=1)
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
@@ -837,7 +879,7 @@ async def _replay_to(config: KafkaConfig, out: TextIO, since: datetime.datetime 
         events = replay(config, since=since, until=until, progress=progress)
         if fmt == "table":
             collected = sorted([event async for event in events], key=_EVENT_ORDERS[sort])
-            _console(out).print(_events_table(collected))
+            _print_table(_console(out), _events_table(collected))
             return len(collected)
         return await write_jsonl(events, out)
 
@@ -861,7 +903,7 @@ async def history_command(session_id: str, as_json: bool) -> None:
         for event in events:
             click.echo(json.dumps(event_to_json(event), ensure_ascii=False))
         return
-    _console().print(_events_table(events))
+    _print_table(_console(), _events_table(events))
 
 
 _IMPORT_CHUNK = 1000

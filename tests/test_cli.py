@@ -95,7 +95,7 @@ def test_bad_input_is_one_clear_line(base: list[str]) -> None:
 
     result = run(*base, "publish", "--json", "-", input="{not json")
     assert result.exit_code == 2
-    assert "not JSON" in result.stderr
+    assert "not valid JSON" in result.stderr
 
     result = run(*base, "publish", "--agent-id", "x")
     assert result.exit_code == 2
