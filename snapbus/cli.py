@@ -17,7 +17,7 @@ import logging
 import re
 import sys
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
@@ -704,7 +704,7 @@ def _print_table(console: Console, table: Table) -> None:
         console.width = width
 
 
-def _widest(header: str, rows: list[tuple[str, ...]], index: int, cap: int = 40) -> int:
+def _widest(header: str, rows: Sequence[tuple[str, ...]], index: int, cap: int = 40) -> int:
     """The width a label column needs so that no value is cut (up to `cap`)."""
     return min(cap, max([len(header), *(len(row[index]) for row in rows)]))
 
@@ -1049,7 +1049,7 @@ class _Refused(click.ClickException):
 @click.option("--port", type=click.IntRange(0, 65535), default=8080,
               help="Port to listen on (0: a free one).")
 @click.option("--allow-writes", is_flag=True,
-              help="Enable PUT and DELETE /sessions/{id} (default: read-only).")
+              help="Enable PUT, PATCH and DELETE /sessions/{id} (default: read-only).")
 @click.option("--ttl", "ttl_s", type=click.FloatRange(0, min_open=True),
               help="Hide sessions whose latest record is older than this many seconds.")
 @click.option("--janitor", is_flag=True,
@@ -1074,8 +1074,9 @@ def serve(host: str, port: int, allow_writes: bool, ttl_s: float | None, janitor
     """Serve the sessions over HTTP for pods that do not run Python, until Ctrl-C.
 
     GET /sessions/{id}, /sessions?repo=&agent=&state=, /changes (server-sent events),
-    /metrics (Prometheus), /healthz and /readyz; with --allow-writes also PUT and DELETE
-    /sessions/{id}. Needs the extra snapbus[serve].
+    /metrics (Prometheus), /healthz and /readyz; with --allow-writes also PUT, PATCH and
+    DELETE /sessions/{id}. Prints `serving URL` once the view is live. Needs the extra
+    snapbus[serve].
 
     With a token, every /sessions and /changes request needs it. Without one, --allow-writes
     beyond loopback is refused, and reads beyond loopback are served with a warning.
