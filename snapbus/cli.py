@@ -158,6 +158,9 @@ def _hoist_global_options(group: click.Group, args: list[str]) -> list[str]:
             break
         own_name = _option_name(token, own)
         global_name = None if own_name else _option_name(token, globals_)
+        if global_name and globals_[global_name] and token == global_name \
+                and index == len(args):
+            raise click.UsageError(f"Option '{token}' requires an argument.")
         target = moved if global_name else rest
         target.append(token)
         name = own_name or global_name
@@ -183,6 +186,11 @@ class _Group(click.Group):
         try:
             result = super().main(_hoist_global_options(self, argv), prog_name, complete_var,
                                   standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            if not standalone_mode:
+                raise
+            exc.show()  # a bare group: its help, as click prints it
+            sys.exit(exc.exit_code)
         except click.ClickException as exc:
             if not standalone_mode:
                 raise

@@ -331,9 +331,27 @@ def test_global_flags_after_the_command(base: list[str]) -> None:
     assert json.loads(got.output)["session_id"] == session
     listed = run("ls", f"--topic={topic}", "--json", f"-b{bootstrap}")
     assert [s["session_id"] for s in json.loads(listed.output)] == [session]
-    # an option the command has itself keeps its own meaning (serve's --port, not a global)
+    one_line_error(run("ls", "-b"), 2, "'-b' requires an argument")
     one_line_error(run("topic", "describe", "-t", "bad topic!", "-b", bootstrap), 2,
                    "invalid topic name")
+
+
+def test_a_command_option_named_like_a_global_one_keeps_its_meaning() -> None:
+    import click
+
+    @click.group()
+    @click.option("-t", "--topic")
+    def root(topic: str | None) -> None: ...
+
+    @root.command()
+    @click.option("-t", "--tag")
+    @click.option("--name")
+    def sub(tag: str | None, name: str | None) -> None: ...
+
+    hoist = cli_module._hoist_global_options
+    assert hoist(root, ["sub", "-t", "x", "--topic", "T", "--name", "--topic"]) == \
+        ["--topic", "T", "sub", "-t", "x", "--name", "--topic"]
+    assert hoist(root, ["sub", "--", "--topic", "T"]) == ["sub", "--", "--topic", "T"]
 
 
 # ---------------------------------------------------------------------------- item 13, 15
