@@ -306,7 +306,7 @@ class SnapshotPublisher(AsyncLifecycle):
     def _too_large(self, snapshot: WorkspaceSnapshot, size: int) -> NoReturn:
         raise ValidationError(
             f"snapshot {snapshot.session_id} encodes to {size} bytes, over the "
-            f"{self._max_value_bytes}-byte limit ; shorten the intent",
+            f"{self._max_value_bytes}-byte limit; shorten the intent",
             field="intent",
         )
 
