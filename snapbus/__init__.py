@@ -13,7 +13,9 @@ from snapbus.codec import decode, decode_key, encode, encode_key
 from snapbus.config import KafkaConfig
 from snapbus.errors import (
     BrokerError,
+    CheckpointError,
     ConfigError,
+    CorruptBatchError,
     DecodeError,
     KafkaAuthenticationError,
     KafkaUnavailableError,
@@ -38,7 +40,9 @@ __all__ = [
     "BrokerError",
     "Change",
     "ChangeStream",
+    "CheckpointError",
     "ConfigError",
+    "CorruptBatchError",
     "DecodeError",
     "Event",
     "Health",

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import gc
 import json
 import marshal
@@ -42,7 +43,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from snapbus.errors import SnapbusError
+from snapbus.errors import CheckpointError
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "dumps", "read_checkpoint",
            "read_offsets", "write_checkpoint", "write_file"]
@@ -59,10 +60,6 @@ Session = bytes | tuple[str, ...]
 schema order."""
 Index = dict[str, "list[str] | set[str]"]
 """An index: indexed value -> the keys of the sessions having it."""
-
-
-class CheckpointError(SnapbusError):
-    """A checkpoint file is missing, corrupt, foreign or of another format version."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -116,20 +113,39 @@ def dumps(checkpoint: Checkpoint) -> bytes:
 
 
 def write_file(path: str | Path, data: bytes) -> int:
-    """Write `data` to `path` atomically (temporary file, fsync, rename); return its size."""
+    """Write `data` to `path` atomically (temporary file, fsync, rename); return its size.
+
+    Raises:
+        CheckpointError: the file cannot be written (retriable when the cause may pass: a
+            full disk or quota, an I/O error); any previous file is left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _write_error(path, exc) from exc
         raise
     return len(data)
+
+
+_PASSING = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.EINTR}
+"""Write errors that may pass by themselves (trying again later can succeed)."""
+
+
+def _write_error(path: Path, exc: OSError) -> CheckpointError:
+    return CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}",
+                           retriable=exc.errno in _PASSING)
 
 
 def read_offsets(path: str | Path, *, topic: str, partitions: int) -> dict[int, int] | None:

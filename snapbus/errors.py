@@ -8,15 +8,22 @@
     ├── SchemaError              a schema file is invalid, or a candidate schema is incompatible
     ├── ConfigError              a setting is missing or malformed
     ├── BrokerError              the embedded broker could not start or died
-    ├── KafkaUnavailableError    the Kafka cluster could not be reached in time (retriable)
-    │   └── KafkaAuthenticationError  reached, but SASL or TLS authentication failed (not
-    │                                 retriable: fix the credentials or certificates)
+    ├── KafkaUnavailableError    the Kafka cluster could not be reached in time, or could not
+    │   │                        serve a request (retriable unless the broker said otherwise)
+    │   └── KafkaAuthenticationError  reached, but it refused this client: SASL or TLS
+    │                                 authentication failed, or an ACL denies the request (not
+    │                                 retriable: fix the credentials, certificates or ACLs)
     ├── TopicError               the topic is missing or not compacted
-    ├── PublishError             a publish was not acknowledged (retriable unless said otherwise)
-    └── ViewError                the view is closed, failed, or was used before it started
+    ├── CorruptBatchError        a record batch of the topic fails its CRC check on every fetch
+    ├── PublishError             a publish was not acknowledged (retriable unless said otherwise),
+    │                            or the publisher is not started (not retriable)
+    ├── ViewError                the view is closed, failed, or was used before it started
+    └── CheckpointError          a checkpoint file is missing, corrupt or foreign
 
-Every error carries a message saying what went wrong and what to do, and a ``retriable`` hint:
-``True`` when trying the same call again later can succeed.
+Every error carries a one-line message saying what went wrong and what to do, and a
+``retriable`` hint: ``True`` when trying the same call again later can succeed. Errors from
+aiokafka are translated in one place (``snapbus._kafka.translate``); docs/errors.md has the
+table.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from typing import Literal
 
 __all__ = [
     "BrokerError",
+    "CheckpointError",
     "ConfigError",
+    "CorruptBatchError",
     "DecodeError",
     "DecodeReason",
     "KafkaAuthenticationError",
@@ -44,6 +53,11 @@ class SnapbusError(Exception):
 
     retriable: bool = False
     """Whether trying the same call again later can succeed."""
+
+    def __init__(self, message: str = "", *, retriable: bool | None = None) -> None:
+        super().__init__(message)
+        if retriable is not None:
+            self.retriable = retriable
 
 
 class ValidationError(SnapbusError, ValueError):
@@ -94,14 +108,17 @@ class BrokerError(SnapbusError):
 
 
 class KafkaUnavailableError(SnapbusError):
-    """The Kafka cluster could not be reached within the configured time."""
+    """The Kafka cluster could not be reached within the configured time, or could not serve
+    a request (a broker error): retriable unless the broker's answer says it will not change
+    (an unsupported version, say)."""
 
     retriable = True
 
 
 class KafkaAuthenticationError(KafkaUnavailableError):
     """The cluster answered but refused this client: SASL authentication failed, the broker's
-    certificate did not verify, or the broker wants a client certificate it did not get.
+    certificate did not verify, the broker wants a client certificate it did not get, or an
+    ACL does not authorize the request.
 
     Not retriable: the same settings fail again. The message names the cause and the setting
     to fix, never the password.
@@ -114,11 +131,35 @@ class TopicError(SnapbusError):
     """The topic is missing, or exists with a configuration snapbus refuses (not compacted)."""
 
 
+class CorruptBatchError(SnapbusError):
+    """A record batch of the topic failed its CRC check (or did not parse) on several fetches
+    in a row: the broker's copy is damaged.
+
+    Not retriable. Nothing is skipped: every record before the batch was returned, nothing at
+    or after it in that partition is, until the broker serves an intact copy (see
+    docs/errors.md). `topic`, `partition` and `offset` name the batch's first record wanted.
+    """
+
+    def __init__(self, message: str, *, topic: str, partition: int, offset: int) -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+
+
 class PublishError(SnapbusError):
-    """A record was not acknowledged by the broker in time; it may or may not be stored."""
+    """A record was not acknowledged by the broker in time; it may or may not be stored.
+
+    Retriable, unless the broker refused it for good (too large, say) or the publisher is not
+    started (or was stopped): then ``retriable`` is False.
+    """
 
     retriable = True
 
 
 class ViewError(SnapbusError):
     """The view cannot answer: it was closed, it failed, or it was never started."""
+
+
+class CheckpointError(SnapbusError):
+    """A checkpoint file is missing, corrupt, foreign or of another format version."""

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import logging
 import struct
 import time
 import uuid
@@ -45,18 +46,20 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.client import ConnectionGroup
-from aiokafka.errors import ConsumerStoppedError, CorruptRecordException, KafkaError
+from aiokafka.errors import ConsumerStoppedError, KafkaError
 from aiokafka.protocol.fetch import FetchRequest
 
 from snapbus._kafka import start_client
 from snapbus.codec import Codec, decode_key_text
 from snapbus.config import KafkaConfig
-from snapbus.errors import ConfigError, KafkaUnavailableError, TopicError
+from snapbus.errors import ConfigError, CorruptBatchError, KafkaUnavailableError, TopicError
 from snapbus.snapshot import WorkspaceSnapshot
 
 __all__ = [
     "BarrierProbe", "Event", "PartitionReader", "Record", "decode_record", "decode_value",
 ]
+
+log = logging.getLogger("snapbus.reader")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -166,6 +169,12 @@ _HOLE_CONFIRM_S = 0.25
 _HOLE_RETRY_S = 0.02
 """How long a partition held at a gap rests before it is fetched again (no re-fetch spin)."""
 
+_CORRUPT_ATTEMPTS = 3
+"""Fetches in a row of one unreadable batch before `read` raises `CorruptBatchError`."""
+
+_CORRUPT_RETRY_S = 0.1
+"""Rest before an unreadable batch is fetched again (doubled at each further failure)."""
+
 _QUICK_READ_MS = 5
 """How long a read waits for records while the log ends are not all known yet."""
 
@@ -236,6 +245,9 @@ class PartitionReader:
         self._held: dict[int, float] = {}  # partition paused at a gap -> when to fetch it again
         self._short: dict[int, int | None] = {}  # log end below position: first fetch stamp
         self._skipped: dict[int, list[int]] = {}  # offsets the last read skipped (markers, aborted)
+        self._unreadable: dict[int, tuple[int, int]] = {}  # partition -> (bad batch, failures)
+        self.corrupt_fetches = 0
+        """Fetched batches that could not be read (CRC mismatch) and were fetched again."""
 
     @property
     def _consumer(self) -> AIOKafkaConsumer:
@@ -331,9 +343,10 @@ class PartitionReader:
         if self._held:
             timeout_ms = min(timeout_ms, self._release_held())
         batches: dict[int, list[Record]]
+        failed: dict[int, tuple[int, str]] = {}
         if self._raw:
             batches = await _read_raw(consumer, timeout_ms / 1000, self._max_records,
-                                      self._skipped)
+                                      self._skipped, failed)
         else:
             fetched = await consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_records)
             batches = {tp.partition: records for tp, records in fetched.items()}
@@ -352,7 +365,36 @@ class PartitionReader:
                 end = self.stable_end(p)
                 if end is not None:
                     self.end_targets[p] = end
+        for p, (offset, _error) in list(self._unreadable.items()):
+            if self.positions[p] > offset:
+                del self._unreadable[p]  # (read past it at last: it was transient)
+        if failed:
+            self._retry_unreadable(failed)
         return batches
+
+    def _retry_unreadable(self, failed: dict[int, tuple[int, str]]) -> None:
+        """Count each batch that could not be read; fetch it again after a rest, or raise
+        `CorruptBatchError` once it failed `_CORRUPT_ATTEMPTS` fetches in a row."""
+        now = time.monotonic()
+        topic = self.config.topic
+        for p, (offset, reason) in failed.items():
+            self.corrupt_fetches += 1
+            last, count = self._unreadable.get(p, (offset, 0))
+            count = count + 1 if last == offset else 1
+            self._unreadable[p] = (offset, count)
+            if count >= _CORRUPT_ATTEMPTS:
+                raise CorruptBatchError(
+                    f"the record batch at offset {offset} of {topic}[{p}] failed {count} "
+                    f"fetches in a row ({reason}); the broker's copy is damaged: nothing after "
+                    "it is read until it is repaired (see docs/errors.md)",
+                    topic=topic, partition=p, offset=offset)
+            log.warning("the record batch at offset %d of %s[%d] cannot be read (%s); "
+                        "fetching it again (attempt %d of %d)", offset, topic, p, reason,
+                        count + 1, _CORRUPT_ATTEMPTS,
+                        extra={"topic": topic, "partition": p, "offset": offset})
+            tp = self._tps[p]
+            self._consumer.pause(tp)  # (its position is at the batch: resumed, it refetches)
+            self._held[p] = now + _CORRUPT_RETRY_S * 2 ** (count - 1)
 
     def _release_held(self) -> int:
         """Fetch again the partitions held at a gap whose rest is over; return the ms until the
@@ -588,18 +630,20 @@ def _raw_fetch_supported(consumer: AIOKafkaConsumer) -> bool:
 
 
 async def _read_raw(consumer: AIOKafkaConsumer, timeout_s: float, max_records: int | None,
-                    skipped: dict[int, list[int]]) -> dict[int, list[Record]]:
+                    skipped: dict[int, list[int]],
+                    failed: dict[int, tuple[int, str]]) -> dict[int, list[Record]]:
     """`getmany` without building a `ConsumerRecord` per record: wait up to `timeout_s` for
-    fetched data, then take whole fetched partitions until `max_records` is passed."""
+    fetched data, then take whole fetched partitions until `max_records` is passed (or a
+    batch could not be read: see `_drain`)."""
     if consumer._closed:
         raise ConsumerStoppedError()
     fetcher = consumer._fetcher
     deadline = time.monotonic() + timeout_s
     while True:
         with consumer._subscription.fetch_context():
-            drained = _drain(fetcher, max_records, skipped)
+            drained = _drain(fetcher, max_records, failed, skipped)
         remaining = deadline - time.monotonic()
-        if drained or remaining <= 0:
+        if drained or failed or remaining <= 0:
             return drained
         waiter = fetcher._create_fetch_waiter()
         done, pending = await asyncio.wait([waiter], timeout=remaining)
@@ -610,12 +654,20 @@ async def _read_raw(consumer: AIOKafkaConsumer, timeout_s: float, max_records: i
         waiter.result()  # raises what the fetcher failed with (authorization errors)
 
 
-def _drain(fetcher: Any, max_records: int | None,
+def _drain(fetcher: Any, max_records: int | None, failed: dict[int, tuple[int, str]],
            skipped: dict[int, list[int]] | None = None) -> dict[int, list[Record]]:
     """Take the buffered fetch results, as `Fetcher.fetched_records` does, keeping the
     batches' own record objects (see `_batch_records`). The offsets of the records it skips
     (transaction markers, aborted transactions) go to `skipped` (partition -> offsets): they
-    are no gap."""
+    are no gap.
+
+    Nothing is ever lost: a partition's position moves only past records that are returned.
+    A batch that cannot be read (a CRC mismatch, a batch that does not parse) ends its
+    partition's records just before it; the position stays at its first offset still wanted,
+    the buffered rest is dropped, so the next fetch of the partition starts there again, and
+    (partition -> (that offset, why)) goes to `failed`. A fetch error (aiokafka's
+    `FetchError`) is raised when nothing was taken yet, else left for the next call.
+    """
     drained: dict[int, list[Record]] = {}
     committed = fetcher._isolation_level == _READ_COMMITTED
     taken = 0
@@ -631,7 +683,7 @@ def _drain(fetcher: Any, max_records: int | None,
             fetcher._notify(fetcher._wait_consume_future)
             continue
         partition_records = result._partition_records
-        records, next_offset = _batch_records(
+        records, next_offset, failure = _batch_records(
             tp, partition_records._records, partition_records.next_fetch_offset,
             partition_records._aborted_transactions if committed else None,
             partition_records._check_crcs,
@@ -644,8 +696,10 @@ def _drain(fetcher: Any, max_records: int | None,
         if records:
             drained[tp.partition] = records
             taken += len(records)
-            if max_records is not None and taken >= max_records:
-                break
+        if failure is not None:
+            failed[tp.partition] = failure
+        if max_records is not None and taken >= max_records:
+            break
     return drained
 
 
@@ -653,46 +707,59 @@ def _batch_records(
     tp: TopicPartition, memory: Any, next_offset: int,
     aborted_transactions: Sequence[tuple[int, int]] | None, check_crcs: bool,
     skipped: list[int] | None = None,
-) -> tuple[list[Record], int]:
+) -> tuple[list[Record], int, tuple[int, str] | None]:
     """The records of one fetched partition's batches (aiokafka `MemoryRecords`) from
-    `next_offset` on, and the offset to fetch next, as aiokafka's `PartitionRecords` gives them.
+    `next_offset` on, the offset to fetch next, as aiokafka's `PartitionRecords` gives them,
+    and (offset, why) when a batch could not be read.
 
     Control batches (transaction markers) are skipped. With `aborted_transactions` (the fetch
     response's list of (producer id, first offset), given only to read_committed fetches), a
     transactional batch is skipped while its producer has an aborted transaction that began
     at or before it and whose abort marker has not come yet. The offsets of the skipped records
     are added to `skipped`, when given.
+
+    A batch that fails its CRC check (with `check_crcs`) or does not parse ends the records
+    returned: they stop before it, the offset to fetch next is the first one of it still
+    wanted, and why comes third (nothing is raised: the records before it are not lost).
     """
     records: list[Record] = []
     pending = sorted(aborted_transactions or (), key=lambda entry: entry[1])
     aborting: set[int] = set()
-    while memory.has_next():
-        batch = memory.next_batch()
-        if check_crcs and not batch.validate_crc():
-            raise CorruptRecordException(f"Invalid CRC - {tp}")
-        if aborted_transactions is not None and batch.producer_id is not None:
-            base = batch.base_offset
-            while pending and pending[0][1] <= base:
-                aborting.add(pending.pop(0)[0])
-            if aborting:
-                if batch.is_control_batch and _is_abort_marker(batch):
-                    aborting.discard(batch.producer_id)
-                elif batch.is_transactional and batch.producer_id in aborting:
-                    if skipped is not None:
-                        skipped.extend(range(max(batch.base_offset, next_offset),
-                                             batch.next_offset))
-                    next_offset = batch.next_offset
-                    continue
-        if batch.is_control_batch:
-            if skipped is not None:
-                skipped.extend(range(max(batch.base_offset, next_offset), batch.next_offset))
-        else:
-            if getattr(batch, "base_offset", -1) >= next_offset:
-                records.extend(batch)
-            else:  # fetched from inside the batch (a seek), or a legacy message set
-                records.extend(r for r in batch if r.offset >= next_offset)
-        next_offset = batch.next_offset
-    return records, next_offset
+    kept = 0  # records of the batches read whole
+    try:
+        while memory.has_next():
+            batch = memory.next_batch()
+            if check_crcs and not batch.validate_crc():
+                return records, next_offset, (next_offset, "CRC mismatch")
+            if aborted_transactions is not None and batch.producer_id is not None:
+                base = batch.base_offset
+                while pending and pending[0][1] <= base:
+                    aborting.add(pending.pop(0)[0])
+                if aborting:
+                    if batch.is_control_batch and _is_abort_marker(batch):
+                        aborting.discard(batch.producer_id)
+                    elif batch.is_transactional and batch.producer_id in aborting:
+                        if skipped is not None:
+                            skipped.extend(range(max(batch.base_offset, next_offset),
+                                                 batch.next_offset))
+                        next_offset = batch.next_offset
+                        continue
+            if batch.is_control_batch:
+                if skipped is not None:
+                    skipped.extend(range(max(batch.base_offset, next_offset),
+                                         batch.next_offset))
+            else:
+                if getattr(batch, "base_offset", -1) >= next_offset:
+                    records.extend(batch)
+                else:  # fetched from inside the batch (a seek), or a legacy message set
+                    records.extend(r for r in batch if r.offset >= next_offset)
+            next_offset = batch.next_offset
+            kept = len(records)
+    except Exception as exc:  # (any unreadable batch: stop before it)
+        del records[kept:]
+        said = " ".join(str(exc.args[0] if exc.args else type(exc).__name__).split())
+        return records, next_offset, (next_offset, f"unreadable: {said}")
+    return records, next_offset, None
 
 
 def _is_abort_marker(batch: Any) -> bool:

@@ -10,6 +10,9 @@ connection to the target. Faults:
 - `stall()` / `unstall()`: stop forwarding bytes in both directions while the sockets stay
   open (a black hole, like a network partition); bytes read meanwhile are held and delivered
   after `unstall()`, as TCP would once the partition heals.
+- `corrupt(marker, times)`: flip one bit of `marker` in the next `times` broker responses
+  that hold it (a record's bytes in a fetch response: its batch then fails its CRC check).
+  Needs ``FaultProxy(..., frames=True)``: responses are then forwarded as whole Kafka frames.
 
 ``FaultProxy(..., ssl=context)`` terminates TLS on the listening side (the upstream connection
 stays plain TCP), which is how the suite tests TLS clients against a broker that cannot serve
@@ -81,6 +84,8 @@ class FaultCounters:
     """Connections closed on accept while refusing (during refusals and outages)."""
     upstream_failures: int = 0
     """Connections closed because the target could not be reached."""
+    corrupted: int = 0
+    """Broker responses altered by `FaultProxy.corrupt`."""
 
     @property
     def faults(self) -> int:
@@ -122,12 +127,16 @@ class FaultProxy:
         port: int = 0,
         ssl: ssl_module.SSLContext | None = None,
         capture: bool = False,
+        frames: bool = False,
     ) -> None:
         self.target_host = target_host
         self.target_port = target_port
         self._port = port
         self._ssl = ssl
         self._capture = capture
+        self._frames = frames
+        self._corrupt_marker = b""
+        self._corrupt_left = 0
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self._refusing = False
@@ -247,6 +256,31 @@ class FaultProxy:
         """Whether forwarding is stalled."""
         return not self._flowing.is_set()
 
+    def corrupt(self, marker: bytes, times: int = 1) -> None:
+        """Flip the lowest bit of `marker`'s first byte in the next `times` broker responses
+        holding it (0: stop)."""
+        if not self._frames:
+            raise RuntimeError("corrupt() needs FaultProxy(..., frames=True)")
+        self._corrupt_marker, self._corrupt_left = marker, max(0, times)
+
+    def _whole_frames(self, buffer: bytearray) -> bytes:
+        """Take the complete Kafka frames (4-byte size, then the body) from `buffer`, altered
+        as `corrupt` asks."""
+        out = bytearray()
+        while len(buffer) >= 4:
+            end = 4 + int.from_bytes(buffer[:4], "big")
+            if len(buffer) < end:
+                break
+            frame = buffer[:end]
+            del buffer[:end]
+            at = frame.find(self._corrupt_marker) if self._corrupt_left else -1
+            if at >= 0:
+                frame[at] ^= 0x01
+                self._corrupt_left -= 1
+                self.counters.corrupted += 1
+            out += frame
+        return bytes(out)
+
     def heal(self) -> None:
         """End every fault: accept, unstall, no latency."""
         self.accept()
@@ -282,7 +316,8 @@ class FaultProxy:
         conn.tasks = [
             asyncio.create_task(self._read(conn, client_reader, up, capture=self._capture)),
             asyncio.create_task(self._write(conn, up, conn.upstream)),
-            asyncio.create_task(self._read(conn, upstream_reader, down, capture=False)),
+            asyncio.create_task(self._read(conn, upstream_reader, down, capture=False,
+                                           frames=self._frames)),
             asyncio.create_task(self._write(conn, down, client_writer)),
         ]
         await asyncio.gather(*conn.tasks, return_exceptions=True)
@@ -293,13 +328,20 @@ class FaultProxy:
         self._connections.discard(conn)
 
     async def _read(self, conn: _Connection, reader: asyncio.StreamReader,
-                    queue: asyncio.Queue[tuple[float, bytes] | None], *, capture: bool) -> None:
+                    queue: asyncio.Queue[tuple[float, bytes] | None], *, capture: bool,
+                    frames: bool = False) -> None:
         loop = asyncio.get_running_loop()
+        pending = bytearray()
         try:
             while True:
                 data = await reader.read(_CHUNK)
                 if not data:
                     break
+                if frames:
+                    pending += data
+                    data = self._whole_frames(pending)
+                    if not data:
+                        continue
                 if capture and len(conn.captured) < _CAPTURE_BYTES:
                     conn.captured += data[: _CAPTURE_BYTES - len(conn.captured)]
                 queue.put_nowait((loop.time() + self._latency_s, data))
@@ -333,14 +375,15 @@ class FaultProxy:
 
 @contextlib.asynccontextmanager
 async def proxied_broker(
-    *, durable: bool = False, ssl: ssl_module.SSLContext | None = None, capture: bool = False
+    *, durable: bool = False, ssl: ssl_module.SSLContext | None = None, capture: bool = False,
+    frames: bool = False,
 ) -> AsyncIterator[tuple[FaultProxy, EmbeddedBroker]]:
     """Yield a started proxy and an embedded broker that advertises the proxy's address.
 
     Clients bootstrap from ``proxy.address``; every connection they open goes through it.
     """
     broker_port = free_port()
-    proxy = FaultProxy(_HOST, broker_port, ssl=ssl, capture=capture)
+    proxy = FaultProxy(_HOST, broker_port, ssl=ssl, capture=capture, frames=frames)
     await proxy.start()
     broker = new_broker(port=broker_port, advertised_port=proxy.port, durable=durable)
     try:

@@ -6,7 +6,8 @@ import snapbus
 def test_exported_names_are_the_intended_ones() -> None:
     assert snapbus.__all__ == sorted(snapbus.__all__)
     assert set(snapbus.__all__) == {
-        "BrokerError", "Change", "ChangeStream", "ConfigError", "DecodeError",
+        "BrokerError", "Change", "ChangeStream", "CheckpointError", "ConfigError",
+        "CorruptBatchError", "DecodeError",
         "KafkaAuthenticationError", "KafkaConfig", "KafkaUnavailableError", "PublishError",
         "Receipt", "SchemaError", "SnapbusError",
         "SnapshotPublisher", "SnapshotView", "TopicError", "TopicInfo", "ValidationError",
@@ -20,7 +21,7 @@ def test_exported_names_are_the_intended_ones() -> None:
 
 def test_every_error_derives_from_the_root() -> None:
     errors = [getattr(snapbus, n) for n in snapbus.__all__ if n.endswith("Error")]
-    assert len(errors) == 11
+    assert len(errors) == 13
     for error in errors:
         assert issubclass(error, snapbus.SnapbusError)
     assert snapbus.KafkaUnavailableError.retriable
