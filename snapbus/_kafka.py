@@ -11,17 +11,32 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    ConsumerStoppedError,
+    CorruptRecordException,
+    GroupAuthorizationFailedError,
     KafkaConnectionError,
     KafkaError,
+    KafkaTimeoutError,
+    RequestTimedOutError,
     SaslAuthenticationFailed,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+    UnknownTopicOrPartitionError,
     UnsupportedSaslMechanismError,
 )
 from aiokafka.protocol.metadata import MetadataRequest
 
 from snapbus.config import KafkaConfig
-from snapbus.errors import KafkaAuthenticationError, KafkaUnavailableError
+from snapbus.errors import (
+    CorruptBatchError,
+    KafkaAuthenticationError,
+    KafkaUnavailableError,
+    SnapbusError,
+    TopicError,
+)
 
-__all__ = ["admin_client", "start_client"]
+__all__ = ["KAFKA_ERRORS", "admin_client", "start_client", "translate"]
 
 _PROBE_TIMEOUT_S = 5.0
 """Bound of the one connection `_diagnose` opens to name why a secured start failed."""
@@ -154,3 +169,64 @@ async def admin_client(config: KafkaConfig) -> AsyncIterator[AIOKafkaAdminClient
         yield admin
     finally:
         await admin.close()
+
+
+_AUTHORIZATION = (TopicAuthorizationFailedError, ClusterAuthorizationFailedError,
+                  GroupAuthorizationFailedError, TransactionalIdAuthorizationFailed)
+"""Broker answers that an ACL denies the request."""
+
+KAFKA_ERRORS: tuple[type[BaseException], ...] = (
+    KafkaError, OSError, asyncio.TimeoutError, ConsumerStoppedError)
+"""What an aiokafka call can raise that `translate` turns into a snapbus error."""
+
+
+def translate(exc: BaseException, config: KafkaConfig, doing: str) -> SnapbusError:
+    """The snapbus error for an aiokafka (or socket) error raised while `doing` something:
+    the one mapping of the library (docs/errors.md has the table).
+
+    - An authentication or authorization refusal (SASL, TLS certificates, ACLs):
+      `KafkaAuthenticationError`, not retriable.
+    - An unknown topic or partition: `TopicError`, retriable (metadata may lag a creation).
+    - A corrupt record: `CorruptBatchError`.
+    - Anything else, a timeout, a lost connection or a broker error: `KafkaUnavailableError`,
+      retriable when aiokafka says the error is (timeouts and socket errors always are).
+    """
+    if isinstance(exc, SnapbusError):
+        return exc
+    where = f"{doing} on {config.bootstrap_servers}"
+    if isinstance(exc, asyncio.TimeoutError | KafkaTimeoutError | RequestTimedOutError):
+        return KafkaUnavailableError(
+            f"{where} timed out ({_said(exc)}); check that the cluster is reachable",
+            retriable=True)
+    if isinstance(exc, SaslAuthenticationFailed | UnsupportedSaslMechanismError | ssl.SSLError):
+        found = _classify(exc, config, "client")
+        if isinstance(found, KafkaAuthenticationError):
+            return found
+        return KafkaAuthenticationError(f"{where} failed: {found or _said(exc)}")
+    if isinstance(exc, _AUTHORIZATION):
+        return KafkaAuthenticationError(
+            f"{where} was refused: {_said(exc)}; grant this client's principal the ACLs it "
+            "needs on the topic (Describe and Read; Write to publish)")
+    if isinstance(exc, UnknownTopicOrPartitionError):
+        return TopicError(f"{where} failed: topic {config.topic!r} or one of its partitions "
+                          f"is unknown to the broker ({_said(exc)})", retriable=True)
+    if isinstance(exc, CorruptRecordException):
+        return CorruptBatchError(f"{where} failed: {_said(exc)}", topic=config.topic,
+                                 partition=-1, offset=-1)
+    if isinstance(exc, OSError | ConsumerStoppedError):
+        return KafkaUnavailableError(f"{where} failed: {_said(exc)}", retriable=True)
+    return KafkaUnavailableError(f"{where} failed: {_said(exc)}",
+                                 retriable=bool(getattr(exc, "retriable", False)))
+
+
+def _said(exc: BaseException) -> str:
+    """An error's name and what it says, on one line."""
+    name = type(exc).__name__
+    if isinstance(exc, asyncio.TimeoutError) and not exc.args:
+        return "no answer in time"
+    said = exc.args[0] if exc.args and isinstance(exc.args[0], str) else None
+    if isinstance(exc, OSError) and exc.strerror:
+        said = exc.strerror
+    said = said or getattr(exc, "description", None)  # (a broker error code's meaning)
+    said = " ".join(str(said).split()).rstrip(".") if said else ""
+    return f"{name}: {said}" if said and said != name else name

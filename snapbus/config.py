@@ -116,7 +116,7 @@ class KafkaConfig:
                 raise ConfigError(f"{name} {path!r} does not exist or is not a file")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ConfigError("mutual TLS needs both ssl_certfile and ssl_keyfile")
-        if self.connect_timeout_s <= 0:
+        if not self.connect_timeout_s > 0:  # (NaN too)
             raise ConfigError("connect_timeout_s must be positive")
 
     @classmethod
@@ -133,7 +133,14 @@ class KafkaConfig:
         for field in dataclasses.fields(cls):
             raw = env.get(f"SNAPBUS_{field.name.upper()}")
             if raw not in (None, ""):
-                values[field.name] = float(raw) if field.name == "connect_timeout_s" else raw
+                values[field.name] = raw
+        if "connect_timeout_s" in values:
+            raw = values["connect_timeout_s"]
+            try:
+                values["connect_timeout_s"] = float(raw)
+            except ValueError:
+                raise ConfigError(f"SNAPBUS_CONNECT_TIMEOUT_S={raw!r} is not a number of "
+                                  "seconds") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -37,7 +37,7 @@ from aiokafka.errors import (
 )
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
-from snapbus._kafka import start_client
+from snapbus._kafka import start_client, translate
 from snapbus._lifecycle import AsyncLifecycle
 from snapbus.codec import Codec, default_codec, encode_key
 from snapbus.config import KafkaConfig
@@ -231,7 +231,8 @@ class SnapshotPublisher(AsyncLifecycle):
         if self._state == "started":
             return
         if self._state == "stopped":
-            raise RuntimeError("a stopped SnapshotPublisher cannot be restarted; make a new one")
+            raise PublishError("a stopped SnapshotPublisher cannot be restarted; make a new one",
+                               retriable=False)
         if self._ensure_topic:
             await ensure_topic(
                 self.config,
@@ -350,7 +351,7 @@ class SnapshotPublisher(AsyncLifecycle):
         try:
             return await asyncio.wait_for(self._send_many(producer, snapshots),
                                           self._delivery_timeout_s)
-        except (KafkaError, asyncio.TimeoutError) as exc:
+        except (KafkaError, OSError, asyncio.TimeoutError) as exc:
             raise self._publish_error(exc) from exc
 
     async def _send_many(self, producer: AIOKafkaProducer,
@@ -372,7 +373,8 @@ class SnapshotPublisher(AsyncLifecycle):
     def _require_started(self) -> AIOKafkaProducer:
         if self._producer is None:
             state = "stopped" if self._state == "stopped" else "not started"
-            raise PublishError(f"the publisher is {state}; use `async with SnapshotPublisher()`")
+            raise PublishError(f"the publisher is {state}; use `async with SnapshotPublisher()`",
+                               retriable=False)
         return self._producer
 
     async def _send(self, key: bytes, value: bytes | None, session_key: str) -> Receipt:
@@ -393,7 +395,7 @@ class SnapshotPublisher(AsyncLifecycle):
                 log.debug("publish of %s got %r; retrying", session_key, exc,
                           extra={"session_id": session_key, "topic": self.topic})
                 await asyncio.sleep(0.05)
-            except (KafkaError, asyncio.TimeoutError) as exc:
+            except (KafkaError, OSError, asyncio.TimeoutError) as exc:
                 raise self._publish_error(exc) from exc
 
     async def _send_once(self, producer: AIOKafkaProducer, key: bytes,
@@ -410,9 +412,12 @@ class SnapshotPublisher(AsyncLifecycle):
     def _publish_error(self, exc: BaseException) -> PublishError:
         if isinstance(exc, asyncio.TimeoutError):
             reason = f"not acknowledged within {self._delivery_timeout_s:g} s"
+            retriable = True
         else:
-            reason = f"{type(exc).__name__}: {exc}"
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+            retriable = translate(exc, self.config, "publishing").retriable
         return PublishError(
             f"publish to {self.topic!r} on {self.config.bootstrap_servers} failed ({reason}); "
-            "the record may or may not be stored; publishing it again is safe"
-        )
+            + ("the record may or may not be stored; publishing it again is safe" if retriable
+               else "the broker refused it: publishing it again fails the same way"),
+            retriable=retriable)

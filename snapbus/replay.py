@@ -31,6 +31,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import IO, Any
 
+from snapbus._kafka import KAFKA_ERRORS, translate
 from snapbus.codec import Codec, default_codec
 from snapbus.config import KafkaConfig
 from snapbus.errors import DecodeError, ValidationError
@@ -109,8 +110,11 @@ async def replay(
 
     Raises:
         TopicError: the topic does not exist.
-        KafkaUnavailableError: the cluster cannot be reached.
+        KafkaUnavailableError: the cluster cannot be reached, or a request failed (retriable
+            unless the broker refused it for good; `KafkaAuthenticationError`: refused).
+        CorruptBatchError: a record batch fails its CRC check on every fetch.
         DecodeError: a record is undecodable and ``errors="raise"``.
+        ValidationError, ConfigError: a bad argument or setting.
     """
     if errors not in ("skip", "raise"):
         raise ValidationError(f"errors must be 'skip' or 'raise', not {errors!r}", field="errors")
@@ -121,14 +125,24 @@ async def replay(
         if isinstance(until, Mapping) else {}
     since_ms = _to_ms(since, "since") if isinstance(since, datetime.datetime) else None
     reader = PartitionReader(config, fetch_max_wait_ms=fetch_max_wait_ms)
-    await reader.open()
+    doing = f"replaying topic {config.topic!r}"
     try:
-        starts = await _start_offsets(reader, since)
+        await reader.open()
+    except KAFKA_ERRORS as exc:
+        raise translate(exc, config, doing) from exc
+    try:
+        try:
+            starts = await _start_offsets(reader, since)
+        except KAFKA_ERRORS as exc:
+            raise translate(exc, config, doing) from exc
         for p, offset in starts.items():
             reader.seek(p, offset)
         done = 0
         while True:
-            batches = await reader.read(timeout_ms=fetch_max_wait_ms)
+            try:
+                batches = await reader.read(timeout_ms=fetch_max_wait_ms)
+            except KAFKA_ERRORS as exc:
+                raise translate(exc, config, doing) from exc
             targets = _targets(reader, until_offsets)
             for partition, records in batches.items():
                 first = starts.get(partition, 0)
@@ -185,6 +199,9 @@ async def rebuild(
     Records with a timestamp at or before `as_of` count; a tombstone deletes; undecodable
     records are skipped, as a view skips them. See the module docstring for what compaction
     removes.
+
+    Raises:
+        SnapbusError: what `replay` raises.
     """
     until = None
     if as_of is not None:
@@ -212,6 +229,10 @@ async def history(
 
     Only the session's partition is relevant, but the whole log is scanned: keys are hashed
     by the producer, and a producer with another partitioner may have used another partition.
+
+    Raises:
+        ValidationError: `session_id` is not a UUID.
+        SnapbusError: what `replay` raises.
     """
     wanted = parse_uuid(session_id, field="session_id")
     return [event async for event in replay(config, since=since, until=until,

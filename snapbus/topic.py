@@ -17,11 +17,11 @@ from typing import Any
 
 from aiokafka.admin import NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 
-from snapbus._kafka import admin_client
+from snapbus._kafka import KAFKA_ERRORS, admin_client, translate
 from snapbus.config import KafkaConfig
-from snapbus.errors import TopicError
+from snapbus.errors import KafkaUnavailableError, SnapbusError, TopicError
 
 __all__ = ["DEFAULT_DELETE_RETENTION_MS", "DEFAULT_PARTITIONS", "TopicInfo", "describe_topic",
            "ensure_topic"]
@@ -77,6 +77,14 @@ def _int_config(configs: dict[str, str], name: str, default: int) -> int:
         return default
 
 
+def _topic_error(exc: BaseException, config: KafkaConfig, doing: str) -> SnapbusError:
+    """`translate`, but a broker's refusal that is not about reaching it is a `TopicError`."""
+    error = translate(exc, config, f"{doing} topic {config.topic!r}")
+    if type(error) is KafkaUnavailableError and not error.retriable:
+        return TopicError(str(error))
+    return error
+
+
 async def _partition_count(admin: Any, topic: str) -> int | None:
     metadata = await admin._get_cluster_metadata(topics=None)  # all topics: never auto-creates
     for entry in metadata.to_object()["topics"]:
@@ -121,8 +129,8 @@ async def describe_topic(config: KafkaConfig) -> TopicInfo:
     async with admin_client(config) as admin:
         try:
             info = await _describe(admin, config.topic)
-        except KafkaError as exc:
-            raise TopicError(f"cannot describe topic {config.topic!r}: {exc!r}") from exc
+        except KAFKA_ERRORS as exc:
+            raise _topic_error(exc, config, "describing") from exc
     if info is None:
         raise TopicError(
             f"topic {config.topic!r} does not exist on {config.bootstrap_servers}; "
@@ -141,8 +149,8 @@ async def describe_if_exists(config: KafkaConfig) -> TopicInfo | None:
     async with admin_client(config) as admin:
         try:
             return await _describe(admin, config.topic)
-        except KafkaError as exc:
-            raise TopicError(f"cannot describe topic {config.topic!r}: {exc!r}") from exc
+        except KAFKA_ERRORS as exc:
+            raise _topic_error(exc, config, "describing") from exc
 
 
 async def ensure_topic(
@@ -191,8 +199,8 @@ async def ensure_topic(
                     await asyncio.sleep(0.1)
                 if info is None:
                     raise TopicError(f"topic {topic!r} was created but does not show up")
-        except KafkaError as exc:
-            raise TopicError(f"cannot ensure topic {topic!r}: {exc!r}") from exc
+        except KAFKA_ERRORS as exc:
+            raise _topic_error(exc, config, "ensuring") from exc
     if not info.compacted and not allow_non_compacted:
         raise TopicError(
             f"topic {topic!r} has cleanup.policy={info.cleanup_policy}, not compact: the broker "
