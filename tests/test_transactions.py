@@ -75,8 +75,9 @@ def marker(offset: int, producer_id: int, *, commit: bool) -> bytes:
 
 def read_fast(batches: Sequence[bytes], fetch_offset: int,
               aborted: list[tuple[int, int]] | None) -> tuple[list[tuple[int, bytes]], int]:
-    records, next_offset = _batch_records(TP, MemoryRecords(b"".join(batches)), fetch_offset,
-                                          aborted, True)
+    records, next_offset, failure = _batch_records(TP, MemoryRecords(b"".join(batches)),
+                                                   fetch_offset, aborted, True)
+    assert failure is None
     return [(r.offset, r.value or b"") for r in records], next_offset
 
 
