@@ -29,7 +29,8 @@ itself (a cold rebuild read 300k records in 0.43 s this way against 0.77 s throu
 `Fetcher.fetched_records` and `PartitionRecords` (control batches skipped; for read_committed
 the batches of aborted transactions skipped, by the fetch response's aborted-transactions
 list) and is used only with the aiokafka versions pyproject.toml allows, else `read` falls back
-to `getmany`.
+to `getmany`. Unlike `fetched_records`, it never loses a record to a batch that fails its CRC
+check: positions move only past records returned (docs/errors.md).
 """
 
 from __future__ import annotations
@@ -196,7 +197,8 @@ class PartitionReader:
         config: cluster and topic.
         fetch_max_wait_ms: how long a fetch may wait on the broker for new records; lower
             means fresher views and more idle requests.
-        max_records: most records returned by one `read`.
+        max_records: a `read` takes no further fetched partition once it holds this many
+            records (a fetched partition is taken whole: a read may return more).
         consumer_options: extra keyword arguments for `aiokafka.AIOKafkaConsumer`.
     """
 
@@ -334,6 +336,13 @@ class PartitionReader:
         """Return the next records by partition, each list in offset order (may be empty).
 
         After it returns, `positions`, `end_targets` and `highwater` reflect what was fetched.
+        A position moves only past records returned: a record batch that cannot be read (a CRC
+        mismatch) ends its partition's records, and is fetched again after a rest.
+
+        Raises:
+            CorruptBatchError: a batch could not be read on `_CORRUPT_ATTEMPTS` fetches in a
+                row (not retriable; nothing after it is returned).
+            KafkaError: what aiokafka's fetcher raises (an authorization error, say).
         """
         consumer = self._consumer
         if len(self.end_targets) < len(self._tps):

@@ -14,7 +14,7 @@ import pytest
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord
 
-from snapbus import CorruptBatchError, KafkaConfig, SnapshotPublisher, replay
+from snapbus import CorruptBatchError, KafkaConfig, SnapshotPublisher, ViewError, replay
 from snapbus.broker import EmbeddedBroker
 from snapbus.reader import PartitionReader
 from snapbus.view import SnapshotView
@@ -134,6 +134,22 @@ async def test_a_batch_corrupt_on_every_fetch_raises_after_returning_all_before_
     with pytest.raises(CorruptBatchError, match=f"offset {bad} of {topic_name}"):
         await replay_into(config, events)
     assert events == offsets[:5]
+
+
+async def test_a_view_fails_naming_a_batch_corrupt_on_every_fetch(
+        network: tuple[FaultProxy, EmbeddedBroker], proxy: FaultProxy, topic_name: str) -> None:
+    # (it does not skip it: pods would disagree; it does not retry it silently forever)
+    config = KafkaConfig(proxy.address, topic_name)
+    marker, _, bad = await fill(config)
+    proxy.corrupt(marker, times=1_000_000)
+    view = SnapshotView(config, fetch_max_wait_ms=50, start_timeout_s=WAIT_S)
+    try:
+        with pytest.raises(ViewError, match=rf"offset {bad} of {topic_name}\[0\] failed 3"):
+            await view.start()
+        assert view.status == "failed"
+        assert isinstance(view._failure, CorruptBatchError)
+    finally:
+        await view.stop()
 
 
 async def read_into(reader: PartitionReader, got: list[int]) -> None:
