@@ -137,7 +137,8 @@ class CorruptBatchError(SnapbusError):
 
     Not retriable. Nothing is skipped: every record before the batch was returned, nothing at
     or after it in that partition is, until the broker serves an intact copy (see
-    docs/errors.md). `topic`, `partition` and `offset` name the batch's first record wanted.
+    docs/errors.md). `topic`, `partition` and `offset` name the batch's first record wanted
+    (-1 when aiokafka's own reading path raised it without saying where).
     """
 
     def __init__(self, message: str, *, topic: str, partition: int, offset: int) -> None:
