@@ -35,10 +35,11 @@ from aiokafka.errors import (
     UnknownError,
     UnsupportedVersionError,
 )
-from aiokafka.partitioner import DefaultPartitioner, murmur2
+from aiokafka.partitioner import DefaultPartitioner
 
 from snapbus._kafka import start_client, translate
 from snapbus._lifecycle import AsyncLifecycle
+from snapbus._partition import murmur2
 from snapbus.codec import Codec, default_codec, encode_key
 from snapbus.config import KafkaConfig
 from snapbus.errors import ConfigError, KafkaUnavailableError, PublishError, ValidationError
@@ -89,8 +90,8 @@ _State = Literal["new", "started", "stopped"]
 class _MurmurPartitioner:
     """Kafka's default partitioner (murmur2 of the key), remembering recent keys' hashes.
 
-    The same sessions are published again and again, and aiokafka's murmur2 is pure Python
-    (several microseconds a key); the result is identical to aiokafka's default partitioner.
+    The same sessions are published again and again, and murmur2 is pure Python (microseconds
+    a key); the result is identical to aiokafka's default partitioner (`snapbus._partition`).
     """
 
     __slots__ = ("_hashes", "_size")
