@@ -42,7 +42,7 @@ import logging
 import struct
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -263,11 +263,11 @@ class PartitionReader:
         return sorted(self._tps)
 
     async def open(self, start: Mapping[int, int] | None = None, *,
-                   paused: bool = False) -> None:
+                   paused: bool = False, only: Collection[int] | None = None) -> None:
         """Connect, assign every partition, and position each at `start` (default 0).
 
         With `paused`, nothing is fetched until `resume` (to seek first without fetching
-        from the beginning meanwhile).
+        from the beginning meanwhile). With `only`, just those partitions are read.
 
         Raises:
             KafkaUnavailableError: the cluster cannot be reached in time.
@@ -296,7 +296,8 @@ class PartitionReader:
                 f"topic {topic!r} does not exist on {self.config.bootstrap_servers}; "
                 "create it with `snapbus topic ensure` or start a publisher first"
             )
-        self._tps = {p: TopicPartition(topic, p) for p in sorted(partitions)}
+        self._tps = {p: TopicPartition(topic, p) for p in sorted(partitions)
+                     if only is None or p in only}
         self._consumer.assign(list(self._tps.values()))
         if paused:
             self._consumer.pause(*self._tps.values())

@@ -19,10 +19,17 @@ before its successor can no longer be rebuilt from the snapshot topic (a session
 tombstone may also vanish entirely after ``delete.retention.ms``). For full history, configure
 a history topic (`KafkaConfig.history_topic`): the publisher also writes every change there,
 to a topic that is never compacted and expires by time, and replay reads it.
+
+Misplaced records
+-----------------
+A record on another partition than the one Kafka's default partitioner (murmur2) gives its key
+was written by a producer with another partitioner; views ignore it, and so do `replay`,
+`rebuild` and `history` (docs/misplaced-records.md). `find_misplaced` lists them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -32,13 +39,17 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import IO, Any
 
 from snapbus._kafka import KAFKA_ERRORS, translate
+from snapbus._partition import partitions_of
 from snapbus.codec import Codec, default_codec
 from snapbus.config import KafkaConfig
 from snapbus.errors import DecodeError, ValidationError
 from snapbus.reader import Event, PartitionReader, Record, decode_record
 from snapbus.snapshot import WorkspaceSnapshot, parse_uuid
 
-__all__ = ["Bound", "Event", "event_to_json", "history", "rebuild", "replay", "write_jsonl"]
+__all__ = [
+    "Bound", "Event", "Misplaced", "event_to_json", "find_misplaced", "history", "rebuild",
+    "replay", "write_jsonl",
+]
 
 log = logging.getLogger("snapbus.replay")
 
@@ -108,6 +119,9 @@ async def replay(
         quiet: do not log skipped records (the caller counts them).
         on_error: called with (partition, record, error) for each record skipped as bad.
 
+    Records on another partition than their key's are skipped (and logged unless `quiet`),
+    as views ignore them (docs/misplaced-records.md).
+
     Raises:
         TopicError: the topic does not exist.
         KafkaUnavailableError: the cluster cannot be reached, or a request failed (retriable
@@ -138,6 +152,7 @@ async def replay(
         for p, offset in starts.items():
             reader.seek(p, offset)
         done = 0
+        count = len(reader.partitions)
         while True:
             try:
                 batches = await reader.read(timeout_ms=fetch_max_wait_ms)
@@ -147,9 +162,16 @@ async def replay(
             for partition, records in batches.items():
                 first = starts.get(partition, 0)
                 stop = targets.get(partition, math.inf)
-                for record in records:
+                homes = partitions_of([record.key for record in records], count)
+                for record, home in zip(records, homes, strict=True):
                     done += 1
                     if record.offset < first or record.offset >= stop:
+                        continue
+                    if home not in (partition, -1):
+                        if not quiet:
+                            log.warning("skipping misplaced record at %s[%d]@%d: its key "
+                                        "belongs on partition %d", config.topic, partition,
+                                        record.offset, home)
                         continue
                     if since_ms is not None and record.timestamp < since_ms:
                         continue
@@ -227,8 +249,8 @@ async def history(
 ) -> list[Event]:
     """Return every change of one session still in the log, oldest first.
 
-    Only the session's partition is relevant, but the whole log is scanned: keys are hashed
-    by the producer, and a producer with another partitioner may have used another partition.
+    Records of the session on another partition than its own are left out, as views ignore
+    them (docs/misplaced-records.md).
 
     Raises:
         ValidationError: `session_id` is not a UUID.
@@ -238,6 +260,67 @@ async def history(
     return [event async for event in replay(config, since=since, until=until,
                                             use_history=use_history)
             if event.session_id == wanted]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Misplaced:
+    """A record on another partition than the one its key belongs on (`find_misplaced`)."""
+
+    partition: int
+    """The partition the record is on."""
+    offset: int
+    """Its offset there."""
+    expected_partition: int
+    """The partition Kafka's default partitioner (murmur2 of the key) gives its key."""
+    key: bytes
+    """The record's key (a session id, as text, when the record is snapbus's)."""
+    timestamp_ms: int
+    """The record's timestamp, ms since the epoch (-1: none)."""
+    tombstone: bool
+    """Whether the record is a tombstone (no value)."""
+
+
+async def find_misplaced(
+    config: KafkaConfig | None = None,
+    *,
+    progress: Progress | None = None,
+    fetch_max_wait_ms: int = 100,
+) -> list[Misplaced]:
+    """Return every record of the topic that is on another partition than its key's.
+
+    Such records were written by a producer with another partitioner (librdkafka's default,
+    KafkaJS's LegacyPartitioner); views ignore them (docs/misplaced-records.md). Reads the
+    whole topic, never the history topic, up to the log end as of the call; decodes nothing.
+
+    Raises:
+        TopicError: the topic does not exist.
+        KafkaUnavailableError: the cluster cannot be reached.
+    """
+    config = config if config is not None else KafkaConfig.from_env()
+    reader = PartitionReader(config, fetch_max_wait_ms=fetch_max_wait_ms)
+    await reader.open()
+    found: list[Misplaced] = []
+    try:
+        count, done = len(reader.partitions), 0
+        while True:
+            batches = await reader.read(timeout_ms=fetch_max_wait_ms)
+            targets = reader.end_targets
+            for partition, records in batches.items():
+                stop = targets.get(partition, math.inf)
+                homes = partitions_of([record.key for record in records], count)
+                done += len(records)
+                found.extend(
+                    Misplaced(partition, record.offset, home, record.key or b"",
+                              record.timestamp, record.value is None)
+                    for record, home in zip(records, homes, strict=True)
+                    if home not in (partition, -1) and record.offset < stop)
+            if progress is not None:
+                progress(done, done + sum(max(0, t - reader.positions.get(p, 0))
+                                          for p, t in targets.items()))
+            if len(targets) == count and reader.reached(targets):
+                return sorted(found, key=lambda m: (m.partition, m.offset))
+    finally:
+        await reader.close()
 
 
 def event_to_json(event: Event) -> dict[str, Any]:

@@ -66,11 +66,13 @@ from aiokafka.errors import KafkaError
 from snapbus import checkpoint
 from snapbus._kafka import start_client
 from snapbus._lifecycle import AsyncLifecycle
+from snapbus._partition import partition_of, partitions_of
+from snapbus._repair import read_keys
 from snapbus.codec import Codec, default_codec
 from snapbus.config import KafkaConfig, validate_topic_name
 from snapbus.errors import ConfigError, DecodeError, SnapbusError, TopicError, ViewError
 from snapbus.publisher import Receipt
-from snapbus.reader import BarrierProbe, Event, PartitionReader, Record, decode_value
+from snapbus.reader import BarrierProbe, PartitionReader, Record, decode_value
 from snapbus.snapshot import WorkspaceSnapshot, _is_canonical, parse_uuid
 from snapbus.topic import DEFAULT_DELETE_RETENTION_MS, TopicInfo, describe_if_exists
 from snapbus.topic import ensure_topic as _ensure_topic
@@ -141,6 +143,9 @@ class ViewStats:
     """Sessions hidden because their latest record grew older than the TTL."""
     checkpoint_sessions: int | None
     """Sessions loaded from a checkpoint at start; None when none was used."""
+    misplaced: int = 0
+    """Records ignored because they are on another partition than their key's (written by a
+    producer with another partitioner; docs/misplaced-records.md)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -399,7 +404,7 @@ class SnapshotView(AsyncLifecycle):
         self._fail_after_s = fail_after_s
         self._dead_letter_topic = (validate_topic_name(dead_letter_topic)
                                    if dead_letter_topic is not None else None)
-        self._dead_letters: list[tuple[int, Record, DecodeError]] = []
+        self._dead_letters: list[tuple[int, Record, str, str]] = []  # (.., reason, message)
         self._dead_letter_producer: AIOKafkaProducer | None = None
         self._dead_lettered = 0
         self._resyncs = 0
@@ -411,8 +416,17 @@ class SnapshotView(AsyncLifecycle):
         if decode not in ("lazy", "eager"):
             raise ConfigError(f"decode must be 'lazy' or 'eager', not {decode!r}")
         self._lazy = decode == "lazy"  # see _flush_stash
-        self._lazy_failed: dict[str, bytes] = {}  # key -> its bad value, until repaired
-        self._lazy_to_repair: set[str] = set()
+        # repairs and reports (`_repair`): sessions wanting their last good snapshot from the
+        # log (key -> request number: a session applied meanwhile drops out), and records to
+        # find in the log and report as bad or misplaced, by (partition, key)
+        self._repair_wanted: dict[str, int] = {}
+        self._report_bad: set[tuple[int, bytes | None]] = set()
+        self._report_misplaced: set[tuple[int, bytes]] = set()
+        self._repair_requests = 0
+        self._repair_task: asyncio.Task[None] | None = None
+        self._repair_error: BaseException | None = None
+        self._misplaced = 0
+        self._homes: dict[bytes, int] = {}  # key -> its partition (a cache, cleared when full)
         self._serving = False
         if ttl_s is not None and ttl_s <= 0:
             raise ConfigError(f"ttl_s must be positive, not {ttl_s}")
@@ -556,7 +570,8 @@ class SnapshotView(AsyncLifecycle):
                             extra={"topic": self.config.topic})
         task, self._task = self._task, None
         watch, self._watch_task = self._watch_task, None
-        for running in (task, watch):
+        repair, self._repair_task = self._repair_task, None
+        for running in (task, watch, repair):
             if running is not None:
                 running.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -646,7 +661,8 @@ class SnapshotView(AsyncLifecycle):
 
     def _can_checkpoint(self) -> bool:
         return (self._task is not None and self._caught_up.is_set() and self._stash is None
-                and self._resync_seen is None and self._status != "failed")
+                and self._resync_seen is None and self._status != "failed"
+                and not self._repair_wanted)
 
     async def save_checkpoint(self, path: str | Path | None = None) -> int:
         """Save the view's state and offsets to a checkpoint file; return its size in bytes.
@@ -664,7 +680,8 @@ class SnapshotView(AsyncLifecycle):
         if target is None:
             raise ConfigError("save_checkpoint needs a path (or SnapshotView(checkpoint_path=))")
         if not self._can_checkpoint():
-            raise ViewError(f"cannot checkpoint a view that is {self._status} and not caught up")
+            raise ViewError(f"cannot checkpoint a view that is {self._status}, not caught up "
+                            "or repairing a session")
         # captured and encoded at one instant, on the loop; written in a worker thread
         sessions: dict[str, checkpoint.Session] = dict(self._encoded)
         sessions.update((key, snapshot._values()) for key, snapshot in self._data.items())
@@ -795,6 +812,7 @@ class SnapshotView(AsyncLifecycle):
             resyncs=self._resyncs,
             expired=self._expired,
             checkpoint_sessions=self._checkpoint_loaded,
+            misplaced=self._misplaced,
         )
 
     def _set_status(self, status: ViewStatus, reason: str | None = None) -> None:
@@ -812,10 +830,11 @@ class SnapshotView(AsyncLifecycle):
     ) -> WorkspaceSnapshot | None:
         """Return the session's latest snapshot, or `default` when it is not in the view.
 
+        A session whose latest value turns out bad when first read (see ``decode``) is not in
+        the view until its last good snapshot is restored from the log (docs/bad-values.md).
+
         Raises:
             ValidationError: `session_id` is not a UUID.
-            DecodeError: the session's latest record, read now for the first time (see
-                ``decode``), is bad; the view restores its last good snapshot moments later.
         """
         try:
             found = self._data.get(session_id)  # type: ignore[arg-type]  # fast path: str keys
@@ -833,7 +852,8 @@ class SnapshotView(AsyncLifecycle):
         value = self._encoded.get(key)
         if value is None:
             return default
-        return self._decoded(key, value)  # not read before: decode it now
+        found = self._decoded(key, value)  # not read before: decode it now
+        return default if found is None else found
 
     def __getitem__(self, session_id: uuid.UUID | str) -> WorkspaceSnapshot:
         found = self.get(session_id)
@@ -848,22 +868,26 @@ class SnapshotView(AsyncLifecycle):
             key = session_id if type(session_id) is str else _canonical(session_id)
         except SnapbusError:
             return False
-        if key in self._data or key in self._encoded:
+        if key in self._data:
             return True
+        value = self._encoded.get(key)
+        if value is not None:  # (decoded, so that `in` agrees with `get` on a bad value)
+            return self._decoded(key, value) is not None
         try:
             return self.get(key) is not None  # (a non-canonical spelling)
         except SnapbusError:
             return False
 
     def __len__(self) -> int:
+        """Sessions in the view (with ``decode="lazy"``, counting those not read yet: one whose
+        value turns out bad when first read leaves then; docs/bad-values.md)."""
         return len(self._data) + len(self._encoded)
 
     def __iter__(self) -> Iterator[uuid.UUID]:
         return (uuid.UUID(key) for key in [*self._data, *self._encoded])
 
     def snapshots(self) -> list[WorkspaceSnapshot]:
-        """Return every snapshot in the view (sessions whose latest record turns out bad when
-        decoded lazily are left out, counted and restored; see ``decode``)."""
+        """Return every snapshot in the view."""
         return [*self._data.values(), *self._snapshots(list(self._encoded))]
 
     def _snapshots(self, keys: Iterable[str]) -> list[WorkspaceSnapshot]:
@@ -872,30 +896,35 @@ class SnapshotView(AsyncLifecycle):
         for key in keys:
             snapshot = data.get(key)
             if snapshot is None:
-                try:
-                    snapshot = self._decoded(key, encoded[key])
-                except DecodeError:
+                value = encoded.get(key)
+                if value is None or (snapshot := self._decoded(key, value)) is None:
                     continue
             found.append(snapshot)
         return found
 
-    def _decoded(self, key: str, value: bytes) -> WorkspaceSnapshot:
+    def _decoded(self, key: str, value: bytes) -> WorkspaceSnapshot | None:
         """Decode a session's value on its first read and keep the snapshot instead.
 
-        A bad value (its header and indexed fields were fine) is counted once and the
-        session's last good snapshot is looked up in the log (`_repair_lazy`).
+        A bad value (its header and indexed fields were fine) leaves the view at once, so
+        that every read agrees it is absent; its record is reported (`_bad_record`) and the
+        session's last good snapshot restored from the log (`_repair`). Returns None then.
         """
+        full = self._codec.expand(key, value)
         try:
-            snapshot = self._codec.decode(self._codec.expand(key, value), key=key)
+            snapshot = self._codec.decode(full, key=key)
         except DecodeError as exc:
-            if self._lazy_failed.get(key) is not value:
-                self._lazy_failed[key] = value
-                self._lazy_to_repair.add(key)
-                self._decode_errors += 1
-                log.warning("bad record for session %s found on first read (%s): %s; "
-                            "restoring its last good snapshot", key, exc.reason, exc,
-                            extra={"topic": self.config.topic, "session_id": key})
-            raise
+            log.debug("view of %s: the value of session %s is bad (%s), found on first read",
+                      self.config.topic, key, exc.reason, extra={"topic": self.config.topic})
+            if self._encoded.get(key) is value:
+                del self._encoded[key]
+                peeked = self._codec.peek(full)
+                assert peeked is not None  # it was peeked when stored
+                self._unindex(key, (peeked[1], peeked[2], peeked[3]))
+                self._stamps.pop(key, None)
+                raw = key.encode()
+                self._report_bad.add((self._home(raw), raw))
+                self._want_repair(key)
+            return None
         if self._encoded.get(key) is value:
             del self._encoded[key]
             self._data[key] = snapshot
@@ -1037,10 +1066,16 @@ class SnapshotView(AsyncLifecycle):
                     if self._stash is not None:
                         self._stash_records(partition, records)
                     else:
+                        homes = self._homes_of(records)
                         for start in range(0, len(records), _APPLY_CHUNK):
                             with _gc_paused():
-                                for record in records[start:start + _APPLY_CHUNK]:
-                                    self._apply(partition, record)
+                                for record, home in zip(records[start:start + _APPLY_CHUNK],
+                                                        homes[start:start + _APPLY_CHUNK],
+                                                        strict=True):
+                                    if home == partition or home < 0:
+                                        self._apply(partition, record)
+                                    else:
+                                        self._misplaced_record(partition, record, home)
                             if len(records) > _APPLY_CHUNK:
                                 await asyncio.sleep(0)  # let readers and waiters run
                     if records:
@@ -1055,8 +1090,6 @@ class SnapshotView(AsyncLifecycle):
                 if gc_paused and self._stash is None:
                     gc_paused = False
                     gc.enable()
-                if self._lazy_to_repair:
-                    await self._repair_lazy()
                 if self._dead_letters:
                     await self._send_dead_letters()
                 if self._ttl_ms is not None:
@@ -1080,6 +1113,9 @@ class SnapshotView(AsyncLifecycle):
 
     def _check_health(self) -> None:
         """Track staleness, truncated logs and changed partitions; set the status."""
+        if self._repair_error is not None:  # (a repair could not get past it: `_repair`)
+            error, self._repair_error = self._repair_error, None
+            raise error
         reader = self._reader
         truncated = reader.truncated()
         if truncated:
@@ -1204,7 +1240,8 @@ class SnapshotView(AsyncLifecycle):
         if self._resync_seen is not None and reader.caught_up_to_start():
             self._finish_resync()
             self._set_live()
-        if not self._caught_up.is_set() and reader.caught_up_to_start():
+        if (not self._caught_up.is_set() and reader.caught_up_to_start()
+                and not self._repairing()):  # (the initial replay's repairs are done)
             self._catch_up_seconds = time.monotonic() - (self._started_at or 0.0)
             self._caught_up.set()
             self._set_live()
@@ -1252,14 +1289,14 @@ class SnapshotView(AsyncLifecycle):
         if producer is None:
             return
         topic = self.config.topic
-        for partition, record, error in letters:
+        for partition, record, reason, message in letters:
             headers = [
                 ("snapbus.source.topic", topic.encode()),
                 ("snapbus.source.partition", str(partition).encode()),
                 ("snapbus.source.offset", str(record.offset).encode()),
                 ("snapbus.source.timestamp", str(record.timestamp).encode()),
-                ("snapbus.error.reason", error.reason.encode()),
-                ("snapbus.error.message", str(error)[:1000].encode()),
+                ("snapbus.error.reason", reason.encode()),
+                ("snapbus.error.message", message[:1000].encode()),
                 ("snapbus.source.key", record.key or b""),
             ]
             key = f"{topic}:{partition}:{record.offset}".encode()
@@ -1283,7 +1320,7 @@ class SnapshotView(AsyncLifecycle):
     def _bad_record(self, partition: int, record: Record, error: DecodeError) -> None:
         self._decode_errors += 1
         if self._dead_letter_topic is not None:
-            self._dead_letters.append((partition, record, error))
+            self._dead_letters.append((partition, record, error.reason, str(error)))
         if self._decode_errors <= _LOGGED_DECODE_ERRORS:
             topic = self.config.topic
             log.warning("skipping bad record at %s[%d]@%d (%s): %s", topic, partition,
@@ -1319,8 +1356,6 @@ class SnapshotView(AsyncLifecycle):
         """
         stashes, self._stash = self._stash, None
         assert stashes is not None
-        repair: set[bytes | None] = set()
-        unreported: set[tuple[int, bytes | None]] = set()
         data, encoded, peek = self._data, self._encoded, self._codec.peek
         compact = self._codec.compact
         by_repo, by_agent, by_state = self._indexes()
@@ -1334,6 +1369,16 @@ class SnapshotView(AsyncLifecycle):
                 keys = list(map(_record_key, records))
                 values = list(map(_record_value, records))
             stash.clear()
+            homes = partitions_of(keys, len(self._reader.partitions))
+            if homes.count(partition) + homes.count(-1) != len(homes):  # misplaced: ignored
+                placed = [home in (partition, -1) for home in homes]
+                self._report_misplaced.update(
+                    (partition, key) for key, ok in zip(keys, placed, strict=True)
+                    if not ok and key is not None)
+                keys = list(itertools.compress(keys, placed))
+                values = list(itertools.compress(values, placed))
+                if records is not None:
+                    records = list(itertools.compress(records, placed))
             for start in range(0, len(keys), _APPLY_CHUNK):
                 chunk = keys[start:start + _APPLY_CHUNK], values[start:start + _APPLY_CHUNK]
                 lazy = (self._lazy and self._resync_seen is None and self._ttl_ms is None
@@ -1363,51 +1408,146 @@ class SnapshotView(AsyncLifecycle):
                         else:  # (its record is found in the log if it is bad: `_repair`)
                             error = self._apply(partition, _Stashed(key, value), report=False)
                             if error is not None:
-                                unreported.add((partition, key))
+                                self._report_bad.add((partition, key))
                         if error is not None and error.reason != "bad_key" and key:
-                            repair.add(key)  # an earlier good record may exist
+                            self._want_repair(key.decode("ascii"))  # an earlier good record
                 self._records_applied += fresh
                 await asyncio.sleep(0)
-        if repair or unreported:
-            await self._repair(repair, report=unreported)
+        self._start_repair()
 
-    async def _repair_lazy(self) -> None:
-        """Replace the lazily applied values found bad since the last call (`_decoded`)."""
-        keys, self._lazy_to_repair = self._lazy_to_repair, set()
-        await self._repair({key.encode() for key in keys})
-        for key in keys:
-            value = self._lazy_failed.pop(key, None)
-            if value is not None and self._encoded.get(key) is value:
-                self._put(key, None)  # no good snapshot in the log: the session is gone
+    # ------------------------------------------------------------------ repairs
 
-    async def _repair(self, keys: set[bytes | None],
-                      report: Collection[tuple[int, bytes | None]] = ()) -> None:
-        """Find the last good record of keys whose latest record was bad, and apply it; and
-        report (`_bad_record`) the latest record of each (partition, key) in `report`, found
-        bad without its record at hand (`_Stashed`)."""
-        from snapbus.replay import replay  # the bounded reader; imported late: replay uses us
+    def _repairing(self) -> bool:
+        """Whether repairs or reports are pending or under way."""
+        task = self._repair_task
+        return bool(self._repair_wanted or self._report_bad or self._report_misplaced
+                    or (task is not None and not task.done()))
 
-        positions = dict(self._reader.positions)
-        found: dict[str, Event] = {}
-        bad: dict[tuple[int, bytes | None], tuple[Record, DecodeError]] = {}
+    def _want_repair(self, key: str) -> None:
+        """Ask for the session's last good snapshot to be restored from the log (`_repair`)."""
+        self._repair_requests += 1
+        self._repair_wanted[key] = self._repair_requests
+        self._start_repair()
 
-        def on_error(partition: int, record: Record, error: DecodeError) -> None:
-            if (partition, record.key) in report:
-                bad[partition, record.key] = (record, error)
+    def _start_repair(self) -> None:
+        """Run `_repair` in its own task, unless it runs or there is nothing to do."""
+        if self._task is None or (self._repair_task is not None
+                                  and not self._repair_task.done()):
+            return
+        if not (self._repair_wanted or self._report_bad or self._report_misplaced):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # (a read from outside the loop: the loop starts it later)
+            return
+        self._repair_task = loop.create_task(self._repair(),
+                                             name=f"snapbus-view-repair:{self.config.topic}")
 
-        async for event in replay(self.config, until=positions, use_history=False,
-                                  codec=self._codec, fetch_max_wait_ms=self._fetch_wait_ms,
-                                  quiet=True, on_error=on_error):
-            if event.key.encode("ascii") in keys:
-                found[event.key] = event
-        for (partition, _), (record, error) in sorted(bad.items(), key=lambda b: b[1][0].offset):
-            self._bad_record(partition, record, error)
-        self._decode_errors += len(report) - len(bad)  # (gone from the log since: count them)
-        for event in found.values():
-            self._apply_snapshot(event.key, event.snapshot, event.timestamp_ms)
-        if keys:
-            log.info("view of %s: %d session(s) kept their last good snapshot after a bad "
-                     "record", self.config.topic, len(found), extra={"topic": self.config.topic})
+    async def _repair(self) -> None:
+        """Restore the last good snapshot of the sessions in `_repair_wanted`, and report the
+        records in `_report_bad` and `_report_misplaced`, reading only their partitions, beside
+        the live tail (which goes on meanwhile). Retries like the read loop; an error it cannot
+        get past ends the view through the read loop (`_repair_error`)."""
+        failures = 0
+        while self._repair_wanted or self._report_bad or self._report_misplaced:
+            wanted = dict(self._repair_wanted)
+            bad, self._report_bad = self._report_bad, set()
+            misplaced, self._report_misplaced = self._report_misplaced, set()
+            keys: dict[int, set[bytes | None]] = {}
+            for key in wanted:
+                raw = key.encode()
+                keys.setdefault(self._home(raw), set()).add(raw)
+            for partition, found_key in itertools.chain(bad, misplaced):
+                keys.setdefault(partition, set()).add(found_key)
+            positions = self._reader.positions
+            until = {p: positions.get(p, 0) for p in keys}
+            try:
+                found = await read_keys(self.config, keys, until,
+                                        fetch_max_wait_ms=self._fetch_wait_ms)
+            except (KafkaError, SnapbusError) as exc:
+                self._report_bad |= bad
+                self._report_misplaced |= misplaced
+                if not getattr(exc, "retriable", False) and failures >= 3:
+                    self._repair_error = exc
+                    return
+                failures += 1
+                log.warning("view of %s: reading the log to repair sessions failed, retrying: "
+                            "%r", self.config.topic, exc, extra={"topic": self.config.topic})
+                await asyncio.sleep(min(0.1 * 2**failures, 5.0))  # (a backoff)
+                continue
+            failures = 0
+            self._repaired(wanted, bad, misplaced, found)
+
+    def _repaired(self, wanted: Mapping[str, int], bad: Collection[tuple[int, bytes | None]],
+                  misplaced: Collection[tuple[int, bytes]],
+                  found: Mapping[tuple[int, bytes | None], list[Record]]) -> None:
+        """Apply and report what `_repair` found."""
+        for partition, raw in sorted(misplaced):
+            records = found.get((partition, raw), [])
+            home = self._home(raw)
+            for record in records:
+                self._misplaced_record(partition, record, home)
+            if not records:  # (gone from the log since: count it)
+                self._misplaced += 1
+        for partition, key_or_none in sorted(bad, key=lambda b: (b[0], b[1] or b"")):
+            for record in reversed(found.get((partition, key_or_none), [])):
+                try:
+                    decode_value(record, self._codec)
+                except DecodeError as exc:
+                    self._bad_record(partition, record, exc)
+                    break
+            else:  # (gone from the log since: count it)
+                self._decode_errors += 1
+        restored = 0
+        for key, request in wanted.items():
+            if self._repair_wanted.get(key) != request:
+                continue  # applied (or asked again) since: the log has moved on
+            del self._repair_wanted[key]
+            raw = key.encode()
+            for record in reversed(found.get((self._home(raw), raw), [])):
+                try:
+                    _, snapshot = decode_value(record, self._codec)
+                except DecodeError:
+                    continue
+                self._apply_snapshot(key, snapshot, record.timestamp)
+                restored += 1
+                break
+        if wanted:
+            log.info("view of %s: %d of %d session(s) with a bad latest value restored to "
+                     "their last good snapshot", self.config.topic, restored, len(wanted),
+                     extra={"topic": self.config.topic})
+
+    def _home(self, key: bytes) -> int:
+        """The partition `key` belongs on (Kafka's default partitioner)."""
+        home = self._homes.get(key)
+        if home is None:
+            if len(self._homes) >= 65_536:
+                self._homes.clear()
+            home = self._homes[key] = partition_of(key, len(self._reader.partitions))
+        return home
+
+    def _homes_of(self, records: list[Record]) -> list[int]:
+        """The partition each record's key belongs on; -1 for no key."""
+        if len(records) >= 32:
+            return partitions_of(list(map(_record_key, records)), len(self._reader.partitions))
+        return [-1 if record.key is None else self._home(record.key) for record in records]
+
+    def _misplaced_record(self, partition: int, record: Record, home: int) -> None:
+        """Ignore a record on another partition than its key's: count, log, dead-letter."""
+        self._misplaced += 1
+        topic, key = self.config.topic, (record.key or b"").decode("utf-8", "replace")
+        message = (f"key {key!r} belongs on partition {home} of "
+                   f"{len(self._reader.partitions)}, not {partition} (Kafka's default "
+                   "partitioner, murmur2)")
+        if self._dead_letter_topic is not None:
+            self._dead_letters.append((partition, record, "misplaced", message))
+        if self._misplaced <= _LOGGED_DECODE_ERRORS:
+            log.warning("ignoring misplaced record at %s[%d]@%d: %s; written by a producer "
+                        "with another partitioner (docs/misplaced-records.md)", topic,
+                        partition, record.offset, message,
+                        extra={**_coordinates(topic, partition, record.offset), "key": key})
+            if self._misplaced == _LOGGED_DECODE_ERRORS:
+                log.warning("further misplaced records are counted in stats but not logged")
 
     def _apply(self, partition: int, record: Record, *, report: bool = True
                ) -> DecodeError | None:
@@ -1424,6 +1564,8 @@ class SnapshotView(AsyncLifecycle):
                         ) -> None:
         if self._resync_seen is not None:
             self._resync_seen.add(key)
+        if self._repair_wanted:
+            self._repair_wanted.pop(key, None)  # (newer than what a repair would restore)
         self._records_applied += 1
         if new is None:
             self._tombstones += 1
