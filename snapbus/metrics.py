@@ -17,6 +17,8 @@ Every series carries the label ``topic``:
 ``snapbus_view_records_applied_total``  counter    records applied (upserts and tombstones)
 ``snapbus_view_tombstones_total``       counter    tombstones applied
 ``snapbus_view_decode_errors_total``    counter    records skipped as undecodable
+``snapbus_view_misplaced_total``        counter    records ignored: on another partition than
+                                                   their key's (docs/misplaced-records.md)
 ``snapbus_view_expired_total``          counter    sessions hidden by the TTL
 ``snapbus_view_dead_lettered_total``    counter    bad records copied to the dead-letter topic
 ``snapbus_view_resyncs_total``          counter    full re-reads after the log was truncated
@@ -121,6 +123,9 @@ class ViewMetrics:
                       stats.tombstones)
         yield counter("snapbus_view_decode_errors",
                       "Records skipped because they could not be decoded.", stats.decode_errors)
+        yield counter("snapbus_view_misplaced",
+                      "Records ignored because they are on another partition than their key's.",
+                      stats.misplaced)
         yield counter("snapbus_view_expired",
                       "Sessions hidden because their latest record grew older than the TTL.",
                       stats.expired)

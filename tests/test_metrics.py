@@ -12,9 +12,12 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from snapbus._partition import partition_of
+from snapbus.codec import encode
 from snapbus.config import KafkaConfig
 from snapbus.errors import PublishError, ValidationError
 from snapbus.metrics import InstrumentedPublisher, PublisherMetrics, ViewMetrics
+from snapbus.topic import DEFAULT_PARTITIONS
 from snapbus.view import SnapshotView
 from tests.helpers import eventually, make_snapshot
 
@@ -61,6 +64,10 @@ async def test_scraped_values_match_the_view_and_publisher(
         await producer.start()
         try:
             await producer.send_and_wait(topic_name, b"not avro", key=str(uuid.uuid4()).encode())
+            stray = make_snapshot()  # on a partition that is not its key's: ignored
+            wrong = (partition_of(stray.key.encode(), DEFAULT_PARTITIONS) + 1) % DEFAULT_PARTITIONS
+            await producer.send_and_wait(topic_name, encode(stray), key=stray.key.encode(),
+                                         partition=wrong)
         finally:
             await producer.stop()
         await view.barrier(timeout=WAIT_S)
@@ -76,6 +83,7 @@ async def test_scraped_values_match_the_view_and_publisher(
         assert found["snapbus_view_tombstones_total", topic] == stats.tombstones == 1
         assert found["snapbus_view_decode_errors_total", topic] == stats.decode_errors
         assert found["snapbus_view_expired_total", topic] == stats.expired == 0
+        assert found["snapbus_view_misplaced_total", topic] == stats.misplaced == 1
         assert found["snapbus_view_dead_lettered_total", topic] == 0
         assert found["snapbus_view_resyncs_total", topic] == 0
         lag = {int(dict(key)["partition"]): value for (name, key), value in found.items()

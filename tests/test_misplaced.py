@@ -4,13 +4,17 @@ by every reader, live or starting, so every pod reaches the same state (docs/mis
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer
+from click.testing import CliRunner
 
 from snapbus._partition import partition_of
+from snapbus.cli import cli
 from snapbus.codec import encode
 from snapbus.config import KafkaConfig
 from snapbus.publisher import SnapshotPublisher
@@ -106,3 +110,42 @@ async def test_misplaced_records_are_ignored_by_every_view(
         assert sorted((dict(r.headers)["snapbus.error.reason"],
                        dict(r.headers)["snapbus.source.key"]) for r in letters) == sorted(
             (b"misplaced", s.key.encode()) for s in (kept, deleted, stray))
+
+
+def test_cli_lists_misplaced_records(broker: BrokerAddress, topic_name: str) -> None:
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    placed, stray = make_snapshot(), make_snapshot()
+
+    async def publish() -> None:
+        async with SnapshotPublisher(config) as publisher:
+            await publisher.publish(placed)
+
+    async def misplace() -> Any:
+        raw = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers, acks="all")
+        await raw.start()
+        try:
+            return await raw.send_and_wait(topic_name, None, key=stray.key.encode(),
+                                           partition=elsewhere(stray))
+        finally:
+            await raw.stop()
+
+    asyncio.run(publish())
+    base = ["-b", broker.bootstrap_servers, "-t", topic_name, "topic", "misplaced"]
+    clean = CliRunner().invoke(cli, base, catch_exceptions=False)
+    assert clean.exit_code == 0, clean.output
+    assert clean.output == "0 misplaced record(s)\n"
+
+    md = asyncio.run(misplace())
+    listed = CliRunner().invoke(cli, base, catch_exceptions=False)
+    assert listed.exit_code == 1
+    assert listed.output.splitlines() == [
+        f"partition {md.partition} offset {md.offset}: tombstone of key {stray.key} belongs on "
+        f"partition {partition_of(stray.key.encode(), DEFAULT_PARTITIONS)}",
+        "1 misplaced record(s)",
+    ]
+    as_json = CliRunner().invoke(cli, [*base, "--json"], catch_exceptions=False)
+    assert as_json.exit_code == 1
+    assert [json.loads(line) for line in as_json.output.splitlines()] == [{
+        "partition": md.partition, "offset": md.offset,
+        "expected_partition": partition_of(stray.key.encode(), DEFAULT_PARTITIONS),
+        "key": stray.key, "timestamp_ms": md.timestamp, "tombstone": True}]
