@@ -24,7 +24,15 @@ Consistency contract
 - **Bad records** (undecodable value, empty value, unknown schema fingerprint, key that is not
   a UUID, value whose session id differs from its key) are counted in `stats`, logged with
   their partition and offset, and skipped: they never stop the view and never erase or alter
-  the last good snapshot of their key.
+  the last good snapshot of their key. With ``decode="lazy"`` a value may be found bad only
+  when first read: from then on the session is absent from every read (`get`, ``[]``, ``in``,
+  `len`, iteration, indexes) until its last good snapshot is restored from the log, which
+  happens beside the live tail (docs/bad-values.md).
+- **Misplaced records**: a record on another partition than the one Kafka's default
+  partitioner (murmur2 of the key) gives its key was written by a producer with another
+  partitioner. It is ignored (never applied, never deletes), counted in `stats.misplaced`,
+  logged with its coordinates and dead-lettered, so that every view reaches the same state
+  from the same log whatever order it reads partitions in (docs/misplaced-records.md).
 - **Changes**: `changes()` streams every applied change as ``(session_id, old, new)``, in
   order per session (``old`` None: created; ``new`` None: deleted or expired). Re-publishing
   an equal snapshot is not a change. The initial replay decodes only each session's latest
@@ -354,9 +362,9 @@ class SnapshotView(AsyncLifecycle):
             record, checkpoint and fetch times with, for the TTL and tombstone retention.
         decode: ``"lazy"`` (default): the initial replay reads only the indexed fields of each
             session's latest record and decodes the rest on first use, as a GlobalKTable keeps
-            serialized values (half the time to go live). A value found bad then makes
-            that read raise `DecodeError`, is counted in `stats.decode_errors`, and is replaced
-            by the session's last good snapshot from the log moments later. ``"eager"``:
+            serialized values (half the time to go live). A value found bad then is absent
+            from every read at once, counted in `stats.decode_errors`, and replaced by the
+            session's last good snapshot from the log moments later. ``"eager"``:
             decode and validate every session before going live. Records arriving after
             that are always decoded at once.
         consumer_options: extra keyword arguments for `aiokafka.AIOKafkaConsumer`.
