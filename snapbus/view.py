@@ -1114,6 +1114,8 @@ class SnapshotView(AsyncLifecycle):
 
     def _fail(self, exc: BaseException) -> None:
         self._failure = exc
+        if self._repair_task is not None:
+            self._repair_task.cancel()  # (nothing to repair in a view that serves no more)
         self._set_status("failed", f"{type(exc).__name__}: {exc}")
         log.error("view of %s failed: %s", self.config.topic, self._status_reason,
                   extra={"topic": self.config.topic, "status": "failed"})
