@@ -1095,6 +1095,13 @@ class _Refused(click.ClickException):
               help="Seconds between janitor sweeps.")
 @click.option("--fetch-max-wait-ms", type=click.IntRange(1, 10_000), default=100,
               help="The view's fetch wait: lower is fresher, higher is idler.")
+@click.option("--redis-port", type=click.IntRange(0, 65535),
+              help="Also serve the Redis protocol on this port, for the upstream server's "
+                   "Valkey URL (docs/redis-sidecar.md).")
+@click.option("--redis-upstream", metavar="URL",
+              help="redis://host:port of a Redis/Valkey for keys that are not snapshots "
+                   "(graph, files); without it they are refused or answered as absent.")
+@click.option("--no-http", is_flag=True, help="With --redis-port: serve no HTTP.")
 @click.option("--log-json", is_flag=True, help="Log JSON lines on stderr.")
 @click.option("--token-file", type=click.Path(dir_okay=False),
               help="File holding the bearer token every /sessions and /changes request must "
@@ -1105,22 +1112,27 @@ class _Refused(click.ClickException):
 @click.option("--tls-key", type=click.Path(dir_okay=False),
               help="The PEM private key of --tls-cert (unencrypted).")
 def serve(host: str, port: int, allow_writes: bool, ttl_s: float | None, janitor: bool,
-          janitor_interval: float, fetch_max_wait_ms: int, log_json: bool,
+          janitor_interval: float, fetch_max_wait_ms: int, redis_port: int | None,
+          redis_upstream: str | None, no_http: bool, log_json: bool,
           token_file: str | None, tls_cert: str | None, tls_key: str | None) -> None:
     """Serve the sessions over HTTP for pods that do not run Python, until Ctrl-C.
 
     GET /sessions/{id}, /sessions?repo=&agent=&state=, /changes (server-sent events),
     /metrics (Prometheus), /healthz and /readyz; with --allow-writes also PUT, PATCH and
-    DELETE /sessions/{id}. Prints `serving URL` once the view is live. Needs the extra
-    snapbus[serve].
+    DELETE /sessions/{id}. With --redis-port also the Redis protocol, for the upstream
+    server's Valkey cache (docs/redis-sidecar.md). Prints `serving URL` once the view is live.
+    Needs the extra snapbus[serve].
 
-    With a token, every /sessions and /changes request needs it. Without one, --allow-writes
-    beyond loopback is refused, and reads beyond loopback are served with a warning.
+    With a token, every /sessions and /changes request needs it, and Redis clients must AUTH
+    with it. Without one, --allow-writes beyond loopback is refused, and reads beyond loopback
+    are served with a warning.
     """
     if janitor and ttl_s is None:
         raise click.UsageError("--janitor needs --ttl")
     if tls_key is not None and tls_cert is None:
         raise click.UsageError("--tls-key needs --tls-cert")
+    if redis_port is None and (no_http or redis_upstream):
+        raise click.UsageError("--no-http and --redis-upstream need --redis-port")
     try:
         from snapbus.serve import check_exposure, read_token, run_server
     except ImportError as exc:
@@ -1144,8 +1156,9 @@ def serve(host: str, port: int, allow_writes: bool, ttl_s: float | None, janitor
 
     _run(run_server(_config(), host=host, port=port, allow_writes=allow_writes, ttl_s=ttl_s,
                     janitor=janitor, janitor_interval_s=janitor_interval,
-                    fetch_max_wait_ms=fetch_max_wait_ms, on_ready=ready, token=token,
-                    tls_certfile=tls_cert, tls_keyfile=tls_key))
+                    fetch_max_wait_ms=fetch_max_wait_ms, redis_port=redis_port,
+                    redis_upstream=redis_upstream, http=not no_http, on_ready=ready,
+                    token=token, tls_certfile=tls_cert, tls_keyfile=tls_key))
 
 
 def main() -> None:

@@ -48,6 +48,11 @@ from snapbus.publisher import Receipt, SnapshotPublisher
 from snapbus.snapshot import FIELDS, ID_FIELDS, WorkspaceSnapshot
 from snapbus.view import SnapshotView
 
+try:
+    import hiredis
+except ImportError:  # pragma: no cover - depends on the installed extras
+    hiredis = None  # type: ignore[assignment]
+
 __all__ = ["TOKEN_ENV", "decode_snapshot", "encode_snapshot", "serving_redis"]
 
 log = logging.getLogger("snapbus.resp")
@@ -208,19 +213,37 @@ class _ProtocolError(Exception):
     pass
 
 
+_BAD = b"\x00protocol-error"
+"""The name of the pseudo-command a parser ends with on a protocol error (its argument says
+what is wrong): answered in order, then the connection closes."""
+
+
 class _Parser:
     """Incremental reader of client commands: RESP arrays of bulk strings, or inline lines."""
 
     def __init__(self) -> None:
         self.buf = b""
+        self.failed = False
 
     def feed(self, data: bytes) -> None:
         self.buf = self.buf + data if self.buf else data
 
     def commands(self) -> list[list[bytes]]:
-        """The complete commands received so far (the rest stays buffered)."""
-        buf, pos, end = self.buf, 0, len(self.buf)
+        """The complete commands received so far (the rest stays buffered); a protocol error
+        ends the list with a `_BAD` command and the parser reads nothing more."""
         found: list[list[bytes]] = []
+        if self.failed:
+            return found
+        try:
+            self._read(found)
+        except _ProtocolError as exc:
+            self.failed = True
+            self.buf = b""
+            found.append([_BAD, str(exc).encode()])
+        return found
+
+    def _read(self, found: list[list[bytes]]) -> None:
+        buf, pos, end = self.buf, 0, len(self.buf)
         while pos < end:
             if buf[pos] != 0x2A:  # '*'
                 nl = buf.find(b"\n", pos)
@@ -269,7 +292,61 @@ class _Parser:
                 continue
             break  # incomplete command
         self.buf = buf[pos:] if pos else buf
+
+
+class _HiredisParser:
+    """The same reader on hiredis's C parser; inline commands go through `_Parser`."""
+
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        self.inline: _Parser | None = None
+        self.partial = False
+        """Whether hiredis holds part of a command (its `has_data` only tells of bytes it
+        has not looked at yet)."""
+
+    def feed(self, data: bytes) -> None:
+        if self.inline is None and not self.partial and data[:1] != b"*":
+            self.inline = _Parser()
+        if self.inline is not None:
+            self.inline.feed(data)
+        else:
+            self.reader.feed(data)
+            self.partial = True
+
+    def commands(self) -> list[list[bytes]]:
+        """The complete commands received so far (the rest stays buffered)."""
+        if self.inline is not None:
+            found = self.inline.commands()
+            if not self.inline.buf and not self.inline.failed:
+                self.inline = None
+            return found
+        found = []
+        gets = self.reader.gets
+        while True:
+            try:
+                command = gets()
+            except hiredis.ProtocolError as exc:
+                return self._failed(found, str(exc))
+            if command is False:
+                return found
+            self.partial = self.reader.has_data()
+            if type(command) is not list or not all(type(a) is bytes for a in command):
+                return self._failed(found, "expected an array of bulk strings")
+            if command:
+                if len(command) > MAX_ARGS:
+                    return self._failed(found, "invalid multibulk length")
+                found.append(command)
+
+    def _failed(self, found: list[list[bytes]], message: str) -> list[list[bytes]]:
+        self.inline = _Parser()  # (which reads nothing more)
+        self.inline.failed = True
+        self.reader = hiredis.Reader()
+        found.append([_BAD, message.encode()])
         return found
+
+
+_PARSER: type[_Parser] | type[_HiredisParser] = _Parser if hiredis is None else _HiredisParser
+"""The command reader connections use: hiredis's when installed (``snapbus[resp]``)."""
 
 
 def _reply_end(buf: bytes, pos: int) -> int:
@@ -487,7 +564,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: _Server) -> None:
         self.server = server
         self.view = server.view
-        self.parser = _Parser()
+        self.parser = _PARSER()
         self.transport: asyncio.Transport | None = None
         self.queue: collections.deque[list[bytes]] = collections.deque()
         self.busy = False
@@ -522,12 +599,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         parser = self.parser
         parser.feed(data)
-        try:
-            commands = parser.commands()
-        except _ProtocolError as exc:
-            self._write(_err(f"ERR Protocol error: {exc}"))
-            self._close()
-            return
+        commands = parser.commands()
         if self.busy:
             self.queue.extend(commands)
             self._throttle()
@@ -608,6 +680,9 @@ class _Connection(asyncio.Protocol):
             if _key_class(key) == "meta":
                 return self.nil
             return self._other(args, key)
+        if args[0] is _BAD:
+            self.closing = True
+            return _err(f"ERR Protocol error: {args[1].decode()}")
         if not self.authed and name not in _NO_AUTH_NEEDED:
             return _NOAUTH
         if self.multi is not None and name not in (b"EXEC", b"DISCARD", b"MULTI", b"WATCH",
@@ -658,6 +733,9 @@ class _Connection(asyncio.Protocol):
         if self.server.publisher is None:
             return (b"-READONLY writes are disabled on this sidecar; start it with "
                     b"`snapbus serve --allow-writes` to SET or DEL snapshots\r\n")
+        if self.view.status == "starting":  # (a write could not be waited for yet)
+            return _err(f"LOADING the view of {self.view.config.topic} is starting; "
+                        "try again in a moment")
         return None
 
     # --- snapshots

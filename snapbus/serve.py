@@ -598,6 +598,9 @@ async def run_server(
     janitor: bool = False,
     janitor_interval_s: float = 30.0,
     fetch_max_wait_ms: int = 100,
+    redis_port: int | None = None,
+    redis_upstream: str | None = None,
+    http: bool = True,
     on_listening: Callable[[str], None] | None = None,
     on_ready: Callable[[str], None] | None = None,
     token: str | None = None,
@@ -611,8 +614,13 @@ async def run_server(
     (with a TTL) deletes expired sessions from the topic every `janitor_interval_s`.
 
     Args:
-        on_listening: called with the base URL once the server listens.
-        on_ready: called with the base URL once the view has replayed the topic and is live.
+        redis_port: also serve the Redis protocol on this port (`snapbus.resp`); clients
+            AUTH with `token`; `redis_upstream` is its upstream Redis URL for keys other than
+            snapshots.
+        http: serve HTTP on `port` (False: only the Redis protocol, which needs `redis_port`).
+        on_listening: called with each server's URL once it listens.
+        on_ready: called with each server's URL once the view has replayed the topic and is
+            live.
         token: the bearer token every ``/sessions`` and ``/changes`` request must carry
             (`read_token` reads it); without one, writes are refused beyond loopback and
             reads there are served with a warning logged.
@@ -637,9 +645,17 @@ async def run_server(
     with stop_on_signals(stop):
         async with contextlib.AsyncExitStack() as stack:
             # Cheap checks first, so that a failure leaves nothing half started.
-            sock = _listen(host, port)
-            stack.callback(sock.close)
-            _warn_exposure(sock, writable=allow_writes, guarded=token is not None)
+            if not http and redis_port is None:
+                raise ConfigError("nothing to serve: no HTTP and no Redis port")
+            sock = _listen(host, port) if http else None
+            if sock is not None:
+                stack.callback(sock.close)
+                _warn_exposure(sock, writable=allow_writes, guarded=token is not None)
+            else:
+                warning = check_exposure(host, has_token=token is not None,
+                                         allow_writes=allow_writes)
+                if warning is not None:
+                    log.warning("%s", warning)
             publisher: InstrumentedPublisher | None = None
             if allow_writes or janitor:
                 publisher = InstrumentedPublisher(config, metrics=PublisherMetrics(registry))
@@ -647,16 +663,25 @@ async def run_server(
             view = SnapshotView(config, ttl_s=ttl_s, fetch_max_wait_ms=fetch_max_wait_ms,
                                 ensure_topic=False)
             stack.push_async_callback(view.stop)
-            app = create_app(view, publisher if allow_writes else None, registry=registry,
-                             token=token)
-            url = await stack.enter_async_context(
-                _serving(app, sock, access_log=log.isEnabledFor(logging.INFO),
-                         tls_certfile=tls_certfile, tls_keyfile=tls_keyfile))
-            log.info("serving %s on %s (%s%s)", config.topic, url,
-                     "writes allowed" if allow_writes else "read-only",
-                     ", bearer token required" if token is not None else "")
-            if on_listening is not None:
-                on_listening(url)
+            urls = []
+            if sock is not None:
+                app = create_app(view, publisher if allow_writes else None, registry=registry,
+                                 token=token)
+                urls.append(await stack.enter_async_context(
+                    _serving(app, sock, access_log=log.isEnabledFor(logging.INFO),
+                             tls_certfile=tls_certfile, tls_keyfile=tls_keyfile)))
+            if redis_port is not None:
+                from snapbus.resp import serving_redis
+
+                urls.append(await stack.enter_async_context(serving_redis(
+                    view, publisher if allow_writes else None, host=host, port=redis_port,
+                    token=token, upstream=redis_upstream)))
+            for url in urls:
+                log.info("serving %s on %s (%s%s)", config.topic, url,
+                         "writes allowed" if allow_writes else "read-only",
+                         ", token required" if token is not None else "")
+                if on_listening is not None:
+                    on_listening(url)
             starting = asyncio.create_task(view.start())
             stopping = asyncio.create_task(stop.wait())
             try:
@@ -665,7 +690,8 @@ async def run_server(
                     return
                 starting.result()  # raises why the view could not start
                 if on_ready is not None:
-                    on_ready(url)
+                    for url in urls:
+                        on_ready(url)
                 if janitor and publisher is not None:
                     await stack.enter_async_context(
                         Janitor(view, publisher, interval_s=janitor_interval_s))

@@ -23,15 +23,25 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import AuthenticationError, ReadOnlyError, ResponseError
+from click.testing import CliRunner
+from redis.exceptions import AuthenticationError, BusyLoadingError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+import snapbus.resp
+from snapbus.cli import cli
 from snapbus.config import KafkaConfig
 from snapbus.publisher import SnapshotPublisher
-from snapbus.resp import _Parser, decode_snapshot, encode_snapshot, serving_redis
+from snapbus.resp import (
+    _PARSER,
+    _HiredisParser,
+    _Parser,
+    decode_snapshot,
+    encode_snapshot,
+    serving_redis,
+)
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.view import SnapshotView
-from tests.helpers import eventually, make_snapshot
+from tests.helpers import eventually, make_snapshot, serve_command
 
 if TYPE_CHECKING:
     from tests.conftest import BrokerAddress
@@ -126,18 +136,29 @@ def test_decoding_rejects_what_is_not_a_snapshot(value: bytes, message: str) -> 
 # ---------------------------------------------------------------------------- parser
 
 
-def test_parser_reads_commands_split_anywhere() -> None:
-    wire = (b"*3\r\n$3\r\nSET\r\n$5\r\nk\r\ney\r\n$0\r\n\r\n"
-            b"PING\r\n*2\r\n$3\r\nGET\r\n$3\r\nkey\r\n")
-    expected = [[b"SET", b"k\r\ney", b""], [b"PING"], [b"GET", b"key"]]
+PARSERS = [_Parser, *([_HiredisParser] if _HiredisParser is _PARSER else [])]
+
+
+@pytest.fixture(params=PARSERS, ids=lambda p: p.__name__)
+def parser_class(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Each command reader in turn, the one connections use while the test runs."""
+    monkeypatch.setattr(snapbus.resp, "_PARSER", request.param)
+    return request.param
+
+
+def test_parser_reads_commands_split_anywhere(parser_class: Any) -> None:
+    # (hiredis reads arrays only: an inline command must begin a read, as real clients do)
+    wire = (b"PING\r\n*3\r\n$3\r\nSET\r\n$5\r\nk\r\ney\r\n$0\r\n\r\n"
+            b"*2\r\n$3\r\nGET\r\n$3\r\nkey\r\n")
+    expected = [[b"PING"], [b"SET", b"k\r\ney", b""], [b"GET", b"key"]]
     for cut in range(len(wire) + 1):
-        parser = _Parser()
+        parser = parser_class()
         parser.feed(wire[:cut])
         found = parser.commands()
         parser.feed(wire[cut:])
         found += parser.commands()
         assert found == expected, cut
-    parser = _Parser()
+    parser = parser_class()
     for byte in wire:
         parser.feed(bytes([byte]))
         found = parser.commands()
@@ -186,6 +207,21 @@ async def test_set_refuses_invalid_snapshots(sidecar: Sidecar) -> None:
     assert snapshot.session_id not in sidecar.view
 
 
+@pytest.mark.parametrize(("wire", "error"), [
+    (b"*x\r\n", "-ERR Protocol error"),
+    (b"*1\r\n:5\r\n", "-ERR Protocol error"),
+])
+async def test_protocol_errors_close_the_connection(parser_class: Any, sidecar: Sidecar,
+                                                    wire: bytes, error: str) -> None:
+    reader, writer = await asyncio.open_connection(*_address(sidecar.url))
+    writer.write(b"PING\r\n" + wire)
+    assert await _read_lines(reader, 1) == [b"+PONG"]
+    line = (await asyncio.wait_for(reader.readline(), WAIT_S)).decode()
+    assert line.startswith(error), line
+    assert await asyncio.wait_for(reader.read(), WAIT_S) == b""  # closed
+    writer.close()
+
+
 async def upstream_evict(client: aioredis.Redis, sid: uuid.UUID) -> list[Any]:
     """The upstream's `evict`: SMEMBERS of the files set, then every DEL in MULTI/EXEC."""
     paths = await client.smembers(f"ws:{sid}:files")
@@ -211,7 +247,7 @@ async def upstream_touch(client: aioredis.Redis, sid: uuid.UUID, ttl: int = TTL_
     return result
 
 
-async def test_upstream_evict_pipeline(sidecar: Sidecar) -> None:
+async def test_upstream_evict_pipeline(parser_class: Any, sidecar: Sidecar) -> None:
     snapshot = make_snapshot()
     await sidecar.client.set(meta(snapshot), rmp_named(snapshot), ex=TTL_S)
     assert await upstream_evict(sidecar.client, snapshot.session_id) == [1, 0, 0]
@@ -392,7 +428,7 @@ async def test_auth_with_the_token(broker: BrokerAddress, topic_name: str) -> No
         await authed.aclose()
 
 
-async def test_redis_cli(sidecar: Sidecar) -> None:
+async def test_redis_cli(parser_class: Any, sidecar: Sidecar) -> None:
     cli = shutil.which("redis-cli")
     assert cli is not None, "redis-cli is not installed (.ci/run installs it)"
     snapshot = make_snapshot()
@@ -421,3 +457,31 @@ def _address(url: str) -> tuple[str, int]:
 async def _read_lines(reader: asyncio.StreamReader, n: int) -> list[bytes]:
     return [(await asyncio.wait_for(reader.readline(), WAIT_S)).rstrip(b"\r\n")
             for _ in range(n)]
+
+
+async def test_serve_command_with_a_redis_port(broker: BrokerAddress, topic_name: str) -> None:
+    args = ["-b", broker.bootstrap_servers, "-t", topic_name, "serve", "--port", "0",
+            "--redis-port", "0", "--allow-writes", "--fetch-max-wait-ms", "20"]
+    async with serve_command(*args, env={"SNAPBUS_SERVE_TOKEN": "tok"}) as (_, proc):
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), WAIT_S)).decode()
+        assert line.startswith("serving redis://127.0.0.1:"), line
+        url = line.split()[1].replace("//", "//:tok@")
+        client = aioredis.Redis.from_url(url, socket_timeout=WAIT_S)
+        snapshot = make_snapshot()
+
+        async def stored() -> bool:
+            try:
+                return bool(await client.set(meta(snapshot), rmp_named(snapshot), ex=TTL_S))
+            except BusyLoadingError:  # as Redis answers while it loads: the view starts
+                return False
+
+        await eventually(stored, what="SET answered")
+        assert await client.get(meta(snapshot)) == rmp_named(snapshot)
+        await client.aclose()
+
+
+def test_serve_command_redis_usage_errors() -> None:
+    result = CliRunner().invoke(cli, ["serve", "--no-http"])
+    assert result.exit_code == 2
+    assert "--no-http and --redis-upstream need --redis-port" in result.output
