@@ -9,7 +9,7 @@ cases: 16 connections (requests per second) and one connection (median latency).
 single-connection median latency <= 1.5x. The machine is shared: read the ratios, per round
 and their median, not the absolute figures.
 
-    python benchmarks/bench_resp.py [--rounds N] [--quick]
+    python benchmarks/bench_resp.py [--rounds N] [--quick] [--without-extras]
 """
 
 from __future__ import annotations
@@ -74,10 +74,17 @@ def _redis_server(key: str, value: bytes) -> Iterator[int]:
             proc.wait(30)
 
 
+# ``--without-extras``: the sidecar as it runs without snapbus[resp] (import of hiredis and
+# uvloop made to fail), for comparison
+_PLAIN = ("import sys; sys.modules['hiredis'] = sys.modules['uvloop'] = None; "
+          "from snapbus.cli import main; sys.argv[0] = 'snapbus'; main()")
+
+
 @contextlib.asynccontextmanager
-async def _sidecar(bootstrap: str, topic: str) -> AsyncIterator[int]:
+async def _sidecar(bootstrap: str, topic: str, plain: bool) -> AsyncIterator[int]:
+    launch = ["-c", _PLAIN] if plain else ["-m", "snapbus"]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "snapbus", "-b", bootstrap, "-t", topic, "serve", "--no-http",
+        sys.executable, *launch, "-b", bootstrap, "-t", topic, "serve", "--no-http",
         "--redis-port", "0", stdout=asyncio.subprocess.PIPE,
         env={k: v for k, v in os.environ.items() if k != "SNAPBUS_SERVE_TOKEN"})
     try:
@@ -117,7 +124,7 @@ async def _wait_until_served(port: int, key: str, value: bytes) -> None:
         await client.aclose()
 
 
-async def run(rounds: int, quick: bool) -> None:
+async def run(rounds: int, quick: bool, plain: bool = False) -> None:
     if shutil.which("redis-benchmark") is None:
         raise SystemExit("redis-benchmark is not on PATH (apt-get install redis-tools)")
     n16, n1 = (20_000, 5_000) if quick else (100_000, 20_000)
@@ -134,11 +141,12 @@ async def run(rounds: int, quick: bool) -> None:
             await publisher.publish_many(snapshots)
         target = snapshots[SESSIONS // 2]
         key, value = f"ws:{target.session_id}:meta", encode_snapshot(target)
-        async with _sidecar(broker.bootstrap_servers, config.topic) as sidecar_port:
+        async with _sidecar(broker.bootstrap_servers, config.topic, plain) as sidecar_port:
             await _wait_until_served(sidecar_port, key, value)
             with _redis_server(key, value) as redis_port:
-                print(f"{broker.description}; GET of a {len(value)}-byte snapshot; "
-                      f"-c 16 -n {n16}, -c 1 -n {n1}; {rounds} rounds")
+                extras = "without hiredis and uvloop" if plain else "snapbus[resp] as installed"
+                print(f"{broker.description}; sidecar {extras}; GET of a {len(value)}-byte "
+                      f"snapshot; -c 16 -n {n16}, -c 1 -n {n1}; {rounds} rounds")
                 results: dict[tuple[str, int], list[dict[str, float]]] = {}
                 for r in range(rounds):
                     order = [("snapbus", sidecar_port), ("redis-server", redis_port)]
@@ -173,8 +181,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="fewer requests per case")
+    parser.add_argument("--without-extras", action="store_true",
+                        help="run the sidecar without hiredis and uvloop")
     args = parser.parse_args()
-    asyncio.run(run(args.rounds, args.quick))
+    asyncio.run(run(args.rounds, args.quick, args.without_extras))
 
 
 if __name__ == "__main__":

@@ -65,14 +65,16 @@ class _BadInput(click.ClickException):
     exit_code = 2
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine; snapbus errors become one line on stderr.
+def _run(coro: Coroutine[Any, Any, T],
+         run: Callable[[Coroutine[Any, Any, T]], T] = asyncio.run) -> T:
+    """Run a coroutine (with `run`: asyncio's, or uvloop's); snapbus errors become one line
+    on stderr.
 
     Invalid values (`ValidationError`) exit 2 like usage errors; anything else
     (unreachable cluster, missing topic, refused write, a port in use) exits 1.
     """
     try:
-        return asyncio.run(coro)
+        return run(coro)
     except ValidationError as exc:
         raise _BadInput(str(exc)) from None
     except SnapbusError as exc:
@@ -1154,11 +1156,18 @@ def serve(host: str, port: int, allow_writes: bool, ttl_s: float | None, janitor
         click.echo(f"serving {url} ({mode}); Ctrl-C to stop")
         sys.stdout.flush()
 
+    run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
+    if redis_port is not None:
+        with contextlib.suppress(ImportError):  # snapbus[resp]: a faster event loop
+            import uvloop
+
+            run = uvloop.run
     _run(run_server(_config(), host=host, port=port, allow_writes=allow_writes, ttl_s=ttl_s,
                     janitor=janitor, janitor_interval_s=janitor_interval,
                     fetch_max_wait_ms=fetch_max_wait_ms, redis_port=redis_port,
                     redis_upstream=redis_upstream, http=not no_http, on_ready=ready,
-                    token=token, tls_certfile=tls_cert, tls_keyfile=tls_key))
+                    token=token, tls_certfile=tls_cert, tls_keyfile=tls_key),
+         run)
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 from snapbus.errors import ConfigError, PublishError, ValidationError, ViewError
 from snapbus.publisher import Receipt, SnapshotPublisher
@@ -325,13 +325,14 @@ class _HiredisParser:
         while True:
             try:
                 command = gets()
+                if command is False:
+                    return found
+                b"".join(command)  # TypeError unless a list (or tuple) of bytes
             except hiredis.ProtocolError as exc:
                 return self._failed(found, str(exc))
-            if command is False:
-                return found
-            self.partial = self.reader.has_data()
-            if type(command) is not list or not all(type(a) is bytes for a in command):
+            except TypeError:
                 return self._failed(found, "expected an array of bulk strings")
+            self.partial = self.reader.has_data()
             if command:
                 if len(command) > MAX_ARGS:
                     return self._failed(found, "invalid multibulk length")
@@ -564,6 +565,8 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: _Server) -> None:
         self.server = server
         self.view = server.view
+        self.view_get = server.view.get
+        self.gets = server.gets
         self.parser = _PARSER()
         self.transport: asyncio.Transport | None = None
         self.queue: collections.deque[list[bytes]] = collections.deque()
@@ -584,8 +587,7 @@ class _Connection(asyncio.Protocol):
     # ------------------------------------------------------------------ transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's is no subclass)
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -600,6 +602,13 @@ class _Connection(asyncio.Protocol):
         parser = self.parser
         parser.feed(data)
         commands = parser.commands()
+        if len(commands) == 1 and self.authed and self.multi is None and not self.busy:
+            args = commands[0]  # the hot path: GET of a snapshot whose reply is cached
+            if len(args) == 2 and (args[0] == b"GET" or args[0] == b"get"):
+                cached = self.gets.get(args[1])
+                if cached is not None and self.view_get(cached[0]) is cached[1]:
+                    self.transport.write(cached[2])  # type: ignore[union-attr]
+                    return
         if self.busy:
             self.queue.extend(commands)
             self._throttle()
