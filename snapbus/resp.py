@@ -37,7 +37,6 @@ import hmac
 import logging
 import math
 import os
-import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -937,7 +936,7 @@ class _Connection(asyncio.Protocol):
         stamp = self.view._stamps.get(sid)
         if ttl_ms is None or stamp is None:
             return b":-1\r\n"
-        left_ms = max(0.0, stamp + ttl_ms - time.time() * 1000)
+        left_ms = max(0.0, stamp + ttl_ms - self.view._now_ms())  # (the view's clock)
         if args[0].upper() == b"PTTL":
             return _int(int(left_ms))
         return _int(math.floor((left_ms + 500) / 1000))
