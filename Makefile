@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench stress clean pods
+.PHONY: demo test lint bench stress clean pods redis-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ demo: $(VENV)/.installed-broker
 ## the whole test suite: unit and integration tests on Tansu, then the integration tests on
 ## Apache Kafka with the wire-contract pods (`make pods`; skipped with one line when Java or
 ## Maven is missing; on CI that fails the run)
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev redis-tools
 	$(BIN)/pytest
 	@if reason=$$($(BIN)/python -m snapbus._kafka_broker 2>&1); then \
 	  echo "== the integration suite on Apache Kafka ($$reason)"; \
@@ -37,6 +37,15 @@ test: $(VENV)/.installed-dev
 	else \
 	  echo "note: the Kafka leg of the tests did not run: $$reason"; \
 	fi
+
+## redis-server and redis-cli for tests/test_resp.py (the Redis-protocol sidecar's peers), from
+## Debian's packages when missing; a failed install fails the tests, never skips them
+redis-tools:
+	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { \
+	  echo "== installing redis-server, redis-tools (apt-get)"; \
+	  sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+	  $$sudo apt-get update -qq && \
+	  $$sudo apt-get install -y -qq --no-install-recommends redis-server redis-tools >/dev/null; }
 
 ## the Java and Rust pods of the wire-contract tests (tests/test_interop.py, docs/interop.md):
 ## Maven caches its jars in ~/.m2, cargo builds in $(SNAPBUS_INTEROP_RUST_TARGET), so a new

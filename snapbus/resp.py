@@ -36,7 +36,6 @@ import contextlib
 import hmac
 import logging
 import math
-import os
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -52,12 +51,9 @@ try:
 except ImportError:  # pragma: no cover - depends on the installed extras
     hiredis = None  # type: ignore[assignment]
 
-__all__ = ["TOKEN_ENV", "decode_snapshot", "encode_snapshot", "serving_redis"]
+__all__ = ["decode_snapshot", "encode_snapshot", "serving_redis"]
 
 log = logging.getLogger("snapbus.resp")
-
-TOKEN_ENV = "SNAPBUS_SERVE_TOKEN"
-"""The environment variable holding the sidecar's token (``AUTH`` must give it when set)."""
 
 MAX_BULK_BYTES = 64 * 1024 * 1024
 """Largest bulk string a client may send (a protocol error beyond)."""
@@ -1170,9 +1166,4 @@ async def serving_redis(
         for connection in list(server.connections):
             connection._close()
         await listener.wait_closed()
-
-
-def token_from_env() -> str | None:
-    """The sidecar token from ``SNAPBUS_SERVE_TOKEN``, or None when unset or empty."""
-    return os.environ.get(TOKEN_ENV) or None
 
