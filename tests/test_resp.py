@@ -462,11 +462,12 @@ async def _read_lines(reader: asyncio.StreamReader, n: int) -> list[bytes]:
 async def test_serve_command_with_a_redis_port(broker: BrokerAddress, topic_name: str) -> None:
     args = ["-b", broker.bootstrap_servers, "-t", topic_name, "serve", "--port", "0",
             "--redis-port", "0", "--allow-writes", "--fetch-max-wait-ms", "20"]
-    async with serve_command(*args, env={"SNAPBUS_SERVE_TOKEN": "tok"}) as (_, proc):
+    token = "redis-sidecar-token-0123"
+    async with serve_command(*args, env={"SNAPBUS_SERVE_TOKEN": token}) as (_, proc):
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), WAIT_S)).decode()
         assert line.startswith("serving redis://127.0.0.1:"), line
-        url = line.split()[1].replace("//", "//:tok@")
+        url = line.split()[1].replace("//", f"//:{token}@")
         client = aioredis.Redis.from_url(url, socket_timeout=WAIT_S)
         snapshot = make_snapshot()
 
