@@ -1,6 +1,9 @@
 """Key and value encoding on the wire.
 
 - **Key**: the canonical lowercase UUID string of ``session_id``, UTF-8 (36 bytes).
+- **UUIDs inside a value**: the same canonical form (what Java's ``UUID.toString`` and Rust's
+  ``uuid`` write), and no other: the writer writes it, the reader calls any other spelling a
+  bad value (``invalid_field``) rather than rewriting it, as other readers would show it raw.
 - **Value**: Avro single-object encoding (Avro specification): the marker ``C3 01``, the 8-byte
   little-endian CRC-64-AVRO fingerprint of the writer schema's Parsing Canonical Form, then the
   Avro binary body. The reader finds the writer schema by fingerprint and resolves it to its
@@ -22,7 +25,7 @@ import fastavro
 
 from snapbus.errors import DecodeError, ValidationError
 from snapbus.schema import Schema, SchemaStore
-from snapbus.snapshot import FIELDS, WorkspaceSnapshot
+from snapbus.snapshot import FIELDS, WorkspaceSnapshot, _check_wire_ids
 
 __all__ = [
     "HEADER_SIZE",
@@ -119,7 +122,17 @@ class Codec:
             _type_name(f) == "string" for f in writer_fields)
 
     def encode_record(self, record: dict[str, Any]) -> bytes:
-        """Encode a plain record (ids as strings) with the writer schema, framed."""
+        """Encode a plain record (ids as strings) with the writer schema, framed.
+
+        Raises:
+            ValidationError: the record does not match the writer schema, or an id is not a
+                UUID in canonical form (lowercase, hyphenated: the only form on the wire; a
+                `WorkspaceSnapshot` holds its ids in that form whatever it was given).
+        """
+        _check_wire_ids(record)
+        return self._write(record)
+
+    def _write(self, record: dict[str, Any]) -> bytes:
         buf = io.BytesIO()
         buf.write(self._header)
         try:
@@ -131,7 +144,7 @@ class Codec:
 
     def encode(self, snapshot: WorkspaceSnapshot) -> bytes:
         """Encode a snapshot as a single-object Avro value."""
-        return self.encode_record(snapshot.to_dict())
+        return self._write(snapshot.to_dict())  # (its ids are canonical)
 
     def size_bound(self, snapshot: WorkspaceSnapshot) -> int | None:
         """An upper bound of `encode(snapshot)`'s size without encoding it (exact for ASCII

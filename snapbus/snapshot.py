@@ -110,6 +110,30 @@ def _canonical_id(value: object, field: str) -> str:
     return str(parse_uuid(value, field=field))
 
 
+def _wire_id(value: object, field: str) -> NoReturn:
+    """Raise the `ValidationError` for an id field of a record that is not a UUID in
+    canonical form (the wire contract's only form; see `WorkspaceSnapshot._from_record`)."""
+    _canonical_id(value, field)  # (raises when it is no UUID at all)
+    raise ValidationError(
+        f"{field} is not a UUID in canonical form (lowercase, hyphenated): {str(value)[:80]!r}",
+        field=field)
+
+
+def _check_wire_ids(record: Mapping[str, Any]) -> None:
+    """Check that the id fields present in a record about to be encoded are UUIDs in
+    canonical form, the only form the wire contract allows (the bytes on the wire are then
+    what other languages' UUID types write).
+
+    Raises:
+        ValidationError: an id field holds anything else (the error names it).
+    """
+    for field in ID_FIELDS:
+        if field in record:
+            value = record[field]
+            if not (type(value) is str and _canonical_match(value)):
+                _wire_id(value, field)
+
+
 def _text(value: object, field: str) -> str:
     if type(value) is not str and not isinstance(value, str):
         raise ValidationError(f"{field} must be a string, not {type(value).__name__}",
@@ -193,7 +217,10 @@ class WorkspaceSnapshot:
     def _from_record(cls, record: Mapping[str, Any]) -> WorkspaceSnapshot:
         """Build a snapshot from a decoded record (ids as strings): the codec's fast path.
 
-        Validates exactly like the constructor; extra keys in `record` are ignored.
+        Validates like the constructor, except that the ids must already be in canonical
+        form (lowercase, hyphenated, 36 characters), the only form the wire contract allows:
+        a value holding another spelling is bad, never rewritten (other readers would see the
+        raw text). Extra keys in `record` are ignored.
 
         Raises:
             KeyError: a field is missing from `record`.
@@ -206,14 +233,14 @@ class WorkspaceSnapshot:
         # the common case costs one regex per id and one type check per text; anything else
         # goes through the constructor's checks, in the constructor's order
         if not (type(sid) is str and _canonical_match(sid)):
-            sid = _canonical_id(sid, "session_id")
+            _wire_id(sid, "session_id")
         if not (type(rid) is str and _canonical_match(rid)):
-            rid = _canonical_id(rid, "repo_id")
+            _wire_id(rid, "repo_id")
         if type(agent_id) is not str or type(agent_name) is not str:
             _text(agent_id, "agent_id")
             _text(agent_name, "agent_name")
         if not (type(cid) is str and _canonical_match(cid)):
-            cid = _canonical_id(cid, "changeset_id")
+            _wire_id(cid, "changeset_id")
         if (type(intent) is not str or type(base_commit) is not str
                 or type(state) is not str or type(mode) is not str):
             for name in ("intent", "base_commit", "state", "mode"):

@@ -465,6 +465,44 @@ def test_parsable_body_with_invalid_uuid_is_invalid_field(field: str, value: str
     assert default_codec().decode_record(data)[field] == value
 
 
+def _other_spellings(text: str) -> list[str]:
+    """UUID text a `WorkspaceSnapshot` accepts but the wire contract does not."""
+    return [text.upper(), "{" + text + "}", text.replace("-", ""), "urn:uuid:" + text]
+
+
+@pytest.mark.parametrize("field", ID_FIELDS)
+@pytest.mark.parametrize("spelling", range(4))
+def test_a_value_with_an_id_not_in_canonical_form_is_bad_not_rewritten(
+    field: str, spelling: int
+) -> None:
+    # Java's UUID.fromString rejects the braced form, and any other reader shows the raw
+    # text: a value spelling an id otherwise is bad for every reader, snapbus included.
+    raw = _other_spellings(GOLDEN_SNAPSHOT.to_dict()[field])[spelling]
+    data = frame(plain_body({**GOLDEN_SNAPSHOT.to_dict(), field: raw}))
+    with pytest.raises(DecodeError, match="canonical form") as info:
+        decode(data)
+    assert info.value.reason == "invalid_field"
+    assert field in str(info.value)
+    assert default_codec().decode_record(data)[field] == raw  # (the raw text, for diagnostics)
+    if field != "changeset_id":  # (not peeked: a lazy view finds it bad on first read)
+        assert default_codec().peek(data) is None
+
+
+@pytest.mark.parametrize("field", ID_FIELDS)
+@pytest.mark.parametrize("spelling", range(4))
+def test_the_writer_writes_ids_only_in_canonical_form(field: str, spelling: int) -> None:
+    canonical = GOLDEN_SNAPSHOT.to_dict()[field]
+    raw = _other_spellings(canonical)[spelling]
+    # a snapshot accepts any spelling, and holds and writes the canonical one
+    assert encode(GOLDEN_SNAPSHOT.replace(**{field: raw})) == GOLDEN
+    assert encode(GOLDEN_SNAPSHOT.replace(**{field: uuid.UUID(canonical)})) == GOLDEN
+    # a plain record is written as given: another spelling is refused, not written
+    with pytest.raises(snapbus.ValidationError, match="canonical form") as info:
+        default_codec().encode_record({**GOLDEN_SNAPSHOT.to_dict(), field: raw})
+    assert info.value.field == field
+    assert default_codec().encode_record(GOLDEN_SNAPSHOT.to_dict()) == GOLDEN
+
+
 def test_decode_errors_are_snapbus_errors_and_value_errors() -> None:
     with pytest.raises(DecodeError) as info:
         decode(b"")
