@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import gc
 import json
 import marshal
 import mmap
@@ -253,15 +252,10 @@ def _parse(path: Path, data: memoryview, topic: str, partitions: int | None) -> 
 
 
 def _unmarshal(body: bytes | memoryview) -> Any:
-    """`marshal.loads` with the cyclic GC paused: millions of fresh objects would otherwise
-    trigger full collections that find nothing to free (a start-up cost, once)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        return marshal.loads(body)
-    finally:
-        if enabled:
-            gc.enable()
+    """`marshal.loads`, with the cyclic collector left as the host has it: a library does not
+    switch it off for the process (docs/gc.md; the sessions are bytes and tuples of strings,
+    which the collector stops tracking at its first pass, so its passes here stay cheap)."""
+    return marshal.loads(body)
 
 
 def now_ms() -> int:

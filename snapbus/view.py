@@ -56,7 +56,6 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import gc
 import heapq
 import itertools
 import logging
@@ -227,23 +226,6 @@ class ChangeStream:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while applying one chunk of records.
-
-    Applying records only creates long-lived state that the cyclic collector cannot free, yet
-    its full passes over a growing view doubled the time of a large replay; between chunks
-    (when other coroutines run) it is back to what it was.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 _record_key = operator.attrgetter("key")
@@ -734,12 +716,11 @@ class SnapshotView(AsyncLifecycle):
             sessions.items(), map(operator.is_, map(type, sessions.values()),
                                   itertools.repeat(tuple))))
         from_trusted, data = WorkspaceSnapshot._from_trusted, self._data
-        with _gc_paused():
-            for start in range(0, len(decoded), 10 * _APPLY_CHUNK):
-                for key, row in decoded[start:start + 10 * _APPLY_CHUNK]:
-                    del sessions[key]
-                    data[key] = from_trusted(row)
-                await asyncio.sleep(0)
+        for start in range(0, len(decoded), 10 * _APPLY_CHUNK):
+            for key, row in decoded[start:start + 10 * _APPLY_CHUNK]:
+                del sessions[key]
+                data[key] = from_trusted(row)
+            await asyncio.sleep(0)
         del decoded
         self._encoded = sessions
         self._by_repo, self._by_agent, self._by_state = saved.indexes
@@ -1052,12 +1033,6 @@ class SnapshotView(AsyncLifecycle):
     async def _run(self) -> None:
         reader = self._reader
         failures = 0
-        # The initial replay only builds long-lived state the cyclic collector cannot free,
-        # yet the collector's passes over the records and snapshots piling up took a third of
-        # a large replay: it is paused (process-wide) until the stash is applied.
-        gc_paused = self._stash is not None and gc.isenabled()
-        if gc_paused:
-            gc.disable()
         try:
             while True:
                 try:
@@ -1076,14 +1051,13 @@ class SnapshotView(AsyncLifecycle):
                     else:
                         homes = self._homes_of(records)
                         for start in range(0, len(records), _APPLY_CHUNK):
-                            with _gc_paused():
-                                for record, home in zip(records[start:start + _APPLY_CHUNK],
-                                                        homes[start:start + _APPLY_CHUNK],
-                                                        strict=True):
-                                    if home == partition or home < 0:
-                                        self._apply(partition, record)
-                                    else:
-                                        self._misplaced_record(partition, record, home)
+                            for record, home in zip(records[start:start + _APPLY_CHUNK],
+                                                    homes[start:start + _APPLY_CHUNK],
+                                                    strict=True):
+                                if home == partition or home < 0:
+                                    self._apply(partition, record)
+                                else:
+                                    self._misplaced_record(partition, record, home)
                             if len(records) > _APPLY_CHUNK:
                                 await asyncio.sleep(0)  # let readers and waiters run
                     if records:
@@ -1095,9 +1069,6 @@ class SnapshotView(AsyncLifecycle):
                     await self._flush_stash()
                 if self._stash is None:
                     self._applied = dict(reader.positions)
-                if gc_paused and self._stash is None:
-                    gc_paused = False
-                    gc.enable()
                 if self._dead_letters:
                     await self._send_dead_letters()
                 if self._ttl_ms is not None:
@@ -1108,9 +1079,6 @@ class SnapshotView(AsyncLifecycle):
             raise
         except BaseException as exc:
             self._fail(exc)
-        finally:
-            if gc_paused:
-                gc.enable()
 
     def _fail(self, exc: BaseException) -> None:
         self._failure = exc
@@ -1399,28 +1367,27 @@ class SnapshotView(AsyncLifecycle):
                 originals = (records[start:start + _APPLY_CHUNK] if records is not None
                              else itertools.repeat(None, size))
                 fresh = 0
-                with _gc_paused():
-                    for key, value, fields, original in zip(*chunk, peeked, originals,
-                                                            strict=True):
-                        if value is not None and fields is not None:
-                            sid, repo, agent, state = fields
-                            # (sid is canonical: so is the key when equal)
-                            if (key == sid.encode() and sid not in data
-                                    and sid not in encoded):
-                                encoded[sid] = compact(value)
-                                _add_new(by_repo, repo, sid)
-                                _add_new(by_agent, agent, sid)
-                                _add_new(by_state, state, sid)
-                                fresh += 1
-                                continue
-                        if original is not None:
-                            error = self._apply(partition, original)
-                        else:  # (its record is found in the log if it is bad: `_repair`)
-                            error = self._apply(partition, _Stashed(key, value), report=False)
-                            if error is not None:
-                                self._report_bad.add((partition, key))
-                        if error is not None and error.reason != "bad_key" and key:
-                            self._want_repair(key.decode("ascii"))  # an earlier good record
+                for key, value, fields, original in zip(*chunk, peeked, originals,
+                                                        strict=True):
+                    if value is not None and fields is not None:
+                        sid, repo, agent, state = fields
+                        # (sid is canonical: so is the key when equal)
+                        if (key == sid.encode() and sid not in data
+                                and sid not in encoded):
+                            encoded[sid] = compact(value)
+                            _add_new(by_repo, repo, sid)
+                            _add_new(by_agent, agent, sid)
+                            _add_new(by_state, state, sid)
+                            fresh += 1
+                            continue
+                    if original is not None:
+                        error = self._apply(partition, original)
+                    else:  # (its record is found in the log if it is bad: `_repair`)
+                        error = self._apply(partition, _Stashed(key, value), report=False)
+                        if error is not None:
+                            self._report_bad.add((partition, key))
+                    if error is not None and error.reason != "bad_key" and key:
+                        self._want_repair(key.decode("ascii"))  # an earlier good record
                 self._records_applied += fresh
                 await asyncio.sleep(0)
         self._start_repair()
