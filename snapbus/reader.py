@@ -25,12 +25,11 @@ and not behind a transaction still open is included.
 Records are taken from aiokafka's fetch buffer as the record batches hold them (`Record`), not
 as `ConsumerRecord`s: building one `ConsumerRecord` per record costs about as much as the fetch
 itself (a cold rebuild read 300k records in 0.43 s this way against 0.77 s through `getmany`).
-`_drain` is the one place that touches aiokafka's fetcher internals; it mirrors
-`Fetcher.fetched_records` and `PartitionRecords` (control batches skipped; for read_committed
-the batches of aborted transactions skipped, by the fetch response's aborted-transactions
-list) and is used only with the aiokafka versions pyproject.toml allows, else `read` falls back
-to `getmany`. Unlike `fetched_records`, it never loses a record to a batch that fails its CRC
-check: positions move only past records returned (docs/errors.md).
+Every use of aiokafka's internals (that fetch buffer, the whole-cluster Metadata request,
+`log_ends`' Fetch, the close after a cancelled stop) is in `snapbus._aiokafka`, with its version
+check: with an aiokafka it was not verified against, `read` falls back to `getmany`. Unlike
+`fetched_records`, its drain never loses a record to a batch that fails its CRC check:
+positions move only past records returned (docs/errors.md).
 """
 
 from __future__ import annotations
@@ -39,17 +38,16 @@ import asyncio
 import dataclasses
 import datetime
 import logging
-import struct
 import time
 import uuid
-from collections.abc import Collection, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Collection, Mapping
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.client import ConnectionGroup
-from aiokafka.errors import ConsumerStoppedError, KafkaError
-from aiokafka.protocol.fetch import FetchRequest
+from aiokafka.errors import KafkaError
 
+from snapbus import _aiokafka
+from snapbus._aiokafka import Record
 from snapbus._kafka import start_client
 from snapbus.codec import Codec, decode_key_text
 from snapbus.config import KafkaConfig
@@ -94,22 +92,6 @@ class Event:
         if self.timestamp_ms < 0:
             return None
         return datetime.datetime.fromtimestamp(self.timestamp_ms / 1000, tz=datetime.timezone.utc)
-
-
-class Record(Protocol):
-    """One Kafka record as a fetch returned it (aiokafka's batch records and `ConsumerRecord`
-    both fit)."""
-
-    @property
-    def offset(self) -> int: ...
-    @property
-    def timestamp(self) -> int: ...
-    @property
-    def key(self) -> bytes | None: ...
-    @property
-    def value(self) -> bytes | None: ...
-    @property
-    def headers(self) -> Sequence[tuple[str, bytes]]: ...
 
 
 def decode_value(record: Record, codec: Codec) -> tuple[str, WorkspaceSnapshot | None]:
@@ -283,7 +265,7 @@ class PartitionReader:
         # v1+ reads an empty list as "none"), and naming the topic would auto-create it on
         # brokers that do that.
         try:
-            cluster = await self._consumer._client.fetch_all_metadata()
+            cluster = await _aiokafka.cluster_metadata(self._consumer)
         except KafkaError as exc:
             await self.close()
             raise KafkaUnavailableError(
@@ -355,8 +337,8 @@ class PartitionReader:
         batches: dict[int, list[Record]]
         failed: dict[int, tuple[int, str]] = {}
         if self._raw:
-            batches = await _read_raw(consumer, timeout_ms / 1000, self._max_records,
-                                      self._skipped, failed)
+            batches = await _aiokafka.read_buffer(consumer, timeout_ms / 1000, self._max_records,
+                                                  self._skipped, failed)
         else:
             fetched = await consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_records)
             batches = {tp.partition: records for tp, records in fetched.items()}
@@ -513,36 +495,8 @@ class PartitionReader:
         None when a leader is unknown or a request fails: callers fall back to the reader's
         own fetches (`start_barrier`).
         """
-        consumer = self._consumer
-        client = consumer._client
-        fetcher = consumer._fetcher
-        isolation = getattr(fetcher, "_isolation_level", _READ_COMMITTED)
-        by_node: dict[int, list[tuple[int, int, int]]] = {}
-        for p, tp in self._tps.items():
-            leader = client.cluster.leader_for_partition(tp)
-            if leader is None or leader < 0:
-                return None
-            by_node.setdefault(leader, []).append((p, self.positions.get(p, 0), 1))
-        topic = self.config.topic
-        try:
-            responses = await asyncio.gather(*(
-                client.send(node, FetchRequest(1, 0, 1, isolation, [(topic, parts)]),
-                            group=ConnectionGroup.COORDINATION)
-                for node, parts in by_node.items()
-            ))
-        except (KafkaError, OSError, asyncio.TimeoutError):
-            return None
-        ends: dict[int, int] = {}
-        for response in responses:
-            for _topic, partitions in response.topics:
-                for partition, error_code, highwater, *rest in partitions:
-                    if error_code or highwater < 0:
-                        return None
-                    end = highwater  # (read_committed: the last stable offset, when told)
-                    if response.API_VERSION >= 4 and rest[0] >= 0:
-                        end = rest[0]
-                    ends[partition] = end
-        return ends if ends.keys() == self._tps.keys() else None
+        return await _aiokafka.log_ends(
+            self._consumer, self.config.topic, {p: self.positions.get(p, 0) for p in self._tps})
 
     def observe(self, probe: BarrierProbe) -> None:
         """Feed the latest fetch stamps and stable ends to a barrier probe."""
@@ -618,175 +572,10 @@ class PartitionReader:
             except asyncio.CancelledError:
                 if not stopping.cancelled():
                     raise  # we were cancelled; the stop goes on in the background
-                # aiokafka (issue #647) awaits the fetch tasks it just cancelled; one sleeping
-                # in a retry backoff (broker unreachable) re-raises that CancelledError before
-                # the client is closed. Finish the job instead of passing on a false cancel.
-                for task in list(getattr(consumer._fetcher, "_pending_tasks", ())):
-                    task.cancel()
-                await consumer._client.close()
+                # aiokafka's stop raised a false cancel (its issue #647): finish the job
+                await _aiokafka.finish_stop(consumer)
 
 
-# ---------------------------------------------------------------------- raw fetch buffer
-
-
-def _raw_fetch_supported(consumer: AIOKafkaConsumer) -> bool:
-    fetcher = getattr(consumer, "_fetcher", None)
-    return (
-        _FetchResult is not None
-        and fetcher is not None
-        and getattr(fetcher, "_isolation_level", None) in (_READ_UNCOMMITTED, _READ_COMMITTED)
-        and isinstance(getattr(fetcher, "_records", None), dict)
-    )
-
-
-async def _read_raw(consumer: AIOKafkaConsumer, timeout_s: float, max_records: int | None,
-                    skipped: dict[int, list[int]],
-                    failed: dict[int, tuple[int, str]]) -> dict[int, list[Record]]:
-    """`getmany` without building a `ConsumerRecord` per record: wait up to `timeout_s` for
-    fetched data, then take whole fetched partitions until `max_records` is passed (or a
-    batch could not be read: see `_drain`)."""
-    if consumer._closed:
-        raise ConsumerStoppedError()
-    fetcher = consumer._fetcher
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with consumer._subscription.fetch_context():
-            drained = _drain(fetcher, max_records, failed, skipped)
-        remaining = deadline - time.monotonic()
-        if drained or failed or remaining <= 0:
-            return drained
-        waiter = fetcher._create_fetch_waiter()
-        done, pending = await asyncio.wait([waiter], timeout=remaining)
-        if not done or consumer._closed:
-            for future in pending:
-                future.cancel()
-            return {}
-        waiter.result()  # raises what the fetcher failed with (authorization errors)
-
-
-def _drain(fetcher: Any, max_records: int | None, failed: dict[int, tuple[int, str]],
-           skipped: dict[int, list[int]] | None = None) -> dict[int, list[Record]]:
-    """Take the buffered fetch results, as `Fetcher.fetched_records` does, keeping the
-    batches' own record objects (see `_batch_records`). The offsets of the records it skips
-    (transaction markers, aborted transactions) go to `skipped` (partition -> offsets): they
-    are no gap.
-
-    Nothing is ever lost: a partition's position moves only past records that are returned.
-    A batch that cannot be read (a CRC mismatch, a batch that does not parse) ends its
-    partition's records just before it; the position stays at its first offset still wanted,
-    the buffered rest is dropped, so the next fetch of the partition starts there again, and
-    (partition -> (that offset, why)) goes to `failed`. A fetch error (aiokafka's
-    `FetchError`) is raised when nothing was taken yet, else left for the next call.
-    """
-    drained: dict[int, list[Record]] = {}
-    committed = fetcher._isolation_level == _READ_COMMITTED
-    taken = 0
-    for tp, result in list(fetcher._records.items()):
-        if type(result) is not _FetchResult:  # a FetchError: report it, as aiokafka does
-            if drained:
-                break
-            del fetcher._records[tp]
-            fetcher._notify(fetcher._wait_consume_future)
-            result.check_raise()
-        if not result.check_assignment(tp) or not result.has_more():
-            del fetcher._records[tp]
-            fetcher._notify(fetcher._wait_consume_future)
-            continue
-        partition_records = result._partition_records
-        records, next_offset, failure = _batch_records(
-            tp, partition_records._records, partition_records.next_fetch_offset,
-            partition_records._aborted_transactions if committed else None,
-            partition_records._check_crcs,
-            None if skipped is None else skipped.setdefault(tp.partition, []))
-        partition_records.next_fetch_offset = next_offset
-        result._update_position()
-        result._partition_records = None
-        del fetcher._records[tp]
-        fetcher._notify(fetcher._wait_consume_future)
-        if records:
-            drained[tp.partition] = records
-            taken += len(records)
-        if failure is not None:
-            failed[tp.partition] = failure
-        if max_records is not None and taken >= max_records:
-            break
-    return drained
-
-
-def _batch_records(
-    tp: TopicPartition, memory: Any, next_offset: int,
-    aborted_transactions: Sequence[tuple[int, int]] | None, check_crcs: bool,
-    skipped: list[int] | None = None,
-) -> tuple[list[Record], int, tuple[int, str] | None]:
-    """The records of one fetched partition's batches (aiokafka `MemoryRecords`) from
-    `next_offset` on, the offset to fetch next, as aiokafka's `PartitionRecords` gives them,
-    and (offset, why) when a batch could not be read.
-
-    Control batches (transaction markers) are skipped. With `aborted_transactions` (the fetch
-    response's list of (producer id, first offset), given only to read_committed fetches), a
-    transactional batch is skipped while its producer has an aborted transaction that began
-    at or before it and whose abort marker has not come yet. The offsets of the skipped records
-    are added to `skipped`, when given.
-
-    A batch that fails its CRC check (with `check_crcs`) or does not parse ends the records
-    returned: they stop before it, the offset to fetch next is the first one of it still
-    wanted, and why comes third (nothing is raised: the records before it are not lost).
-    """
-    records: list[Record] = []
-    pending = sorted(aborted_transactions or (), key=lambda entry: entry[1])
-    aborting: set[int] = set()
-    kept = 0  # records of the batches read whole
-    try:
-        while memory.has_next():
-            batch = memory.next_batch()
-            if check_crcs and not batch.validate_crc():
-                return records, next_offset, (next_offset, "CRC mismatch")
-            if aborted_transactions is not None and batch.producer_id is not None:
-                base = batch.base_offset
-                while pending and pending[0][1] <= base:
-                    aborting.add(pending.pop(0)[0])
-                if aborting:
-                    if batch.is_control_batch and _is_abort_marker(batch):
-                        aborting.discard(batch.producer_id)
-                    elif batch.is_transactional and batch.producer_id in aborting:
-                        if skipped is not None:
-                            skipped.extend(range(max(batch.base_offset, next_offset),
-                                                 batch.next_offset))
-                        next_offset = batch.next_offset
-                        continue
-            if batch.is_control_batch:
-                if skipped is not None:
-                    skipped.extend(range(max(batch.base_offset, next_offset),
-                                         batch.next_offset))
-            else:
-                if getattr(batch, "base_offset", -1) >= next_offset:
-                    records.extend(batch)
-                else:  # fetched from inside the batch (a seek), or a legacy message set
-                    records.extend(r for r in batch if r.offset >= next_offset)
-            next_offset = batch.next_offset
-            kept = len(records)
-    except Exception as exc:  # (any unreadable batch: stop before it)
-        del records[kept:]
-        said = " ".join(str(exc.args[0] if exc.args else type(exc).__name__).split())
-        return records, next_offset, (next_offset, f"unreadable: {said}")
-    return records, next_offset, None
-
-
-def _is_abort_marker(batch: Any) -> bool:
-    """Whether a control batch is a transaction's abort marker (control record type 0)."""
-    marker = next(batch, None)
-    key = None if marker is None else marker.key
-    return key is not None and len(key) >= 4 and _CONTROL_KEY.unpack_from(key)[1] == 0
-
-
-_CONTROL_KEY = struct.Struct(">hh")
-"""A control record's key: version, type (0 abort, 1 commit)."""
-
-try:  # the fetch buffer's types, as aiokafka 0.11 to 0.14 name them
-    from aiokafka.consumer.fetcher import READ_COMMITTED as _READ_COMMITTED
-    from aiokafka.consumer.fetcher import READ_UNCOMMITTED as _READ_UNCOMMITTED
-    from aiokafka.consumer.fetcher import FetchResult as _FetchResult
-except ImportError:  # pragma: no cover - another aiokafka: read() uses getmany
-    _FetchResult = None
-    _READ_UNCOMMITTED = 0
-    _READ_COMMITTED = 1
+_raw_fetch_supported = _aiokafka.fast_path_supported
+"""Whether `read` takes records from aiokafka's fetch buffer (tests and benchmarks replace it
+to force the `getmany` path)."""

@@ -86,8 +86,7 @@ def _topic_error(exc: BaseException, config: KafkaConfig, doing: str) -> Snapbus
 
 
 async def _partition_count(admin: Any, topic: str) -> int | None:
-    metadata = await admin._get_cluster_metadata(topics=None)  # all topics: never auto-creates
-    for entry in metadata.to_object()["topics"]:
+    for entry in await admin.describe_topics(None):  # all topics: never auto-creates
         if entry["topic"] == topic:
             return len(entry["partitions"])
     return None

@@ -1,4 +1,4 @@
-"""The reader's fast path over aiokafka's fetch buffer (`_drain`, `_batch_records`), broker-free.
+"""The reader's fast path over aiokafka's fetch buffer (`drain`, `batch_records`), broker-free.
 
 Record batches are real v2 batches (aiokafka's `DefaultRecordBatchBuilder`, control batches
 and corruptions made by hand with their CRC-32C), held in aiokafka's own `FetchResult`,
@@ -29,7 +29,8 @@ from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.record.util import calc_crc32c
 from aiokafka.structs import TopicPartition
 
-from snapbus.reader import _batch_records, _drain
+from snapbus import _aiokafka
+from snapbus._aiokafka import batch_records
 
 TOPIC = "sessions"
 _CRC_AT = 17  # BaseOffset(8) Length(4) PartitionLeaderEpoch(4) Magic(1): then CRC(4)
@@ -108,9 +109,9 @@ class Buffer:
     def drain(self, max_records: int | None = None, *,
               skipped: dict[int, list[int]] | None = None,
               failed: dict[int, tuple[int, str]] | None = None) -> dict[int, list[int]]:
-        """`_drain`, as offsets."""
+        """`drain`, as offsets."""
         failed = {} if failed is None else failed
-        drained = _drain(self.fetcher, max_records, failed, skipped)
+        drained = _aiokafka.drain(self.fetcher, max_records, failed, skipped)
         return {p: [r.offset for r in records] for p, records in drained.items()}
 
     def buffered(self) -> set[int]:
@@ -228,7 +229,7 @@ async def test_corrupt_batch_after_a_marker_keeps_what_was_skipped_before_it() -
     assert failed[0][0] == 2
 
 
-async def test_fetch_error_after_records_is_raised_on_the_next_drain() -> None:
+async def test_fetch_error_after_records_is_raised_on_the_nextdrain() -> None:
     buffer = Buffer(partitions=2)
     buffer.fetched(0, batch(0, 3))
     buffer.failed(1, TopicAuthorizationFailedError())
@@ -266,14 +267,14 @@ async def test_paused_or_moved_partitions_are_dropped_not_returned() -> None:
 async def test_batch_records_stops_before_the_corrupt_batch() -> None:
     tp = TopicPartition(TOPIC, 0)
     memory = MemoryRecords(batch(0, 2) + batch(2, 2) + batch(4, 2, corrupt=True) + batch(6, 2))
-    records, next_offset, failure = _batch_records(tp, memory, 0, None, True)
+    records, next_offset, failure = batch_records(tp, memory, 0, None, True)
     assert [r.offset for r in records] == [0, 1, 2, 3]
     assert next_offset == 4
     assert failure is not None
     assert failure[0] == 4
     # without CRC checks (a consumer told not to), the batch is read as it is
     memory = MemoryRecords(batch(0, 2) + batch(2, 2, corrupt=True))
-    records, next_offset, failure = _batch_records(tp, memory, 0, None, False)
+    records, next_offset, failure = batch_records(tp, memory, 0, None, False)
     assert [r.value for r in records] == [b"v0", b"v1", b"v2", b"v2"]  # (v3 flipped to v2)
     assert (next_offset, failure) == (4, None)
 

@@ -22,11 +22,12 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.record.util import calc_crc32c
 
+from snapbus._aiokafka import batch_records
 from snapbus.codec import encode
 from snapbus.config import KafkaConfig
 from snapbus.errors import ConfigError
 from snapbus.publisher import SnapshotPublisher
-from snapbus.reader import PartitionReader, _batch_records
+from snapbus.reader import PartitionReader
 from snapbus.replay import replay
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.view import Change, SnapshotView
@@ -75,7 +76,7 @@ def marker(offset: int, producer_id: int, *, commit: bool) -> bytes:
 
 def read_fast(batches: Sequence[bytes], fetch_offset: int,
               aborted: list[tuple[int, int]] | None) -> tuple[list[tuple[int, bytes]], int]:
-    records, next_offset, failure = _batch_records(TP, MemoryRecords(b"".join(batches)),
+    records, next_offset, failure = batch_records(TP, MemoryRecords(b"".join(batches)),
                                                    fetch_offset, aborted, True)
     assert failure is None
     return [(r.offset, r.value or b"") for r in records], next_offset
