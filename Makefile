@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench stress clean pods redis-tools
+.PHONY: demo test test-aiokafka-min lint bench stress clean pods redis-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,25 @@ redis-tools:
 	  $$sudo apt-get update -qq && \
 	  $$sudo apt-get install -y -qq --no-install-recommends redis-server redis-tools >/dev/null; }
 
+## the lowest aiokafka pyproject.toml allows (`make test` runs the highest): the unit tests, then
+## the reader, view and replay integration tests on Tansu, in a venv of their own (without the
+## benchmark peers: ktables needs aiokafka>=0.13); docs/adr/0002-aiokafka-range-tested.md
+AIOKAFKA_MIN := 0.11.0
+VENV_MIN     := .venv-aiokafka-min
+$(VENV_MIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_MIN)/bin/python -m pip install --quiet -e '.[test]' 'aiokafka==$(AIOKAFKA_MIN)'
+	touch $@
+
+test-aiokafka-min: $(VENV_MIN)/.installed redis-tools
+	@echo "== aiokafka $$($(VENV_MIN)/bin/python -c 'import aiokafka; print(aiokafka.__version__)'): unit tests"
+	$(VENV_MIN)/bin/pytest -q -p no:cacheprovider -m "not integration and not kafka"
+	@echo "== aiokafka $(AIOKAFKA_MIN): reader, view and replay integration tests on Tansu"
+	$(VENV_MIN)/bin/pytest -q -p no:cacheprovider tests/test_aiokafka.py tests/test_view.py \
+	  tests/test_reader_corruption.py tests/test_transactions.py tests/test_replay.py \
+	  tests/test_topic.py tests/test_publisher.py tests/test_checkpoint.py
+
 ## the Java and Rust pods of the wire-contract tests (tests/test_interop.py, docs/interop.md):
 ## Maven caches its jars in ~/.m2, cargo builds in $(SNAPBUS_INTEROP_RUST_TARGET), so a new
 ## clone reuses what an earlier run built (the tests build them too when missing or stale)
@@ -79,4 +98,4 @@ stress: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/stress_demo.py $(STRESS_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VENV_MIN) .pytest_cache .mypy_cache .ruff_cache .hypothesis
