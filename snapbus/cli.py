@@ -934,7 +934,7 @@ async def history_command(session_id: str, as_json: bool) -> None:
         wanted = parse_uuid(session_id, field="SESSION_ID")
     except ValidationError as exc:
         raise click.BadParameter(str(exc), param_hint="SESSION_ID") from None
-    events = await history(wanted, _config())
+    events = await history(_config(), wanted)
     if not events:
         raise click.ClickException(f"no records of session {wanted} in the log")
     if as_json:

@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import IO, Any
 
@@ -71,7 +72,12 @@ def _to_ms(moment: datetime.datetime, name: str) -> int:
 
 
 def _resolve_config(config: KafkaConfig | None, bootstrap_servers: str | None, topic: str | None,
-                    history: bool) -> KafkaConfig:
+                    history: bool, caller: str) -> KafkaConfig:
+    if bootstrap_servers is not None or topic is not None:
+        warnings.warn(
+            f"{caller}(bootstrap_servers=..., topic=...) is deprecated and will be removed in "
+            f"snapbus 0.3: pass a KafkaConfig first, {caller}(KafkaConfig(servers, topic), ...)",
+            DeprecationWarning, stacklevel=3)
     config = KafkaConfig.from_env(bootstrap_servers=bootstrap_servers, topic=topic) \
         if config is None else config.replace(**{k: v for k, v in (
             ("bootstrap_servers", bootstrap_servers), ("topic", topic)) if v is not None})
@@ -106,7 +112,10 @@ async def replay(
     """Yield the log's events between two bounds, in offset order within each partition.
 
     Args:
-        config: cluster and topic (or give `bootstrap_servers` and `topic`).
+        config: cluster and topic, as for `SnapshotPublisher` and `SnapshotView` (default:
+            `KafkaConfig.from_env()`).
+        bootstrap_servers, topic: deprecated (removed in 0.3): override the config's; a
+            `DeprecationWarning` says so.
         since: first event to include: a datetime (records at or after it) or start offsets
             per partition (inclusive). None: from the beginning.
         until: where to stop: a datetime (records strictly before it) or end offsets per
@@ -132,7 +141,7 @@ async def replay(
     """
     if errors not in ("skip", "raise"):
         raise ValidationError(f"errors must be 'skip' or 'raise', not {errors!r}", field="errors")
-    config = _resolve_config(config, bootstrap_servers, topic, use_history)
+    config = _resolve_config(config, bootstrap_servers, topic, use_history, "replay")
     codec = codec if codec is not None else default_codec()
     until_ms = _to_ms(until, "until") if isinstance(until, datetime.datetime) else None
     until_offsets = {int(p): int(o) for p, o in until.items()} \
@@ -218,9 +227,10 @@ async def rebuild(
 ) -> dict[uuid.UUID, WorkspaceSnapshot]:
     """Return every session's snapshot as it was at `as_of` (default: now).
 
-    Records with a timestamp at or before `as_of` count; a tombstone deletes; undecodable
-    records are skipped, as a view skips them. See the module docstring for what compaction
-    removes.
+    `config` is as for `replay` (`bootstrap_servers` and `topic` are deprecated there too).
+    Records with a timestamp at or before `as_of` (an aware datetime) count; a tombstone
+    deletes; undecodable records are skipped, as a view skips them. See the module docstring
+    for what compaction removes.
 
     Raises:
         SnapbusError: what `replay` raises.
@@ -229,9 +239,9 @@ async def rebuild(
     if as_of is not None:
         until_ms = _to_ms(as_of, "as_of") + 1
         until = datetime.datetime.fromtimestamp(until_ms / 1000, tz=datetime.timezone.utc)
+    config = _resolve_config(config, bootstrap_servers, topic, False, "rebuild")
     state: dict[uuid.UUID, WorkspaceSnapshot] = {}
-    async for event in replay(config, bootstrap_servers=bootstrap_servers, topic=topic,
-                              until=until, use_history=use_history, codec=codec):
+    async for event in replay(config, until=until, use_history=use_history, codec=codec):
         if event.snapshot is None:
             state.pop(event.session_id, None)
         else:
@@ -240,8 +250,8 @@ async def rebuild(
 
 
 async def history(
+    config: KafkaConfig | None,
     session_id: uuid.UUID | str,
-    config: KafkaConfig | None = None,
     *,
     since: Bound = None,
     until: Bound = None,
@@ -249,13 +259,21 @@ async def history(
 ) -> list[Event]:
     """Return every change of one session still in the log, oldest first.
 
-    Records of the session on another partition than its own are left out, as views ignore
-    them (docs/misplaced-records.md).
+    `config` comes first, as for `replay` (None: `KafkaConfig.from_env()`); the former order,
+    ``history(session_id, config)``, still works until snapbus 0.3, with a
+    `DeprecationWarning`. Records of the session on another partition than its own are left
+    out, as views ignore them (docs/misplaced-records.md).
 
     Raises:
         ValidationError: `session_id` is not a UUID.
         SnapbusError: what `replay` raises.
     """
+    if not isinstance(config, KafkaConfig | None) and isinstance(session_id, KafkaConfig | None):
+        warnings.warn(
+            "history(session_id, config) is deprecated and will be removed in snapbus 0.3: "
+            "pass the config first, history(config, session_id)",
+            DeprecationWarning, stacklevel=2)
+        config, session_id = session_id, config
     wanted = parse_uuid(session_id, field="session_id")
     return [event async for event in replay(config, since=since, until=until,
                                             use_history=use_history)

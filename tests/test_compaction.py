@@ -182,10 +182,10 @@ async def test_views_replay_rebuild_and_history_after_real_compaction(
 
     # history: what the log still holds of a session, its latest record alone
     for s in updated + untouched:
-        events_of = await history(s.session_id, config)
+        events_of = await history(config, s.session_id)
         assert [e.snapshot for e in events_of] == [expected[s.key]]
     for s in deleted:
-        assert await history(s.session_id, config) == []
+        assert await history(config, s.session_id) == []
 
 
 # ---------------------------------------------------------------------- 2. tombstone retention

@@ -193,7 +193,7 @@ async def test_replay_rebuild_and_history_without_a_broker_raise_a_retriable_err
     with pytest.raises(KafkaUnavailableError, match="cannot reach Kafka"):
         await rebuild(config)
     with pytest.raises(KafkaUnavailableError, match="cannot reach Kafka"):
-        await history(uuid.uuid4(), config)
+        await history(config, uuid.uuid4())
 
 
 @pytest.mark.parametrize("command", [["replay"], ["history", str(uuid.uuid4())],

@@ -408,7 +408,7 @@ async def test_history_of_a_session_oldest_first(phased: Phased) -> None:
     s0, s10, s29 = phased.sessions[0], phased.sessions[10], phased.sessions[29]
     for sid, shape in ((s0, [True, True, False, True]), (s10, [True, False, True, True]),
                        (s29, [True]), (phased.ghost, [False])):
-        events = await history(sid, phased.config)
+        events = await history(phased.config, sid)
         expected = phased.of(sid)
         assert [(e.partition, e.offset) for e in events] == [r.where for r in expected]
         assert [e.snapshot for e in events] == [r.snapshot for r in expected]
@@ -416,18 +416,38 @@ async def test_history_of_a_session_oldest_first(phased: Phased) -> None:
         assert all(e.session_id == sid for e in events)
         assert [e.timestamp_ms for e in events] == sorted(e.timestamp_ms for e in events)
     # s0: created, updated, deleted, re-created with other content
-    events = await history(str(s0).upper(), phased.config)
+    events = await history(phased.config, str(s0).upper())
     first, last = events[0].snapshot, events[-1].snapshot
     assert first is not None
     assert first.intent == "p1 0 ünïcödé 🚀"
     assert last is not None
     assert last.intent == "p4 reborn"
     # bounded
-    later = await history(s0, phased.config, since=at(phased.boundaries[0] + 1))
+    later = await history(phased.config, s0, since=at(phased.boundaries[0] + 1))
     assert [e.offset for e in later] == [e.offset for e in events[1:]]
-    assert await history(uuid.uuid4(), phased.config) == []
+    assert await history(phased.config, uuid.uuid4()) == []
     with pytest.raises(ValidationError):
-        await history("not-a-uuid", phased.config)
+        await history(phased.config, "not-a-uuid")
+
+
+async def test_the_former_call_forms_still_work_with_a_deprecation_warning(
+        phased: Phased) -> None:
+    # until 0.3: history(session_id, config), and servers and topic given as keywords
+    config, s0 = phased.config, phased.sessions[0]
+    with pytest.warns(DeprecationWarning, match=r"history\(config, session_id\)"):
+        assert await history(s0, config) == await history(config, s0)  # type: ignore[arg-type]
+    other = KafkaConfig("localhost:1", "not-this-topic")  # (overridden by the keywords)
+    with pytest.warns(DeprecationWarning, match="pass a KafkaConfig first"):
+        events = await collect(replay(other, bootstrap_servers=config.bootstrap_servers,
+                                      topic=config.topic))
+    def where(event: Event) -> tuple[int, int]:
+        return event.partition, event.offset
+    assert sorted(events, key=where) == sorted(await collect(replay(config)), key=where)
+    assert events
+    with pytest.warns(DeprecationWarning, match=r"rebuild\(KafkaConfig"):
+        state = await rebuild(other, bootstrap_servers=config.bootstrap_servers,
+                              topic=config.topic)
+    assert state == await rebuild(config)
 
 
 # ---------------------------------------------------------------------------- export / import
@@ -510,7 +530,7 @@ async def test_bad_records_are_skipped_or_raise(broker: BrokerAddress,
     assert [e.snapshot for e in events if e.session_id == a1.session_id] == [a1, a2]
     assert sum("skipping bad record" in r.getMessage() for r in caplog.records) == len(bad)
     assert await rebuild(config) == {a1.session_id: a2}
-    assert [e.snapshot for e in await history(a1.session_id, config)] == [a1, a2]
+    assert [e.snapshot for e in await history(config, a1.session_id)] == [a1, a2]
 
     with pytest.raises(DecodeError):
         await collect(replay(config, errors="raise"))
@@ -552,9 +572,9 @@ async def test_history_topic_receives_every_change_and_is_read_by_default(
         await raw.stop()
 
     expected_a: list[WorkspaceSnapshot | None] = [a1, a2, None, a3]
-    events = await history(a1.session_id, config)
+    events = await history(config, a1.session_id)
     assert [e.snapshot for e in events] == expected_a
-    assert [e.snapshot for e in await history(b1.session_id, config)] == [b1, None]
+    assert [e.snapshot for e in await history(config, b1.session_id)] == [b1, None]
 
     replayed = await collect(replay(config))
     assert stray.session_id not in {e.session_id for e in replayed}
@@ -569,7 +589,7 @@ async def test_history_topic_receives_every_change_and_is_read_by_default(
     assert len(snapshot_topic) == 7
     assert await rebuild(config, use_history=False) == {a1.session_id: a3,
                                                         stray.session_id: stray}
-    assert [e.snapshot for e in await history(a1.session_id, config, use_history=False)] \
+    assert [e.snapshot for e in await history(config, a1.session_id, use_history=False)] \
         == expected_a
 
     # the CLI reads the history topic when given one
