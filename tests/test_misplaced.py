@@ -95,7 +95,7 @@ async def test_misplaced_records_are_ignored_by_every_view(
 
             # replay, rebuild and history apply the same rule
             assert await rebuild(config) == expected
-            assert [e.snapshot for e in await history(kept.session_id, config)] == [kept]
+            assert [e.snapshot for e in await history(config, kept.session_id)] == [kept]
             found = await find_misplaced(config)
             assert sorted((m.partition, m.offset) for m in found) == sorted(
                 (md.partition, md.offset) for md in wrong)
