@@ -184,9 +184,10 @@ def read_checkpoint(path: str | Path, *, topic: str, partitions: int | None = No
 
 @contextlib.contextmanager
 def _mapped(file: BinaryIO) -> Iterator[memoryview]:
-    """The file's bytes, mapped instead of copied: reading a 1M-session file (450 MB) into
-    a bytes object took 0.2 s of a 1.5 s load (and only the pages used are read: the header
-    alone for `read_offsets`). Unmapped on exit (its use must not keep a slice of it)."""
+    """The file's bytes, mapped instead of copied: copying a large file into a bytes object
+    was a noticeable part of a load (benchmarks/bench_checkpoint.py), and only the pages used
+    are read (the header alone for `read_offsets`). Unmapped on exit (its use must not keep a
+    slice of it)."""
     try:
         mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
     except ValueError:  # an empty file cannot be mapped

@@ -24,7 +24,7 @@ and not behind a transaction still open is included.
 
 Records are taken from aiokafka's fetch buffer as the record batches hold them (`Record`), not
 as `ConsumerRecord`s: building one `ConsumerRecord` per record costs about as much as the fetch
-itself (a cold rebuild read 300k records in 0.43 s this way against 0.77 s through `getmany`).
+itself (benchmarks/bench_rebuild.py measures both).
 Every use of aiokafka's internals (that fetch buffer, the whole-cluster Metadata request,
 `log_ends`' Fetch, the close after a cancelled stop) is in `snapbus._aiokafka`, with its version
 check: with an aiokafka it was not verified against, `read` falls back to `getmany`. Unlike
@@ -166,10 +166,10 @@ _SEND_TURNS = 3
 so that aiokafka sends the next fetch before the caller works through these: taking records
 wakes its fetch routine (1), which starts a request task (2), which writes the request (3).
 Without this the broker sat idle while a replay's records were applied, and the replay sat idle
-while the broker read the next ones: a view of a 1M-record log took about 3.0 s to start, 2.5 s
-with the overlap. Not when the read reached the log end (a view following it live): there
-it only delayed the records (publish-to-visible p50 +0.7 ms at fetch_max_wait_ms=20). Too
-few turns only lose the overlap (`test_read_returns_with_the_next_fetch_already_sent`)."""
+while the broker read the next ones (benchmarks/bench_read.py shows the difference). Not when
+the read reached the log end (a view following it live): there it only delayed the records
+(benchmarks/bench_latency.py). Too few turns only lose the overlap
+(`test_read_returns_with_the_next_fetch_already_sent`)."""
 
 
 class PartitionReader:
