@@ -5,6 +5,9 @@
 //! snapbus-interop-pod vectors FILE...               check every vector (exit 1 naming each difference)
 //! snapbus-interop-pod publish BOOTSTRAP TOPIC OUT   publish sessions, update one, evict one; write OUT
 //! snapbus-interop-pod read BOOTSTRAP TOPIC          print every record of the topic as a JSON line
+//! snapbus-interop-pod redis-upstream URL_A URL_B TTL OUT
+//!     the upstream's Valkey cache calls (`redis`, `rmp-serde`) against two Redis-protocol
+//!     sidecars: write through A, read back through B; write OUT (exit 1 naming each difference)
 //! ```
 
 use std::collections::HashMap;
@@ -20,6 +23,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use redis::Commands;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 use uuid::Uuid;
@@ -27,7 +31,9 @@ use uuid::Uuid;
 type Error = Box<dyn std::error::Error>;
 
 /// A serializable point-in-time snapshot of a session workspace's metadata: the upstream
-/// server's struct (dk-engine `workspace::cache::WorkspaceSnapshot`), field for field.
+/// server's struct (dk-engine `workspace::cache::WorkspaceSnapshot`), field for field, with its
+/// derives: `rmp_serde::to_vec_named` writes it as a map in this field order, the `Uuid`s as
+/// 16-byte binaries (serde's non-human-readable form).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkspaceSnapshot {
     pub session_id: Uuid,
@@ -349,13 +355,198 @@ fn read(bootstrap: &str, topic: &str) -> Result<bool, Error> {
     Ok(bad == 0)
 }
 
+/// The upstream's Valkey cache (dk-engine `workspace::valkey_cache::ValkeyCache`): the same keys,
+/// commands and pipelines, on redis-rs's blocking connection (the upstream's async
+/// `ConnectionManager` sends the same commands; its reconnection is not under test here).
+struct UpstreamCache {
+    conn: redis::Connection,
+    ttl_secs: u64,
+}
+
+impl UpstreamCache {
+    fn open(url: &str, ttl_secs: u64) -> Result<Self, Error> {
+        let conn = redis::Client::open(url)?.get_connection_with_timeout(Duration::from_secs(30))?;
+        conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+        Ok(UpstreamCache { conn, ttl_secs })
+    }
+
+    fn meta_key(id: &Uuid) -> String {
+        format!("ws:{id}:meta")
+    }
+
+    fn graph_key(id: &Uuid) -> String {
+        format!("ws:{id}:graph")
+    }
+
+    fn files_set_key(id: &Uuid) -> String {
+        format!("ws:{id}:files")
+    }
+
+    fn file_key(id: &Uuid, path: &str) -> String {
+        format!("ws:{id}:file:{path}")
+    }
+
+    /// `SET ws:{id}:meta <to_vec_named> EX ttl`
+    fn cache_workspace(&mut self, snapshot: &WorkspaceSnapshot) -> Result<(), Error> {
+        let value = rmp_serde::to_vec_named(snapshot)?;
+        let key = Self::meta_key(&snapshot.session_id);
+        self.conn.set_ex::<_, _, ()>(key, value.as_slice(), self.ttl_secs)?;
+        Ok(())
+    }
+
+    /// `GET ws:{id}:meta`: the raw value, as the upstream reads it before `from_slice`.
+    fn get_raw(&mut self, id: &Uuid) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.conn.get(Self::meta_key(id))?)
+    }
+
+    /// `SMEMBERS ws:{id}:files`, then a MULTI/EXEC pipeline of `DEL` (evict) or `EXPIRE ttl`
+    /// (touch) of meta, graph, files and each file key, in that order.
+    fn session_pipeline(&mut self, id: &Uuid, touch: bool) -> Result<redis::Pipeline, Error> {
+        let paths: Vec<String> = self.conn.smembers(Self::files_set_key(id))?;
+        let mut keys = vec![Self::meta_key(id), Self::graph_key(id), Self::files_set_key(id)];
+        keys.extend(paths.iter().map(|path| Self::file_key(id, path)));
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for key in keys {
+            if touch {
+                pipe.expire(key, self.ttl_secs as i64).ignore(); // (each reply ignored, as there)
+            } else {
+                pipe.del(key);
+            }
+        }
+        Ok(pipe)
+    }
+
+    fn evict(&mut self, id: &Uuid) -> Result<(), Error> {
+        let pipe = self.session_pipeline(id, false)?;
+        pipe.query::<()>(&mut self.conn)?;
+        Ok(())
+    }
+
+    fn touch(&mut self, id: &Uuid) -> Result<(), Error> {
+        let pipe = self.session_pipeline(id, true)?;
+        pipe.query::<()>(&mut self.conn)?;
+        Ok(())
+    }
+}
+
+/// What B answers for `id` once it shows `expected` (another pod's view follows the topic):
+/// polls `GET` until the value decodes to `expected` or the deadline passed (one deadline for
+/// all the reads, so a wrong answer costs one wait, not one per session); the last value.
+fn read_until(cache: &mut UpstreamCache, id: &Uuid, expected: Option<&WorkspaceSnapshot>,
+              deadline: Instant) -> Result<Option<Vec<u8>>, Error> {
+    loop {
+        let raw = cache.get_raw(id)?;
+        let shown = raw.as_deref().map(rmp_serde::from_slice::<WorkspaceSnapshot>);
+        let done = match (&shown, expected) {
+            (None, None) => true,
+            (Some(Ok(got)), Some(want)) => got == want,
+            _ => false,
+        };
+        if done || Instant::now() > deadline {
+            return Ok(raw);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Compares what B answered with what A was given: the bytes (`to_vec_named`'s) and, decoded
+/// with `rmp_serde::from_slice` as the upstream does, the struct field for field.
+fn compare(failures: &mut Vec<String>, what: &str, raw: Option<&[u8]>,
+           expected: &WorkspaceSnapshot) -> Result<Json, Error> {
+    let Some(raw) = raw else {
+        failures.push(format!("{what}: GET answers nil"));
+        return Ok(Json::Null);
+    };
+    let written = rmp_serde::to_vec_named(expected)?;
+    if raw != written.as_slice() {
+        failures.push(format!("{what}: GET's value {}", first_difference(raw, &written)));
+    }
+    match rmp_serde::from_slice::<WorkspaceSnapshot>(raw) {
+        Ok(got) => {
+            let (got, want) = (serde_json::to_value(&got)?, serde_json::to_value(expected)?);
+            for field in FIELDS {
+                if got[field] != want[field] {
+                    failures.push(format!("{what}: field {field} reads {} != written {}",
+                                          got[field], want[field]));
+                }
+            }
+            Ok(got)
+        }
+        Err(err) => {
+            failures.push(format!("{what}: rmp_serde::from_slice fails: {err}"));
+            Ok(Json::Null)
+        }
+    }
+}
+
+fn redis_upstream(url_a: &str, url_b: &str, ttl: &str, out: &str) -> Result<bool, Error> {
+    let ttl_secs: u64 = ttl.parse()?;
+    let (mut a, mut b) = (UpstreamCache::open(url_a, ttl_secs)?, UpstreamCache::open(url_b, ttl_secs)?);
+    let sessions = vec![
+        session("cached by the Rust pod", "user_rust", "active", "ephemeral"),
+        session("", "", "", ""),
+        session("répare ☕ 修复 🚀 \u{0} שלום", "usér_ß", "активен", "persistent"),
+        session(&"long ".repeat(14_000), "user_rust", "submitted", "persistent"),  // str 32
+        session("to be evicted", "user_rust", "active", "ephemeral"),
+    ];
+    let mut failures = Vec::new();
+    let mut latest = sessions.clone();
+    latest[0] = WorkspaceSnapshot { state: "merged".into(), ..sessions[0].clone() };
+    for snapshot in sessions.iter().chain([&latest[0]]) {
+        a.cache_workspace(snapshot)?;
+        // A answers OK once its own view shows the write: read your writes on the same pod
+        let raw = a.get_raw(&snapshot.session_id)?;
+        compare(&mut failures, &format!("A {}", snapshot.session_id), raw.as_deref(), snapshot)?;
+    }
+    let mut reports = Vec::new();
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(30);
+    for snapshot in &latest {
+        let raw = read_until(&mut b, &snapshot.session_id, Some(snapshot), deadline)?;
+        let read = compare(&mut failures, &format!("B {}", snapshot.session_id), raw.as_deref(),
+                           snapshot)?;
+        reports.push(json!({"written": snapshot, "read_on_b": read}));
+    }
+    let touched = latest[1].session_id;
+    a.touch(&touched)?;
+    let waited = start.elapsed();
+    let raw = read_until(&mut b, &touched, Some(&latest[1]), deadline)?;
+    compare(&mut failures, &format!("B after touch {touched}"), raw.as_deref(), &latest[1])?;
+    let evicted = latest[4].session_id;
+    a.evict(&evicted)?;
+    let gone_on_a = a.get_raw(&evicted)?.is_none();
+    let raw = read_until(&mut b, &evicted, None, Instant::now() + Duration::from_secs(30))?;
+    let gone_on_b = raw.is_none();
+    if !gone_on_a || !gone_on_b {
+        failures.push(format!("evicted {evicted}: A answers nil: {gone_on_a}, B: {gone_on_b}"));
+    }
+    // a second eviction of what is gone succeeds too, as against Valkey
+    a.evict(&evicted)?;
+    for failure in &failures {
+        eprintln!("MISMATCH {failure}");
+    }
+    let result = json!({
+        "client": "redis 0.27.6 (blocking connection), rmp-serde 1.3.1",
+        "sessions": reports, "touched": touched, "evicted": evicted,
+        "gone_on_a": gone_on_a, "gone_on_b": gone_on_b,
+        "b_caught_up_ms": waited.as_millis() as u64, "failures": failures,
+    });
+    std::fs::write(out, serde_json::to_vec(&result)?)?;
+    Ok(result["failures"].as_array().is_some_and(Vec::is_empty))
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("vectors") => vectors(&args[1..]),
         Some("publish") if args.len() == 4 => publish(&args[1], &args[2], &args[3]),
         Some("read") if args.len() == 3 => read(&args[1], &args[2]),
-        _ => Err("usage: vectors FILE... | publish BOOTSTRAP TOPIC OUT | read BOOTSTRAP TOPIC".into()),
+        Some("redis-upstream") if args.len() == 5 => {
+            redis_upstream(&args[1], &args[2], &args[3], &args[4])
+        }
+        _ => Err("usage: vectors FILE... | publish BOOTSTRAP TOPIC OUT | read BOOTSTRAP TOPIC | \
+                  redis-upstream URL_A URL_B TTL OUT".into()),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
