@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -290,9 +291,13 @@ async def test_cli_refusal_prints_one_error_line(brokers: Brokers, topic_name: s
 async def test_serve_refusal_exits_with_one_error_line(brokers: Brokers,
                                                        topic_name: str) -> None:
     env = as_env(settings(brokers, "wrong password SASL_SSL", topic_name))
-    async with serve_command(*SERVE, env=env) as (_, proc):
-        _, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPBUS_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "snapbus", *SERVE, env={**child_env, **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
     assert proc.returncode == 1
+    assert out == b"", "serve announces its URL only once the view is live"
     lines = [line for line in err.decode().splitlines() if line.strip()]
     assert len(lines) == 1, lines
     assert lines[0].startswith("Error: "), lines
