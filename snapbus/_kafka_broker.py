@@ -39,13 +39,18 @@ from snapbus._process import (
 )
 from snapbus.errors import BrokerError
 
-__all__ = ["KafkaNode", "TlsFiles", "kafka_version"]
+__all__ = ["KafkaNode", "Quorum", "TlsFiles", "kafka_version"]
 
 _POM = "kafka-engine.pom.xml"
 _JAVA_HINT = "install a JDK 17 or newer (e.g. apt-get install openjdk-17-jdk-headless)"
 _MAVEN_HINT = "install Maven (e.g. apt-get install maven)"
 _HEAP = "-Xmx768m"
+_CLUSTER_HEAP = "-Xmx320m"
+# JVM threads of a cluster node: three JVMs share a small machine
+_CLUSTER_JVM = ("-Xms96m", "-XX:ParallelGCThreads=1", "-XX:ConcGCThreads=1",
+                "-XX:CICompilerCount=2", "-Xss512k")
 _NODE_ID = 1
+_ORDERLY_STOP_S = 30.0
 _MAVEN_TIMEOUT_S = 600.0
 _LOG4J2 = """\
 Configuration:
@@ -87,6 +92,17 @@ def kafka_version() -> str:
     return match.group(1)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Quorum:
+    """The controller quorum a node of a multi-node cluster belongs to (static voters)."""
+
+    cluster_id: str
+    voters: str
+    """``id@host:port,...``: every node's controller listener."""
+    size: int
+    """Number of nodes (each a broker and a controller)."""
+
+
 class KafkaNode:
     """One Apache Kafka KRaft node in a child process; see the module docstring."""
 
@@ -100,7 +116,11 @@ class KafkaNode:
         scram_users: Mapping[str, str] | None,
         tls: bool,
         tls_client_auth: bool,
+        node_id: int = _NODE_ID,
     ) -> None:
+        self.node_id = node_id
+        self.quorum: Quorum | None = None
+        self._controller_port = 0
         self._port = port
         self._advertised_port = advertised_port
         self._keep_data = data_dir is not None
@@ -124,6 +144,21 @@ class KafkaNode:
     @property
     def child(self) -> Child | None:
         return self._child
+
+    @property
+    def controller_port(self) -> int:
+        return self._controller_port
+
+    @property
+    def data_dir(self) -> Path | None:
+        return self._data_dir
+
+    @property
+    def ports_assigned(self) -> bool:
+        return bool(self._ports)
+
+    def alive(self) -> bool:
+        return self._child is not None and self._child.alive()
 
     @property
     def listeners(self) -> dict[str, str]:
@@ -152,8 +187,8 @@ class KafkaNode:
     async def _start(self, java: str, classpath: str, first: bool, deadline: float) -> None:
         assert self._data_dir is not None
         self._data_dir.mkdir(parents=True, exist_ok=True)
-        if first or not self._ports:
-            self._assign_ports()
+        if not self._ports:
+            self.assign_ports()
         else:
             for protocol, p in self._ports.items():
                 if not port_is_free(p):
@@ -167,8 +202,9 @@ class KafkaNode:
         (self._data_dir / "log4j2.yaml").write_text(_LOG4J2, encoding="utf-8")
         if not (self._data_dir / "log" / "meta.properties").exists():
             await asyncio.to_thread(self._format, java, classpath, properties)
+        jvm = [_CLUSTER_HEAP, *_CLUSTER_JVM] if self.quorum is not None else [_HEAP]
         argv = [
-            java, _HEAP, "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            java, *jvm, "-XX:+UseG1GC", "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self._data_dir / 'log4j2.yaml'}",
             "-cp", classpath, "kafka.Kafka", str(properties),
         ]
@@ -185,6 +221,12 @@ class KafkaNode:
         if not self._keep_data and self._data_dir is not None:
             await asyncio.to_thread(self._drop_temporary_data)
 
+    async def halt(self) -> None:
+        """Stop the process in order (SIGTERM: a controlled shutdown), keeping its data."""
+        child, self._child = self._child, None
+        if child is not None:
+            await child.terminate(_ORDERLY_STOP_S)
+
     def _drop_temporary_data(self) -> None:
         if self._remove_data is not None:
             self._remove_data()
@@ -198,7 +240,7 @@ class KafkaNode:
         if child is not None:
             child.close()
 
-    def _assign_ports(self) -> None:
+    def assign_ports(self) -> None:
         protocols = ["PLAINTEXT", "CONTROLLER"]
         if self._scram_users:
             protocols.append("SASL_PLAINTEXT")
@@ -232,10 +274,13 @@ class KafkaNode:
             advertised["PLAINTEXT"] = self._advertised_port
         listeners = [f"{p}://{HOST}:{port}" for p, port in ports.items()]
         listeners.append(f"CONTROLLER://{HOST}:{self._controller_port}")
+        quorum = self.quorum
+        replicas = min(3, quorum.size) if quorum is not None else 1
         props: dict[str, str] = {
             "process.roles": "broker,controller",
-            "node.id": str(_NODE_ID),
-            "controller.quorum.voters": f"{_NODE_ID}@{HOST}:{self._controller_port}",
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": (quorum.voters if quorum is not None
+                                         else f"{_NODE_ID}@{HOST}:{self._controller_port}"),
             "controller.listener.names": "CONTROLLER",
             "listeners": ",".join(listeners),
             "advertised.listeners": ",".join(f"{p}://{HOST}:{port}"
@@ -247,16 +292,26 @@ class KafkaNode:
             "log.dirs": str(self._data_dir / "log"),
             "num.partitions": "1",
             # one node: the internal topics cannot have three replicas
-            "offsets.topic.replication.factor": "1",
+            "offsets.topic.replication.factor": str(replicas),
             "offsets.topic.num.partitions": "4",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.replication.factor": str(replicas),
+            "transaction.state.log.min.isr": str(min(2, replicas)),
             "transaction.state.log.num.partitions": "4",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": str(replicas),
+            "share.coordinator.state.topic.min.isr": str(min(2, replicas)),
             "group.initial.rebalance.delay.ms": "0",
             "log.flush.interval.messages": str(2**62),
         }
+        if quorum is not None:  # several JVMs on one small machine: few threads each
+            props.update({
+                "default.replication.factor": str(replicas),
+                "num.network.threads": "1",
+                "num.io.threads": "2",
+                "background.threads": "2",
+                "num.replica.fetchers": "1",
+                "num.recovery.threads.per.data.dir": "1",
+                "log.cleaner.threads": "1",
+            })
         if self._scram_users:
             mechanisms = "SCRAM-SHA-256,SCRAM-SHA-512,PLAIN"
             props["sasl.enabled.mechanisms"] = mechanisms
@@ -290,7 +345,8 @@ class KafkaNode:
 
     def _format(self, java: str, classpath: str, properties: Path) -> None:
         argv = [java, "-cp", classpath, "kafka.tools.StorageTool", "format",
-                "--config", str(properties), "--cluster-id", _cluster_id(),
+                "--config", str(properties), "--cluster-id",
+                self.quorum.cluster_id if self.quorum is not None else _cluster_id(),
                 "--ignore-formatted"]
         for user, password in self._scram_users.items():
             for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
@@ -309,6 +365,21 @@ def _property(value: object) -> str:
 
 def _jaas_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def existing_cluster_id(data_dir: Path) -> str | None:
+    """The cluster id a node's storage was formatted with, or None if it is not formatted."""
+    with contextlib.suppress(OSError):
+        text = (data_dir / "log" / "meta.properties").read_text(encoding="utf-8")
+        match = re.search(r"^cluster\.id=(\S+)$", text, re.MULTILINE)
+        if match is not None:
+            return match.group(1)
+    return None
+
+
+def new_cluster_id() -> str:
+    """A fresh Kafka cluster id."""
+    return _cluster_id()
 
 
 def _cluster_id() -> str:

@@ -86,13 +86,14 @@ class Child:
         except (OSError, ValueError):
             return ""
 
-    async def terminate(self) -> None:
-        """Ask the process group to exit (SIGTERM), then kill it if it has not after a grace."""
+    async def terminate(self, grace: float = _STOP_GRACE) -> None:
+        """Ask the process group to exit (SIGTERM), then kill it if it has not after `grace`
+        seconds."""
         if self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._proc.pid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                await asyncio.to_thread(self._proc.wait, _STOP_GRACE)
+                await asyncio.to_thread(self._proc.wait, grace)
         self.close()
 
     def close(self) -> None:

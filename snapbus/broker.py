@@ -16,7 +16,9 @@
 - ``"kafka"``: the real Apache Kafka broker in KRaft mode, from the jars of the release pinned in
   ``kafka-engine.pom.xml`` (resolved once by Maven, then cached). Its log is on disk: it
   survives ``kill()`` and ``restart()``; ``stop()`` deletes it unless ``data_dir`` was given.
-  It adds SASL (SCRAM-SHA-256/512 and PLAIN) and TLS listeners on request.
+  It adds SASL (SCRAM-SHA-256/512 and PLAIN) and TLS listeners on request. ``nodes=3`` runs a
+  cluster of three KRaft nodes (each a broker and a controller, its own process, ports and data
+  directory); ``kill(node_id)``, ``stop(node_id)`` and ``restart(node_id)`` act on one of them.
 
 Either is ready once it answers a Kafka Metadata request. Nothing outlives the Python process:
 each child runs in its own process group and dies with its parent (see ``snapbus._process``).
@@ -32,7 +34,8 @@ import sys
 from collections.abc import Mapping
 from typing import Literal
 
-from snapbus._kafka_broker import KafkaNode, TlsFiles, kafka_version
+from snapbus._kafka_broker import TlsFiles, kafka_version
+from snapbus._kafka_cluster import KafkaCluster
 from snapbus._process import (
     HOST,
     POLL_INTERVAL,
@@ -72,6 +75,7 @@ class EmbeddedBroker:
         tls: bool = False,
         tls_client_auth: bool = False,
         startup_timeout: float | None = None,
+        nodes: int = 1,
     ) -> None:
         """Describe a broker; nothing runs until ``start()``.
 
@@ -95,6 +99,9 @@ class EmbeddedBroker:
                 ``tls``).
             startup_timeout: seconds ``start()`` waits for the broker to answer (default 15 for
                 Tansu, 90 for Kafka, whose first start may download its jars).
+            nodes: Kafka only: the number of KRaft nodes, each a broker and a controller in its
+                own process (small heaps; no ``port``, ``scram_users`` or ``tls`` with more
+                than one). Topics made by `ensure_topic` get ``min(3, nodes)`` replicas.
 
         Raises:
             BrokerError: an unknown engine, or an option the engine does not have.
@@ -103,8 +110,10 @@ class EmbeddedBroker:
             raise BrokerError(f"unknown broker engine {engine!r}: use 'tansu' or 'kafka'")
         kafka_only = {
             "data_dir": data_dir is not None, "broker_config": bool(broker_config),
-            "scram_users": bool(scram_users), "tls": tls or tls_client_auth,
+            "scram_users": bool(scram_users), "tls": tls or tls_client_auth, "nodes": nodes != 1,
         }
+        if nodes < 1:
+            raise BrokerError(f"nodes={nodes}: a cluster has at least one node")
         if engine == "tansu":
             given = [name for name, used in kafka_only.items() if used]
             if given:
@@ -121,8 +130,8 @@ class EmbeddedBroker:
         self._broker: Child | None = None
         self._s3: Child | None = None
         self._s3_port: int | None = None
-        self._kafka = KafkaNode(
-            port=port, advertised_port=advertised_port, data_dir=data_dir,
+        self._kafka = KafkaCluster(
+            nodes=nodes, port=port, advertised_port=advertised_port, data_dir=data_dir,
             broker_config=broker_config, scram_users=scram_users, tls=tls,
             tls_client_auth=tls_client_auth,
         ) if engine == "kafka" else None
@@ -147,8 +156,41 @@ class EmbeddedBroker:
     @property
     def bootstrap_servers(self) -> str:
         """Where plaintext clients connect: ``"127.0.0.1:PORT"`` on the real (not advertised)
-        port."""
+        port; every node's, comma-separated, for a cluster."""
+        if self._kafka is not None and len(self._kafka.node_ids) > 1:
+            self.port  # noqa: B018 - (raises before the first start)
+            return self._kafka.listeners["PLAINTEXT"]
         return f"{HOST}:{self.port}"
+
+    @property
+    def node_ids(self) -> tuple[int, ...]:
+        """The Kafka node ids (``(1,)`` for one node, ``(1, 2, 3)`` for three); ``()`` for
+        Tansu."""
+        return self._kafka.node_ids if self._kafka is not None else ()
+
+    def node_address(self, node_id: int) -> str:
+        """The plaintext ``host:port`` of one Kafka node.
+
+        Raises:
+            BrokerError: no such node, or it was never started.
+        """
+        node = self._cluster("node_address").node(node_id)
+        if node.port is None:
+            raise BrokerError(f"Kafka node {node_id} has no port yet: start() it first")
+        return f"{HOST}:{node.port}"
+
+    def node_running(self, node_id: int) -> bool:
+        """Whether one Kafka node's process is alive.
+
+        Raises:
+            BrokerError: no such node (or the Tansu engine).
+        """
+        return self._cluster("node_running").node(node_id).alive()
+
+    def _cluster(self, what: str) -> KafkaCluster:
+        if self._kafka is None:
+            raise BrokerError(f"{what} needs engine='kafka' (Tansu has no node ids)")
+        return self._kafka
 
     @property
     def listeners(self) -> dict[str, str]:
@@ -194,14 +236,9 @@ class EmbeddedBroker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._startup_timeout
         if self._kafka is not None:
-            if self._kafka.child is not None and self._kafka.child.alive():
+            if self._kafka.alive():
                 return
-            self._kafka.kill()
-            try:
-                await self._kafka.start(deadline)
-            except BaseException:
-                self._kafka.kill()
-                raise
+            await self._kafka.start(deadline)  # (every node not running; killed on failure)
             return
         if self._broker is not None:
             if self._broker.alive():
@@ -224,11 +261,20 @@ class EmbeddedBroker:
                 self._s3 = None
             raise
 
-    async def stop(self) -> None:
+    async def stop(self, node_id: int | None = None) -> None:
         """Stop the broker and wait until it has exited. Safe to call more than once.
 
         Tansu's data is gone (memory, or moto's); Kafka's too unless ``data_dir`` was given.
+        With `node_id` (Kafka), stop only that node in order (a controlled shutdown: it hands
+        its partitions over first) and keep its data: ``start()`` or ``restart(node_id)``
+        brings it back.
+
+        Raises:
+            BrokerError: `node_id` names no node (or the engine is Tansu).
         """
+        if node_id is not None:
+            await self._cluster("stop(node_id)").stop(node_id)
+            return
         if self._kafka is not None:
             await self._kafka.stop()
             return
@@ -239,11 +285,18 @@ class EmbeddedBroker:
         if s3 is not None:
             await s3.terminate()
 
-    async def kill(self) -> None:
+    async def kill(self, node_id: int | None = None) -> None:
         """Kill the broker process with SIGKILL, as a crash would, and wait until it is gone.
 
-        Kafka's log, and a durable Tansu's moto, stay: ``start()`` brings the data back.
+        Kafka's log, and a durable Tansu's moto, stay: ``start()`` brings the data back. With
+        `node_id` (Kafka), kill only that node.
+
+        Raises:
+            BrokerError: `node_id` names no node (or the engine is Tansu).
         """
+        if node_id is not None:
+            self._cluster("kill(node_id)").kill(node_id)
+            return
         if self._kafka is not None:
             self._kafka.kill()
             return
@@ -251,8 +304,21 @@ class EmbeddedBroker:
         if broker is not None:
             broker.close()
 
-    async def restart(self) -> None:
-        """Kill the broker with SIGKILL and start it again on the same ports and storage."""
+    async def restart(self, node_id: int | None = None) -> None:
+        """Kill the broker with SIGKILL and start it again on the same ports and storage.
+
+        With `node_id` (Kafka), only that node, leaving the others running; it returns once
+        the node serves clients again (it may still be catching up as a follower).
+
+        Raises:
+            BrokerError: as `start()`; or `node_id` names no node (or the engine is Tansu).
+        """
+        if node_id is not None:
+            cluster = self._cluster("restart(node_id)")
+            cluster.kill(node_id)
+            deadline = asyncio.get_running_loop().time() + self._startup_timeout
+            await cluster.start(deadline, node_id)
+            return
         await self.kill()
         await self.start()
 

@@ -312,7 +312,10 @@ TIME = _TimeType()
 @click.option("--data-dir", type=click.Path(file_okay=False),
               help="kafka only: keep the log in this directory; a new `snapbus broker "
                    "--engine kafka --data-dir DIR` finds the topics and sessions again.")
-def broker(engine: str, port: int | None, durable: bool, data_dir: str | None) -> None:
+@click.option("--nodes", type=click.IntRange(1, 9), default=1, show_default=True,
+              help="kafka only: run a cluster of this many KRaft nodes (each its own process).")
+def broker(engine: str, port: int | None, durable: bool, data_dir: str | None,
+           nodes: int) -> None:
     """Run an embedded Kafka broker in the foreground until Ctrl-C.
 
     Only --engine kafka --data-dir DIR keeps data after the command ends.
@@ -325,13 +328,15 @@ def broker(engine: str, port: int | None, durable: bool, data_dir: str | None) -
     if data_dir is not None and engine == "tansu":
         raise click.UsageError("--data-dir needs --engine kafka: tansu cannot keep data after "
                                "the command ends")
+    if nodes > 1 and engine != "kafka":
+        raise click.UsageError("--nodes needs --engine kafka")
 
     async def serve() -> None:
         stop = asyncio.Event()
         with stop_on_signals(stop):
             async with EmbeddedBroker(
                 engine="kafka" if engine == "kafka" else "tansu", port=port,
-                durable=durable and engine == "tansu", data_dir=data_dir,
+                durable=durable and engine == "tansu", data_dir=data_dir, nodes=nodes,
             ) as embedded:
                 click.echo(f"broker listening on {embedded.bootstrap_servers} ({engine})")
                 if engine == "tansu":
