@@ -11,6 +11,8 @@ controller, which needs the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -141,6 +143,22 @@ class KafkaCluster:
         await asyncio.gather(*(node.stop() for node in self._nodes.values()))
         for node in self._nodes.values():
             node.quorum = None  # (the next start plans the quorum anew)
+
+    def quorum_leader(self) -> int | None:
+        """The active controller per the newest quorum state a running node wrote."""
+        newest: tuple[int, int] | None = None
+        for node in self._nodes.values():
+            if not node.alive() or node.data_dir is None:
+                continue
+            path = node.data_dir / "log" / "__cluster_metadata-0" / "quorum-state"
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                state = json.loads(path.read_text(encoding="utf-8"))
+                found = (int(state["leaderEpoch"]), int(state["leaderId"]))
+                if newest is None or found[0] > newest[0]:
+                    newest = found
+        if newest is None or newest[1] < 0:
+            return None
+        return newest[1]
 
     def kill(self, node_id: int | None = None) -> None:
         nodes = [self.node(node_id)] if node_id is not None else list(self._nodes.values())

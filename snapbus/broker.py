@@ -187,6 +187,11 @@ class EmbeddedBroker:
         """
         return self._cluster("node_running").node(node_id).alive()
 
+    def quorum_leader(self) -> int | None:
+        """The node id of the active KRaft controller, from the quorum state the running nodes
+        last wrote to disk; None while an election is on (or for Tansu)."""
+        return self._kafka.quorum_leader() if self._kafka is not None else None
+
     def _cluster(self, what: str) -> KafkaCluster:
         if self._kafka is None:
             raise BrokerError(f"{what} needs engine='kafka' (Tansu has no node ids)")

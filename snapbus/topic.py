@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from typing import Any
 
 from aiokafka.admin import NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
 
 from snapbus._kafka import KAFKA_ERRORS, admin_client, translate
 from snapbus.config import KafkaConfig
@@ -31,6 +32,11 @@ DEFAULT_PARTITIONS = 12
 
 DEFAULT_DELETE_RETENTION_MS = 86_400_000
 """Kafka's default ``delete.retention.ms`` (24 h): taken when the broker does not report it."""
+
+LEADERS_TIMEOUT_S = 30.0
+"""How long `ensure_topic` waits for every partition of a topic it created to have a leader."""
+
+log = logging.getLogger("snapbus.topic")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -47,6 +53,10 @@ class TopicInfo:
     """Topic configs the broker reported (some brokers report only those set at creation)."""
     created: bool = False
     """True when `ensure_topic` created the topic just now."""
+    replication_factor: int = 1
+    """Replicas of the least replicated partition (from metadata)."""
+    brokers: int = 1
+    """Brokers in the cluster's metadata."""
 
     @property
     def compacted(self) -> bool:
@@ -85,14 +95,38 @@ def _topic_error(exc: BaseException, config: KafkaConfig, doing: str) -> Snapbus
     return error
 
 
-async def _partition_count(admin: Any, topic: str) -> int | None:
-    for entry in await admin.describe_topics(None):  # all topics: never auto-creates
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Layout:
+    partitions: int
+    replication_factor: int
+    leaderless: int
+    """Partitions without a leader (or reported with an error)."""
+    brokers: int
+
+
+async def _layout(admin: Any, topic: str) -> _Layout | None:
+    metadata = await admin._get_cluster_metadata(topics=None)  # all topics: never auto-creates
+    found = metadata.to_object()
+    for entry in found["topics"]:
         if entry["topic"] == topic:
-            return len(entry["partitions"])
+            parts = entry["partitions"]
+            return _Layout(
+                partitions=len(parts),
+                replication_factor=min((len(p["replicas"]) for p in parts), default=0),
+                leaderless=sum(1 for p in parts if p["error_code"] or p["leader"] < 0),
+                brokers=len(found["brokers"]),
+            )
     return None
 
 
-async def _configs(admin: Any, topic: str) -> dict[str, str]:
+async def _broker_count(admin: Any) -> int:
+    metadata = await admin._get_cluster_metadata(topics=None)
+    return max(1, len(metadata.to_object()["brokers"]))
+
+
+async def _configs(admin: Any, topic: str) -> dict[str, str] | None:
+    """The topic's configs; None when the broker asked does not know the topic (yet: on a
+    cluster, brokers learn of a new topic moments apart)."""
     responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
     configs: dict[str, str] = {}
     for response in responses:
@@ -100,6 +134,8 @@ async def _configs(admin: Any, topic: str) -> dict[str, str]:
             error_code, error_message = resource[0], resource[1]
             if error_code:
                 error = for_code(error_code)
+                if error is UnknownTopicOrPartitionError:
+                    return None
                 raise TopicError(f"cannot read configs of topic {topic!r}: {error.__name__} "
                                  f"{error_message or ''}".rstrip())
             for entry in resource[4]:
@@ -110,12 +146,32 @@ async def _configs(admin: Any, topic: str) -> dict[str, str]:
 
 
 async def _describe(admin: Any, topic: str, *, created: bool = False) -> TopicInfo | None:
-    partitions = await _partition_count(admin, topic)
-    if partitions is None:
+    layout = await _layout(admin, topic)
+    if layout is None:
         return None
     configs = await _configs(admin, topic)
+    if configs is None:
+        return None
     policy = configs.get("cleanup.policy", "delete")
-    return TopicInfo(topic, partitions, policy, configs, created)
+    return TopicInfo(topic, layout.partitions, policy, configs, created,
+                     layout.replication_factor, layout.brokers)
+
+
+async def _wait_for_leaders(admin: Any, topic: str) -> None:
+    """Wait until every partition of a topic just created has a leader: before, a producer's
+    first records or a view's first fetch meet "no leader" errors (Kafka elects leaders a
+    moment after CreateTopics answers)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LEADERS_TIMEOUT_S
+    while True:
+        layout = await _layout(admin, topic)
+        if layout is not None and layout.partitions and not layout.leaderless:
+            return
+        if loop.time() > deadline:
+            missing = "all" if layout is None else f"{layout.leaderless} of {layout.partitions}"
+            raise TopicError(f"topic {topic!r} was created but {missing} partitions have no "
+                             f"leader after {LEADERS_TIMEOUT_S:g} s: check the brokers")
+        await asyncio.sleep(0.05)
 
 
 async def describe_topic(config: KafkaConfig) -> TopicInfo:
@@ -156,16 +212,21 @@ async def ensure_topic(
     config: KafkaConfig,
     *,
     partitions: int = DEFAULT_PARTITIONS,
-    replication_factor: int = 1,
+    replication_factor: int | None = None,
+    min_insync_replicas: int | None = None,
     allow_non_compacted: bool = False,
     extra_configs: dict[str, str] | None = None,
 ) -> TopicInfo:
     """Create the topic compacted if it is missing, then check that it is compacted.
 
-    Safe to call from many pods at once. An existing topic is never changed. A new topic gets
-    ``cleanup.policy=compact`` and `extra_configs`; everything else (``delete.retention.ms``,
-    ``min.compaction.lag.ms``, ...) is the cluster's default, which views read back at start
-    (docs/compaction.md says why).
+    Safe to call from many pods at once. An existing topic is never changed (one with a
+    single replica on a cluster of several brokers is logged as a warning). A new topic gets
+    ``cleanup.policy=compact``, ``replication_factor`` replicas (default ``min(3, brokers)``),
+    ``min.insync.replicas`` (default ``min(2, replication factor)``: with ``acks=all`` a
+    publish is then on two brokers before it is acknowledged) and `extra_configs`, which win;
+    everything else (``delete.retention.ms``, ``min.compaction.lag.ms``, ...) is the cluster's
+    default, which views read back at start (docs/compaction.md says why). It returns once
+    every partition of a topic it created has a leader.
 
     Raises:
         TopicError: the topic exists without ``cleanup.policy=compact``, or `extra_configs`
@@ -181,9 +242,13 @@ async def ensure_topic(
         try:
             info = await _describe(admin, topic)
             if info is None:
-                configs = {"cleanup.policy": "compact", **(extra_configs or {})}
+                brokers = await _broker_count(admin)
+                replicas = replication_factor or min(3, brokers)
+                insync = min_insync_replicas or min(2, replicas)
+                configs = {"cleanup.policy": "compact", "min.insync.replicas": str(insync),
+                           **(extra_configs or {})}
                 response = await admin.create_topics(
-                    [NewTopic(topic, partitions, replication_factor, topic_configs=configs)]
+                    [NewTopic(topic, partitions, replicas, topic_configs=configs)]
                 )
                 for _name, code, *rest in response.topic_errors:
                     error = for_code(code)
@@ -198,6 +263,12 @@ async def ensure_topic(
                     await asyncio.sleep(0.1)
                 if info is None:
                     raise TopicError(f"topic {topic!r} was created but does not show up")
+                await _wait_for_leaders(admin, topic)
+            elif info.replication_factor == 1 and info.brokers > 1:
+                log.warning("topic %s has replication factor 1 on a cluster of %d brokers: "
+                            "one broker down blocks its partitions, one disk lost loses "
+                            "them; raise it to %d (kafka-reassign-partitions) and set "
+                            "min.insync.replicas=2", topic, info.brokers, min(3, info.brokers))
         except KAFKA_ERRORS as exc:
             raise _topic_error(exc, config, "ensuring") from exc
     if not info.compacted and not allow_non_compacted:
