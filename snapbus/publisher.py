@@ -272,11 +272,28 @@ class SnapshotPublisher(AsyncLifecycle):
         self._state = "started"
 
     async def stop(self) -> None:
-        """Flush what is pending and disconnect; safe to call twice."""
+        """Flush what is pending and disconnect; safe to call twice.
+
+        Waits at most `delivery_timeout_s` for the flush: records still unacknowledged then
+        (their publish already raised `PublishError`) are dropped, so a pod can shut down
+        while the cluster refuses writes.
+        """
         producer, self._producer = self._producer, None
         self._state = "stopped"
-        if producer is not None:
-            await producer.stop()
+        if producer is None:
+            return
+        closing = asyncio.ensure_future(producer.stop())
+        done, _ = await asyncio.wait({closing}, timeout=self._delivery_timeout_s)
+        if not done:
+            # aiokafka retries a batch it cannot deliver for as long as the cluster refuses it
+            # and its stop() waits for that; ending the sender lets stop() go on
+            log.warning("publisher of %s stopped with records still unacknowledged after "
+                        "%g s (their publish raised PublishError): dropped", self.topic,
+                        self._delivery_timeout_s, extra={"topic": self.topic})
+            sender = getattr(getattr(producer, "_sender", None), "sender_task", None)
+            if sender is not None:
+                sender.cancel()
+        await closing
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if getattr(self, "_state", None) == "started":
