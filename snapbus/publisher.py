@@ -429,7 +429,8 @@ class SnapshotPublisher(AsyncLifecycle):
 
     def _publish_error(self, exc: BaseException) -> PublishError:
         if isinstance(exc, asyncio.TimeoutError):
-            reason = f"not acknowledged within {self._delivery_timeout_s:g} s"
+            reason = (f"not acknowledged within {self._delivery_timeout_s:g} s: a partition "
+                      "leader down, or fewer in-sync replicas than min.insync.replicas")
             retriable = True
         else:
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())

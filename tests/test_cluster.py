@@ -185,6 +185,7 @@ async def test_two_of_three_down_refuses_writes(cluster: EmbeddedBroker,
         assert time.monotonic() - began < 5.0 + 2.0
         assert raised.value.retriable
         assert "may or may not be stored" in str(raised.value)
+        assert "min.insync.replicas" in str(raised.value)
         # its record is still pending in the client: stopping must not wait for the cluster
         await asyncio.wait_for(impatient.stop(), 5.0 + 5.0)
         await eventually(lambda: all(v.status == "degraded" for v in watched), WAIT_S,
