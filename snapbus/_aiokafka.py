@@ -185,6 +185,15 @@ async def finish_stop(consumer: AIOKafkaConsumer) -> None:
     await consumer._client.close()
 
 
+def abandon_sends(producer: Any) -> None:
+    """Stop a producer's sender from retrying the batches it still holds, so that a `stop()`
+    waiting for them returns (aiokafka retries a batch the cluster refuses for as long as it
+    is refused, and its `stop()` waits for that)."""
+    sender = getattr(getattr(producer, "_sender", None), "sender_task", None)
+    if sender is not None:
+        sender.cancel()
+
+
 # ---------------------------------------------------------------------- the fetch buffer
 
 

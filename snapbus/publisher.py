@@ -37,6 +37,7 @@ from aiokafka.errors import (
 )
 from aiokafka.partitioner import DefaultPartitioner
 
+from snapbus._aiokafka import abandon_sends
 from snapbus._kafka import start_client, translate
 from snapbus._lifecycle import AsyncLifecycle
 from snapbus._partition import murmur2
@@ -290,9 +291,7 @@ class SnapshotPublisher(AsyncLifecycle):
             log.warning("publisher of %s stopped with records still unacknowledged after "
                         "%g s (their publish raised PublishError): dropped", self.topic,
                         self._delivery_timeout_s, extra={"topic": self.topic})
-            sender = getattr(getattr(producer, "_sender", None), "sender_task", None)
-            if sender is not None:
-                sender.cancel()
+            abandon_sends(producer)
         await closing
 
     def __del__(self, _warn: Any = warnings.warn) -> None:

@@ -105,23 +105,20 @@ class _Layout:
 
 
 async def _layout(admin: Any, topic: str) -> _Layout | None:
-    metadata = await admin._get_cluster_metadata(topics=None)  # all topics: never auto-creates
-    found = metadata.to_object()
-    for entry in found["topics"]:
+    for entry in await admin.describe_topics(None):  # all topics: never auto-creates
         if entry["topic"] == topic:
             parts = entry["partitions"]
             return _Layout(
                 partitions=len(parts),
                 replication_factor=min((len(p["replicas"]) for p in parts), default=0),
                 leaderless=sum(1 for p in parts if p["error_code"] or p["leader"] < 0),
-                brokers=len(found["brokers"]),
+                brokers=await _broker_count(admin),
             )
     return None
 
 
 async def _broker_count(admin: Any) -> int:
-    metadata = await admin._get_cluster_metadata(topics=None)
-    return max(1, len(metadata.to_object()["brokers"]))
+    return max(1, len((await admin.describe_cluster())["brokers"]))
 
 
 async def _configs(admin: Any, topic: str) -> dict[str, str] | None:

@@ -133,8 +133,7 @@ async def leaders(bootstrap_servers: str, topic: str) -> dict[int, int]:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
     await admin.start()
     try:
-        metadata = await admin._get_cluster_metadata(topics=None)
-        for entry in metadata.to_object()["topics"]:
+        for entry in await admin.describe_topics(None):
             if entry["topic"] == topic:
                 return {p["partition"]: p["leader"] for p in entry["partitions"]}
         return {}
@@ -147,8 +146,7 @@ async def in_sync(bootstrap_servers: str, topic: str, replicas: int) -> bool:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
     await admin.start()
     try:
-        metadata = await admin._get_cluster_metadata(topics=None)
-        for entry in metadata.to_object()["topics"]:
+        for entry in await admin.describe_topics(None):
             if entry["topic"] == topic:
                 return all(p["leader"] >= 0 and len(p["isr"]) >= replicas
                            for p in entry["partitions"])
