@@ -172,6 +172,11 @@ the read reached the log end (a view following it live): there it only delayed t
 (`test_read_returns_with_the_next_fetch_already_sent`)."""
 
 
+TRUNCATION_GRACE_MS = 5_000
+"""How long fetch responses must go on showing a log end below the reader's position before
+`PartitionReader.truncated` reports it (a lagging high watermark catches up sooner)."""
+
+
 class PartitionReader:
     """Reads all partitions of one topic from given offsets (default: the beginning).
 
@@ -508,9 +513,11 @@ class PartitionReader:
 
         Either means records the reader already applied are gone from the broker (a broker
         that lost its data, or a topic deleted and re-created): the reader must start over.
-        A log end below the position counts once a later fetch response still shows it: a
-        truncation stays, while a view on a fresh Apache Kafka topic was seen, rarely, to hold
-        one stale high watermark below its position for a moment.
+        A log end below the position counts once fetch responses have gone on showing it for
+        `TRUNCATION_GRACE_MS`: a truncation stays, while a high watermark can lag behind records
+        already read for a while: a new partition leader learns the followers' log ends only
+        from their next fetches (after a failover, seconds), and a fresh Apache Kafka topic was
+        seen, rarely, to answer one stale high watermark.
         """
         found = set(self.rewound)
         for p in self._tps:
@@ -519,8 +526,10 @@ class PartitionReader:
                 self._short.pop(p, None)
                 continue
             stamp = self.fetch_stamp(p)
-            first = self._short.setdefault(p, stamp)
-            if stamp != first:
+            first = self._short.get(p)
+            if first is None:
+                self._short[p] = stamp
+            elif stamp is not None and stamp - first >= TRUNCATION_GRACE_MS:
                 found.add(p)
         return sorted(found)
 
