@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:  # run as a script: import the modules as ``benchm
 from benchmarks import common  # noqa: E402
 
 ORDER = ("bench_codec", "bench_publish", "bench_rebuild", "bench_replay", "bench_latency",
-         "bench_read", "bench_memory", "bench_peers")
+         "bench_read", "bench_reads", "bench_memory", "bench_peers")
 DEFAULT_OUTPUT = HERE / "RESULTS.md"
 
 
