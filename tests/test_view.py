@@ -889,6 +889,41 @@ async def test_reads_accept_uuid_forms_and_reject_garbage(
         assert view.by_state("merged") == []
 
 
+async def test_reads_by_uuid_follow_deletes_and_returns(
+    broker: BrokerAddress, topic_name: str
+) -> None:
+    # a read by uuid.UUID remembers the id's text: that must never outlive the session
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    repo = uuid.uuid4()
+    snapshot = make_snapshot(repo_id=repo)
+    sid = snapshot.session_id
+
+    def fresh(u: uuid.UUID) -> uuid.UUID:  # an equal UUID that is another object
+        return uuid.UUID(int=u.int)
+
+    async with SnapshotPublisher(config) as publisher, new_view(config) as view:
+        await view.wait_for(await publisher.publish(snapshot), timeout=WAIT_S)
+        for _ in range(2):  # the first read by UUID, then the remembered one
+            assert view.get(fresh(sid)) == snapshot
+            assert view[fresh(sid)] == snapshot
+            assert fresh(sid) in view
+            assert view.by_repo(fresh(repo)) == [snapshot]
+
+        await view.wait_for(await publisher.evict(sid), timeout=WAIT_S)
+        assert view.get(fresh(sid)) is None
+        assert fresh(sid) not in view
+        with pytest.raises(KeyError):
+            view[fresh(sid)]
+        assert view.by_repo(fresh(repo)) == []
+
+        again = snapshot.replace(intent="back again")
+        await view.wait_for(await publisher.publish(again), timeout=WAIT_S)
+        assert view.get(fresh(sid)) == again
+        assert view[fresh(sid)] == again
+        assert fresh(sid) in view
+        assert view.by_repo(fresh(repo)) == [again]
+
+
 async def test_stopped_view_is_freed_at_once_and_its_snapshots_still_read(
     broker: BrokerAddress, topic_name: str
 ) -> None:
