@@ -21,7 +21,8 @@ Memory. For the whole process: `tracemalloc` runs from just before the view is c
 ``start()`` returned live (the view still running: the client, its buffers and fetched
 batches included) and a full collection, the traced total minus the total before, per
 session, is the size as started; after ``view.snapshots()`` read (decoded) every session, the
-size once every session was read. 100k sessions over 200k records with the default benchmark
+size once every session was read; then after every session was also read by `uuid.UUID`
+(what ids read that way keep). 100k sessions over 200k records with the default benchmark
 values (``--scale``: also 1M sessions over 1M records, one pass). The first-read cost per
 session (untraced, from the read section) goes beside it.
 
@@ -112,6 +113,12 @@ def _loops(view: Any, probes: list[Any], same: dict[Any, Any], other: dict[Any, 
         for k in probes:
             k in v  # noqa: B015
 
+    def wrapped() -> None:
+        def get(key: Any, default: Any = None, _get: Any = same.get) -> Any:
+            return _get(key, default)
+        for k in probes:
+            get(k)
+
     same_name = f"dict keyed by the same {kind} objects"
     other_name = "dict keyed by equal strings (the view's own key objects)"
     out = {
@@ -123,6 +130,8 @@ def _loops(view: Any, probes: list[Any], same: dict[Any, Any], other: dict[Any, 
         out["get"].append((f"{other_name}: d.get(k)", dict_get(other)))
         out["getitem"].append((f"{other_name}: d[k]", dict_item(other)))
         out["contains"].append((f"{other_name}: k in d", dict_in(other)))
+    out["get"].append(("a one-line Python function returning that d.get(k) (the floor of any "
+                       "Python API)", wrapped))
     out["get"].append((f"view.get({kind})", view_get))
     out["getitem"].append((f"view[{kind}]", view_item))
     out["contains"].append((f"{kind} in view", view_in))
@@ -215,6 +224,11 @@ async def _memory(c: common.Collector, config: Any, expected: int, passes: int,
                 view.snapshots()
                 gc.collect()
                 read = tracemalloc.get_traced_memory()[0] - before
+                for session_id in view:  # (fresh uuid.UUID objects, as a request parses)
+                    view.get(session_id)
+                del session_id
+                gc.collect()
+                by_uuid = tracemalloc.get_traced_memory()[0] - before
             finally:
                 await view.stop()
         finally:
@@ -222,6 +236,8 @@ async def _memory(c: common.Collector, config: Any, expected: int, passes: int,
         del view
         c.add("memory" + suffix, "as started (values kept encoded)", started / expected)
         c.add("memory" + suffix, "after every session was read once", read / expected)
+        c.add("memory" + suffix, "after every session was also read once by uuid.UUID",
+              by_uuid / expected)
 
 
 async def run(runs: int, quick: bool, scale: bool = False) -> list[dict[str, Any]]:
@@ -243,7 +259,7 @@ async def run(runs: int, quick: bool, scale: bool = False) -> list[dict[str, Any
                          "every session read once before.")
     for kind in ("uuid.UUID", "str"):
         c.table(f"by_repo-{kind}", f"by_repo with {kind} keys, {n_sessions:,} sessions, "
-                f"{n_repo:,} random repositories", "µs/query",
+                f"{n_repo:,} random repositories", "ns/query",
                 baseline=f"hand-built dict[{kind}, set[str]] keyed by the same {kind} objects",
                 higher_is_better=False, digits=3,
                 note="Each query builds its result list of snapshots.")

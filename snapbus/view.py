@@ -1130,6 +1130,9 @@ class SnapshotView(AsyncLifecycle):
                                 await asyncio.sleep(0)  # let readers and waiters run
                     if records:
                         self._last_offsets[partition] = records[-1].offset
+                # (drop the fetched records now: else the last fetch of the replay, up to
+                # fetch_max_bytes of them, stays referenced while the next read waits)
+                batches, records = {}, []
                 if self._stash is not None and (
                     self._serving or self._offset_waiters or self._barriers
                     or reader.caught_up_to_start()
