@@ -78,9 +78,9 @@ SIGNATURES = {
     "describe_topic": (
         "(config: KafkaConfig) -> TopicInfo"),
     "ensure_topic": (
-        "(config: KafkaConfig, *, partitions: int = 12, replication_factor: int = 1, "
-        "allow_non_compacted: bool = False, extra_configs: dict[str, "
-        "str] | None = None) -> TopicInfo"),
+        "(config: KafkaConfig, *, partitions: int = 12, replication_factor: int | None = None, "
+        "min_insync_replicas: int | None = None, allow_non_compacted: bool = False, "
+        "extra_configs: dict[str, str] | None = None) -> TopicInfo"),
     "encode": (
         "(snapshot: WorkspaceSnapshot) -> bytes"),
     "decode": (
