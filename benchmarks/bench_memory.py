@@ -109,7 +109,7 @@ def _indexes(view: Any) -> tuple[dict[str, Any], ...]:
     (built from its internals: the view decodes lazily, and reading snapshots would decode
     them)."""
     return tuple({value: type(members)(list(members)) for value, members in index.items()}
-                 for index in view._indexes())
+                 for index in view._store.indexes())
 
 
 async def _traced(build: Callable[[], Awaitable[Any]]) -> tuple[Any, int, int, float]:

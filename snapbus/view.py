@@ -63,7 +63,8 @@ import operator
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+import weakref
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -75,6 +76,7 @@ from snapbus._kafka import start_client
 from snapbus._lifecycle import AsyncLifecycle
 from snapbus._partition import partition_of, partitions_of
 from snapbus._repair import read_keys
+from snapbus._store import SessionStore
 from snapbus.codec import Codec, default_codec
 from snapbus.config import KafkaConfig, validate_topic_name
 from snapbus.errors import ConfigError, DecodeError, SnapbusError, TopicError, ViewError
@@ -243,70 +245,25 @@ class _Stashed(NamedTuple):
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
-_Fields = tuple[str, str, str]
-"""The indexed fields of a session: (repo_key, agent_id, state)."""
-
-_Index = dict[str, "list[str] | set[str]"]
-"""An exact index: value -> the keys of the sessions having it, a list while there are at
-most `_SMALL_GROUP` (a set of 5 strings takes 728 bytes, a list 120), else a set. Lists, not
-tuples: adding to a tuple copies it, touching every member's refcount, which made indexing the
-sessions of a large replay cost more than reading them."""
-_SMALL_GROUP = 32
-
-
-def _add_new(index: _Index, value: str, key: str) -> None:
-    """Add `key`, known to be in no group of `index`, to the group of `value`."""
-    members = index.get(value)
-    if members is None:
-        index[value] = [key]
-    elif not isinstance(members, list):
-        members.add(key)
-    elif len(members) < _SMALL_GROUP:
-        members.append(key)
-    else:
-        index[value] = {*members, key}
-
-
-def _add(index: _Index, value: str, key: str) -> None:
-    """Add `key` to the group of `value` (if it is not there yet)."""
-    members = index.get(value)
-    if members is None or key not in members:
-        _add_new(index, value, key)
-
-
-def _discard(index: _Index, value: str, key: str) -> None:
-    """Remove `key` from the group of `value`, and the group when it is empty."""
-    members = index.get(value)
-    if members is None:
-        return
-    if isinstance(members, list):
-        if key in members:
-            members.remove(key)
-            if not members:
-                del index[value]
-    else:
-        members.discard(key)
-        if len(members) <= _SMALL_GROUP // 2:  # (half: no flapping at the boundary)
-            if members:
-                index[value] = list(members)
-            else:
-                del index[value]
-
-
-def _fields(snapshot: WorkspaceSnapshot) -> _Fields:
-    return snapshot.repo_key, snapshot.agent_id, snapshot.state
-
-
 def _coordinates(topic: str, partition: int, offset: int) -> dict[str, Any]:
     """Structured-log fields naming where a record is."""
     return {"topic": topic, "partition": partition, "offset": offset}
 
 
+def _weakly(method: Callable[[str, DecodeError], None]) -> Callable[[str, DecodeError], None]:
+    """`method`, without keeping its object alive (no reference cycle keeps a view)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(key: str, error: DecodeError) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(key, error)
+
+    return call
+
+
 def _canonical(session_id: uuid.UUID | str) -> str:
     return str(parse_uuid(session_id, field="session_id"))
-
-
-_UUID = uuid.UUID
 
 
 class SnapshotView(AsyncLifecycle):
@@ -436,22 +393,10 @@ class SnapshotView(AsyncLifecycle):
             self.config, fetch_max_wait_ms=fetch_max_wait_ms, consumer_options=consumer_options
         )
         self._fetch_wait_ms = fetch_max_wait_ms
-        # state: canonical session id string -> snapshot; or, for a session not read yet
-        # (decode="lazy"), -> its encoded value, compact (`Codec.compact`: without the header
-        # and session id), in `_encoded` (a session is in one of the two:
-        # two dicts, so a read never touches the value to tell which it is); plus exact
-        # secondary indexes
-        self._data: dict[str, WorkspaceSnapshot] = {}
-        self._encoded: dict[str, bytes] = {}
-        self._by_repo: _Index = {}
-        self._by_agent: _Index = {}
-        self._by_state: _Index = {}
-        # `uuid.UUID.int` -> the view's own canonical string of that id (a session's key or a
-        # repo id), filled by reads with `uuid.UUID` keys: `str(uuid)` costs several dict
-        # lookups; an entry costs about 100 bytes (the int and the slot). Checked against the
-        # store on every use, so a stale entry only costs a slow read; cleared when it
-        # outgrows the view.
-        self._texts: dict[int, str] = {}
+        # state: the sessions and their indexes (`_data`: the store's decoded sessions, bound
+        # here for `get`)
+        self._store = SessionStore(self._codec, _weakly(self._lost))
+        self._data = self._store.data
         # progress
         self._status: ViewStatus = "starting"
         self._status_reason: str | None = None
@@ -682,11 +627,10 @@ class SnapshotView(AsyncLifecycle):
             raise ViewError(f"cannot checkpoint a view that is {self._status}, not caught up "
                             "or repairing a session")
         # captured and encoded at one instant, on the loop; written in a worker thread
-        sessions: dict[str, checkpoint.Session] = dict(self._encoded)
-        sessions.update((key, snapshot._values()) for key, snapshot in self._data.items())
+        sessions = self._store.export()
         data = checkpoint.dumps(checkpoint.Checkpoint(
             self.config.topic, len(self._reader.partitions), dict(self._applied),
-            sessions, self._indexes(), self._stamps, int(self._now_ms()),
+            sessions, self._store.indexes(), self._stamps, int(self._now_ms()),
             self._codec.compact_prefix,
             int(min((t for _, t in self._synced.values()), default=0))))
         del sessions
@@ -719,22 +663,10 @@ class SnapshotView(AsyncLifecycle):
             if early is not None:
                 reader.restart_from_beginning()
             return
-        # encoded values stay as they are; sessions saved decoded become snapshots again
-        sessions: dict[str, Any] = saved.sessions
-        decoded = list(itertools.compress(  # (found at C speed: a million items take 30 ms)
-            sessions.items(), map(operator.is_, map(type, sessions.values()),
-                                  itertools.repeat(tuple))))
-        from_trusted, data = WorkspaceSnapshot._from_trusted, self._data
-        for start in range(0, len(decoded), 10 * _APPLY_CHUNK):
-            for key, row in decoded[start:start + 10 * _APPLY_CHUNK]:
-                del sessions[key]
-                data[key] = from_trusted(row)
+        for _ in self._store.install(saved.sessions, saved.indexes):
             await asyncio.sleep(0)
-        del decoded
-        self._encoded = sessions
-        self._by_repo, self._by_agent, self._by_state = saved.indexes
         if self._ttl_ms is not None:
-            for key in [*self._data, *self._encoded]:
+            for key in self._store.ids():
                 if not self._renew(key, saved.stamps.get(key, saved.created_ms)):
                     self._put(key, None)
         if saved.offsets != early:  # (a seek drops what was fetched since)
@@ -834,83 +766,43 @@ class SnapshotView(AsyncLifecycle):
         Raises:
             ValidationError: `session_id` is not a UUID.
         """
-        if type(session_id) is _UUID:  # fast path: a UUID read before
-            found = self._data.get(self._texts.get(session_id.int))  # type: ignore[arg-type]
-        else:
-            try:
-                found = self._data.get(session_id)  # type: ignore[arg-type]  # fast: str keys
-            except TypeError:  # unhashable: let _canonical say what is wrong with it
-                found = None
+        try:
+            found = self._data.get(session_id)  # type: ignore[arg-type]  # fast path: str keys
+        except TypeError:  # unhashable: let _canonical say what is wrong with it
+            found = None
         if found is not None:
             return found
-        return self._get(session_id, default)
-
-    def _get(self, session_id: uuid.UUID | str, default: WorkspaceSnapshot | None
-             ) -> WorkspaceSnapshot | None:
-        """`get` past its fast path: other spellings, UUIDs not read before, first reads."""
         if type(session_id) is str and _is_canonical(session_id):
             key = session_id
         else:
             key = _canonical(session_id)
             found = self._data.get(key)
             if found is not None:
-                if type(session_id) is _UUID:
-                    self._remember(session_id, found.key)
                 return found
-        value = self._encoded.get(key)
+        value = self._store.encoded.get(key)
         if value is None:
             return default
-        found = self._decoded(key, value)  # not read before: decode it now
-        if found is None:
-            return default
-        if type(session_id) is _UUID:
-            self._remember(session_id, found.key)
-        return found
-
-    def _remember(self, id_: uuid.UUID, text: str) -> None:
-        """Keep `text`, the view's own string of `id_`, for the next read by `uuid.UUID`."""
-        texts = self._texts
-        if len(texts) > 2 * len(self) + len(self._by_repo) + 1024:
-            texts.clear()  # (stale entries of sessions gone: start over)
-        texts[id_.int] = text
+        found = self._store.decoded(key, value)  # not read before: decode it now
+        return default if found is None else found
 
     def __getitem__(self, session_id: uuid.UUID | str) -> WorkspaceSnapshot:
-        if type(session_id) is _UUID:
-            found = self._data.get(self._texts.get(session_id.int))  # type: ignore[arg-type]
-        else:
-            try:
-                found = self._data.get(session_id)  # type: ignore[arg-type]
-            except TypeError:
-                found = None
+        found = self.get(session_id)
         if found is None:
-            found = self._get(session_id, None)
-            if found is None:
-                raise KeyError(session_id)
+            raise KeyError(session_id)
         return found
 
     def __contains__(self, session_id: object) -> bool:
-        if type(session_id) is _UUID:
-            if self._texts.get(session_id.int) in self._data:
-                return True
-        elif type(session_id) is str and session_id in self._data:
-            return True
         if not isinstance(session_id, (str, uuid.UUID)):
             return False
         try:
             key = session_id if type(session_id) is str else _canonical(session_id)
         except SnapbusError:
             return False
-        found = self._data.get(key)
-        if found is None:
-            value = self._encoded.get(key)
-            if value is not None:  # (decoded, so that `in` agrees with `get` on a bad value)
-                found = self._decoded(key, value)
-                if found is None:
-                    return False
-        if found is not None:
-            if isinstance(session_id, uuid.UUID):
-                self._remember(session_id, found.key)
+        if key in self._data:
             return True
+        value = self._store.encoded.get(key)
+        if value is not None:  # (decoded, so that `in` agrees with `get` on a bad value)
+            return self._store.decoded(key, value) is not None
         try:
             return self.get(key) is not None  # (a non-canonical spelling)
         except SnapbusError:
@@ -919,90 +811,38 @@ class SnapshotView(AsyncLifecycle):
     def __len__(self) -> int:
         """Sessions in the view (with ``decode="lazy"``, counting those not read yet: one whose
         value turns out bad when first read leaves then; docs/bad-values.md)."""
-        return len(self._data) + len(self._encoded)
+        return len(self._store)
 
     def __iter__(self) -> Iterator[uuid.UUID]:
-        return (uuid.UUID(key) for key in [*self._data, *self._encoded])
+        return (uuid.UUID(key) for key in self._store.ids())
 
     def snapshots(self) -> list[WorkspaceSnapshot]:
         """Return every snapshot in the view."""
-        return [*self._data.values(), *self._snapshots(list(self._encoded))]
+        return self._store.snapshots()
 
-    def _snapshots(self, keys: Iterable[str]) -> list[WorkspaceSnapshot]:
-        data, encoded = self._data, self._encoded
-        found = []
-        for key in keys:
-            snapshot = data.get(key)
-            if snapshot is None:
-                value = encoded.get(key)
-                if value is None or (snapshot := self._decoded(key, value)) is None:
-                    continue
-            found.append(snapshot)
-        return found
-
-    def _decoded(self, key: str, value: bytes) -> WorkspaceSnapshot | None:
-        """Decode a session's value on its first read and keep the snapshot instead.
-
-        A bad value (its header and indexed fields were fine) leaves the view at once, so
-        that every read agrees it is absent; its record is reported (`_bad_record`) and the
-        session's last good snapshot restored from the log (`_repair`). Returns None then.
-        """
-        full = self._codec.expand(key, value)
-        try:
-            snapshot = self._codec.decode(full, key=key)
-        except DecodeError as exc:
-            log.debug("view of %s: the value of session %s is bad (%s), found on first read",
-                      self.config.topic, key, exc.reason, extra={"topic": self.config.topic})
-            if self._encoded.get(key) is value:
-                del self._encoded[key]
-                peeked = self._codec.peek(full)
-                assert peeked is not None  # it was peeked when stored
-                self._unindex(key, (peeked[1], peeked[2], peeked[3]))
-                self._stamps.pop(key, None)
-                raw = key.encode()
-                self._report_bad.add((self._home(raw), raw))
-                self._want_repair(key)
-            return None
-        if self._encoded.get(key) is value:
-            del self._encoded[key]
-            self._data[key] = snapshot
-        return snapshot
-
-    def _select(self, index: _Index, key: str) -> list[WorkspaceSnapshot]:
-        members = index.get(key)
-        if not members:
-            return []
-        data = self._data
-        try:
-            return [data[k] for k in members]  # (every member read before: one C loop)
-        except KeyError:
-            return self._snapshots(members)
+    def _lost(self, key: str, error: DecodeError) -> None:
+        """A session's value found bad on its first read, now gone from the store: report its
+        record (`_bad_record`) and restore its last good snapshot from the log (`_repair`)."""
+        log.debug("view of %s: the value of session %s is bad (%s), found on first read",
+                  self.config.topic, key, error.reason, extra={"topic": self.config.topic})
+        self._stamps.pop(key, None)
+        raw = key.encode()
+        self._report_bad.add((self._home(raw), raw))
+        self._want_repair(key)
 
     def by_repo(self, repo_id: uuid.UUID | str) -> list[WorkspaceSnapshot]:
         """Return the snapshots of every session on that repository."""
-        if type(repo_id) is str:
-            if repo_id in self._by_repo:  # (only canonical ids are in the index)
-                return self._select(self._by_repo, repo_id)
-        elif type(repo_id) is _UUID:
-            text = self._texts.get(repo_id.int)
-            if text is not None and text in self._by_repo:
-                return self._select(self._by_repo, text)
-        if type(repo_id) is str and _is_canonical(repo_id):
-            key = repo_id
-        else:
-            key = str(parse_uuid(repo_id, field="repo_id"))
-        found = self._select(self._by_repo, key)
-        if found and type(repo_id) is _UUID:
-            self._remember(repo_id, found[0].repo_key)
-        return found
+        if type(repo_id) is not str or not _is_canonical(repo_id):
+            repo_id = str(parse_uuid(repo_id, field="repo_id"))
+        return self._store.snapshots(self._store.by_repo.get(repo_id, ()))
 
     def by_agent(self, agent_id: str) -> list[WorkspaceSnapshot]:
         """Return the snapshots of every session of that agent."""
-        return self._select(self._by_agent, agent_id)
+        return self._store.snapshots(self._store.by_agent.get(agent_id, ()))
 
     def by_state(self, state: str) -> list[WorkspaceSnapshot]:
         """Return the snapshots of every session in that lifecycle state."""
-        return self._select(self._by_state, state)
+        return self._store.snapshots(self._store.by_state.get(state, ()))
 
     def select(
         self,
@@ -1019,15 +859,7 @@ class SnapshotView(AsyncLifecycle):
             ValidationError: `repo_id` is not a UUID.
         """
         repo = None if repo_id is None else str(parse_uuid(repo_id, field="repo_id"))
-        indexed = [index.get(key, set()) for index, key in (
-            (self._by_repo, repo), (self._by_agent, agent_id), (self._by_state, state))
-            if key is not None]
-        if not indexed:
-            return self.snapshots()
-        smallest = min(indexed, key=len)
-        others = [members for members in indexed if members is not smallest]
-        return self._snapshots(key for key in smallest
-                               if all(key in members for members in others))
+        return self._store.select(repo, agent_id, state)
 
     # ------------------------------------------------------------------ waiting
 
@@ -1130,9 +962,6 @@ class SnapshotView(AsyncLifecycle):
                                 await asyncio.sleep(0)  # let readers and waiters run
                     if records:
                         self._last_offsets[partition] = records[-1].offset
-                # (drop the fetched records now: else the last fetch of the replay, up to
-                # fetch_max_bytes of them, stays referenced while the next read waits)
-                batches, records = {}, []
                 if self._stash is not None and (
                     self._serving or self._offset_waiters or self._barriers
                     or reader.caught_up_to_start()
@@ -1279,7 +1108,7 @@ class SnapshotView(AsyncLifecycle):
 
     def _finish_resync(self) -> None:
         seen, self._resync_seen = self._resync_seen or set(), None
-        for key in [k for k in [*self._data, *self._encoded] if k not in seen]:
+        for key in [k for k in self._store.ids() if k not in seen]:
             self._put(key, None)
         log.info("view of %s re-read the log: %d sessions", self.config.topic, len(self),
                  extra={"topic": self.config.topic})
@@ -1398,16 +1227,14 @@ class SnapshotView(AsyncLifecycle):
         """Apply the latest record of every key seen during the initial replay.
 
         With ``decode="lazy"``, a new session's value is only peeked at (`Codec.peek`) for its
-        indexed fields and kept encoded (`Codec.compact`), decoded on first read
-        (`_decoded`); anything else (a tombstone, an older schema, a bad value, a session
-        already in the view) is decoded now. A bad one is reported once `_repair` has found
+        indexed fields and kept encoded (`Codec.compact`), decoded on first read (`SessionStore`);
+        anything else (a tombstone, an older schema, a bad value, a session already in the
+        view) is decoded now. A bad one is reported once `_repair` has found
         its record in the log.
         """
         stashes, self._stash = self._stash, None
         assert stashes is not None
-        data, encoded, peek = self._data, self._encoded, self._codec.peek
-        compact = self._codec.compact
-        by_repo, by_agent, by_state = self._indexes()
+        store, peek = self._store, self._codec.peek
         for partition, stash in stashes.items():
             self._records_superseded -= len(stash)
             if self._ttl_ms is None:  # key -> value
@@ -1429,37 +1256,26 @@ class SnapshotView(AsyncLifecycle):
                 if records is not None:
                     records = list(itertools.compress(records, placed))
             for start in range(0, len(keys), _APPLY_CHUNK):
-                chunk = keys[start:start + _APPLY_CHUNK], values[start:start + _APPLY_CHUNK]
+                chunk_keys = keys[start:start + _APPLY_CHUNK]
+                chunk_values = values[start:start + _APPLY_CHUNK]
                 lazy = (self._lazy and self._resync_seen is None and self._ttl_ms is None
                         and not self._subscribers)
-                size = len(chunk[0])
                 # (map: the per-value calls run from C, not from this loop)
-                peeked = map(peek, chunk[1]) if lazy else itertools.repeat(None, size)
-                originals = (records[start:start + _APPLY_CHUNK] if records is not None
-                             else itertools.repeat(None, size))
-                fresh = 0
-                for key, value, fields, original in zip(*chunk, peeked, originals,
-                                                        strict=True):
-                    if value is not None and fields is not None:
-                        sid, repo, agent, state = fields
-                        # (sid is canonical: so is the key when equal)
-                        if (key == sid.encode() and sid not in data
-                                and sid not in encoded):
-                            encoded[sid] = compact(value)
-                            _add_new(by_repo, repo, sid)
-                            _add_new(by_agent, agent, sid)
-                            _add_new(by_state, state, sid)
-                            fresh += 1
-                            continue
-                    if original is not None:
-                        error = self._apply(partition, original)
+                left: Sequence[int] = (store.load(chunk_keys, chunk_values,
+                                                  map(peek, chunk_values))
+                                       if lazy else range(len(chunk_keys)))
+                self._records_applied += len(chunk_keys) - len(left)
+                for at in left:
+                    key = chunk_keys[at]
+                    if records is not None:
+                        error = self._apply(partition, records[start + at])
                     else:  # (its record is found in the log if it is bad: `_repair`)
-                        error = self._apply(partition, _Stashed(key, value), report=False)
+                        error = self._apply(partition, _Stashed(key, chunk_values[at]),
+                                            report=False)
                         if error is not None:
                             self._report_bad.add((partition, key))
                     if error is not None and error.reason != "bad_key" and key:
                         self._want_repair(key.decode("ascii"))  # an earlier good record
-                self._records_applied += fresh
                 await asyncio.sleep(0)
         self._start_repair()
 
@@ -1623,36 +1439,14 @@ class SnapshotView(AsyncLifecycle):
         self._put(key, new)
 
     def _put(self, key: str, new: WorkspaceSnapshot | None) -> None:
-        """Make `new` the session's snapshot (None: delete), keeping indexes and subscribers."""
-        data = self._data
-        old = data.get(key)
-        old_fields = None if old is None else _fields(old)
-        if old is None:
-            value = self._encoded.pop(key, None)
-            if value is not None:  # never read: decode it to compare and report the change
-                full = self._codec.expand(key, value)
-                peeked = self._codec.peek(full)
-                assert peeked is not None  # it was peeked when stored
-                old_fields = peeked[1], peeked[2], peeked[3]
-                with contextlib.suppress(DecodeError):  # (a bad value, being replaced)
-                    old = self._codec.decode(full, key=key)
-        if new is None:
-            if old_fields is None:
-                return
-            data.pop(key, None)
-            self._unindex(key, old_fields)
-            if self._ttl_ms is not None:
-                self._stamps.pop(key, None)
-        elif old_fields is None:
-            data[key] = new
-            self._index(key, _fields(new))
-        else:
-            data[key] = new
-            if old == new:
-                return
-            self._reindex(key, old_fields, _fields(new))
+        """Make `new` the session's snapshot (None: delete), telling subscribers."""
+        change = self._store.put(key, new)
+        if change is None:
+            return
+        if new is None and self._ttl_ms is not None:
+            self._stamps.pop(key, None)
         if self._subscribers:
-            self._notify(Change(uuid.UUID(key), old, new))
+            self._notify(Change(uuid.UUID(key), *change))
 
     def _renew(self, key: str, timestamp_ms: int) -> bool:
         """Record a session's latest record time; False if that is already past the TTL."""
@@ -1682,7 +1476,7 @@ class SnapshotView(AsyncLifecycle):
             if stamp is not None and stamp + ttl == due:
                 del stamps[key]
                 self._hidden.add(key)
-                if key in self._data or key in self._encoded:
+                if key in self._store:
                     self._expired += 1
                     self._put(key, None)
 
@@ -1696,20 +1490,3 @@ class SnapshotView(AsyncLifecycle):
     def _notify(self, change: Change) -> None:
         for stream in list(self._subscribers):
             stream._push(change)
-
-    def _indexes(self) -> tuple[_Index, _Index, _Index]:
-        return self._by_repo, self._by_agent, self._by_state
-
-    def _index(self, key: str, fields: _Fields) -> None:
-        for index, value in zip(self._indexes(), fields, strict=True):
-            _add(index, value, key)
-
-    def _reindex(self, key: str, old: _Fields, new: _Fields) -> None:
-        for index, before, after in zip(self._indexes(), old, new, strict=True):
-            if before != after:
-                _discard(index, before, key)
-                _add(index, after, key)
-
-    def _unindex(self, key: str, fields: _Fields) -> None:
-        for index, value in zip(self._indexes(), fields, strict=True):
-            _discard(index, value, key)

@@ -160,7 +160,7 @@ async def test_restart_from_a_checkpoint_reads_only_the_tail(
         assert {s.key: s for s in restarted.snapshots()} == {s.key: s for s in full.snapshots()}
         assert restarted.by_state("merged") == [tail[0]]
         assert first[1].session_id not in restarted
-        for mine, theirs in zip(restarted._indexes(), full._indexes(), strict=True):
+        for mine, theirs in zip(restarted._store.indexes(), full._store.indexes(), strict=True):
             assert {v: set(keys) for v, keys in mine.items()} == {
                 v: set(keys) for v, keys in theirs.items()}
 
