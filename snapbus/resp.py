@@ -928,11 +928,10 @@ class _Connection(asyncio.Protocol):
         sid = _session_of(key)
         if sid is None or self.view.get(sid) is None:
             return b":-2\r\n"
-        ttl_ms = self.view._ttl_ms
-        stamp = self.view._stamps.get(sid)
-        if ttl_ms is None or stamp is None:
+        expiry = self.view._expiry  # (the view's clock)
+        left_ms = None if expiry is None else expiry.left_ms(sid)
+        if left_ms is None:
             return b":-1\r\n"
-        left_ms = max(0.0, stamp + ttl_ms - self.view._now_ms())  # (the view's clock)
         if args[0].upper() == b"PTTL":
             return _int(int(left_ms))
         return _int(math.floor((left_ms + 500) / 1000))

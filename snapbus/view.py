@@ -56,7 +56,6 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import heapq
 import itertools
 import logging
 import operator
@@ -68,20 +67,21 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from snapbus import checkpoint
-from snapbus._kafka import start_client
+from snapbus._dead_letters import BadRecords
+from snapbus._expiry import Expiry
 from snapbus._lifecycle import AsyncLifecycle
 from snapbus._partition import partition_of, partitions_of
 from snapbus._repair import read_keys
 from snapbus._store import SessionStore
+from snapbus._waiters import Subscriber, Waiters
 from snapbus.codec import Codec, default_codec
 from snapbus.config import KafkaConfig, validate_topic_name
 from snapbus.errors import ConfigError, DecodeError, SnapbusError, TopicError, ViewError
 from snapbus.publisher import Receipt
-from snapbus.reader import BarrierProbe, PartitionReader, Record, decode_value
+from snapbus.reader import PartitionReader, Record, decode_value
 from snapbus.snapshot import WorkspaceSnapshot, _is_canonical, parse_uuid
 from snapbus.topic import DEFAULT_DELETE_RETENTION_MS, TopicInfo, describe_if_exists
 from snapbus.topic import ensure_topic as _ensure_topic
@@ -93,7 +93,6 @@ log = logging.getLogger("snapbus.view")
 ViewStatus = Literal["starting", "catching_up", "live", "degraded", "failed", "stopped"]
 """Where the view is in its life: see `SnapshotView.status`."""
 
-_LOGGED_DECODE_ERRORS = 20
 _APPLY_CHUNK = 2000  # records applied between two yields to the event loop
 _LOG_ENDS_WAIT_S = 5.0  # how long barrier() waits for the log ends before its own fetches
 _SHORT_RETENTION_MS = 60_000  # a tombstone retention that warrants a warning at start
@@ -184,17 +183,17 @@ class ChangeStream:
     (nothing is dropped silently). Use ``async with`` or `close` to unsubscribe.
     """
 
-    __slots__ = ("_closed", "_max_pending", "_queue", "_view")
+    __slots__ = ("_closed", "_max_pending", "_queue", "_subscribers")
 
-    def __init__(self, view: SnapshotView, max_pending: int) -> None:
-        self._view = view
+    def __init__(self, subscribers: set[Subscriber], max_pending: int) -> None:
+        self._subscribers = subscribers
         self._max_pending = max_pending
         self._queue: asyncio.Queue[Change | BaseException | None] = asyncio.Queue()
         self._closed = False
 
     def _push(self, change: Change) -> None:
         if self._queue.qsize() >= self._max_pending:
-            self._view._subscribers.discard(self)
+            self._subscribers.discard(self)
             self._queue.put_nowait(
                 ViewError(f"change subscriber fell more than {self._max_pending} changes behind")
             )
@@ -221,7 +220,7 @@ class ChangeStream:
     def close(self) -> None:
         """Unsubscribe; iteration ends."""
         self._closed = True
-        self._view._subscribers.discard(self)
+        self._subscribers.discard(self)
 
     async def __aenter__(self) -> ChangeStream:
         return self
@@ -243,11 +242,6 @@ class _Stashed(NamedTuple):
     offset: int = -1
     timestamp: int = -1
     headers: tuple[tuple[str, bytes], ...] = ()
-
-
-def _coordinates(topic: str, partition: int, offset: int) -> dict[str, Any]:
-    """Structured-log fields naming where a record is."""
-    return {"topic": topic, "partition": partition, "offset": offset}
 
 
 def _weakly(method: Callable[[str, DecodeError], None]) -> Callable[[str, DecodeError], None]:
@@ -352,11 +346,9 @@ class SnapshotView(AsyncLifecycle):
         self._checkpoint_loaded: int | None = None
         self._stale_after_s = stale_after_s
         self._fail_after_s = fail_after_s
-        self._dead_letter_topic = (validate_topic_name(dead_letter_topic)
-                                   if dead_letter_topic is not None else None)
-        self._dead_letters: list[tuple[int, Record, str, str]] = []  # (.., reason, message)
-        self._dead_letter_producer: AIOKafkaProducer | None = None
-        self._dead_lettered = 0
+        # bad and misplaced records: counted, logged, dead-lettered
+        self._bad = BadRecords(self.config, validate_topic_name(dead_letter_topic)
+                               if dead_letter_topic is not None else None)
         self._resyncs = 0
         self._resync_seen: set[str] | None = None
         # initial replay: each partition's latest value per key (record, with a TTL), applied
@@ -375,15 +367,11 @@ class SnapshotView(AsyncLifecycle):
         self._repair_requests = 0
         self._repair_task: asyncio.Task[None] | None = None
         self._repair_error: BaseException | None = None
-        self._misplaced = 0
         self._homes: dict[bytes, int] = {}  # key -> its partition (a cache, cleared when full)
         self._serving = False
         if ttl_s is not None and ttl_s <= 0:
             raise ConfigError(f"ttl_s must be positive, not {ttl_s}")
-        self._ttl_ms = None if ttl_s is None else int(ttl_s * 1000)
-        self._stamps: dict[str, int] = {}
-        self._expiry: list[tuple[int, str]] = []
-        self._hidden: set[str] = set()  # expired, not yet tombstoned (for the janitor)
+        self._expiry = None if ttl_s is None else Expiry(int(ttl_s * 1000), self._now_ms)
         self._expired = 0
         self._codec = codec if codec is not None else default_codec()
         self._start_timeout_s = start_timeout_s
@@ -402,7 +390,6 @@ class SnapshotView(AsyncLifecycle):
         self._status_reason: str | None = None
         self._records_applied = 0
         self._tombstones = 0
-        self._decode_errors = 0
         self._last_offsets: dict[int, int] = {}
         # the reader's positions as of the last read whose records are all applied: what
         # `wait_for` and checkpoints go by (a read's records are applied in chunks, with the
@@ -411,10 +398,9 @@ class SnapshotView(AsyncLifecycle):
         self._started_at: float | None = None
         self._catch_up_seconds: float | None = None
         self._caught_up: asyncio.Event = asyncio.Event()
-        # waiters
-        self._offset_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
-        self._barriers: list[tuple[BarrierProbe, asyncio.Future[None]]] = []
-        self._subscribers: set[ChangeStream] = set()
+        # waiters, barriers and change subscribers (`_subscribers`: bound for `_put`)
+        self._waiters = Waiters()
+        self._subscribers = self._waiters.subscribers
         self._task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
 
@@ -442,13 +428,7 @@ class SnapshotView(AsyncLifecycle):
                 checkpoint.read_checkpoint, self._checkpoint_path, topic=self.config.topic))
         try:
             await self._read_topic_configs()
-            if self._dead_letter_topic is not None:
-                await _ensure_topic(self.config.replace(topic=self._dead_letter_topic,
-                                                        history_topic=None))
-                producer = AIOKafkaProducer(acks="all", linger_ms=20,
-                                            **self.config.client_kwargs())
-                await start_client(producer, self.config, "dead-letter producer")
-                self._dead_letter_producer = producer
+            await self._bad.open()
             # with a checkpoint, fetch nothing until its offsets are known
             await self._reader.open(paused=loading is not None)
             self._synced = dict.fromkeys(self._reader.partitions, (0, self._now_ms()))
@@ -456,7 +436,7 @@ class SnapshotView(AsyncLifecycle):
             self._status = "stopped"
             if loading is not None:
                 loading.cancel()
-            await self._close_dead_letters()
+            await self._bad.close()
             raise
         if loading is not None:
             assert self._checkpoint_path is not None
@@ -523,7 +503,7 @@ class SnapshotView(AsyncLifecycle):
         if self._status != "failed":
             self._status = "stopped"
         await self._reader.close()
-        await self._close_dead_letters()
+        await self._bad.close()
         self._end_waiters(ViewError("the view was stopped"))
 
     async def _read_topic_configs(self) -> None:
@@ -592,11 +572,6 @@ class SnapshotView(AsyncLifecycle):
                      retention, self._retention_ms, extra={"topic": topic})
             self._retention_ms = retention
 
-    async def _close_dead_letters(self) -> None:
-        producer, self._dead_letter_producer = self._dead_letter_producer, None
-        if producer is not None:
-            await producer.stop()
-
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if getattr(self, "_task", None) is not None:
             _warn(f"{self!r} was never stopped", ResourceWarning, stacklevel=1)
@@ -630,7 +605,8 @@ class SnapshotView(AsyncLifecycle):
         sessions = self._store.export()
         data = checkpoint.dumps(checkpoint.Checkpoint(
             self.config.topic, len(self._reader.partitions), dict(self._applied),
-            sessions, self._store.indexes(), self._stamps, int(self._now_ms()),
+            sessions, self._store.indexes(),
+            {} if self._expiry is None else self._expiry.stamps, int(self._now_ms()),
             self._codec.compact_prefix,
             int(min((t for _, t in self._synced.values()), default=0))))
         del sessions
@@ -665,9 +641,9 @@ class SnapshotView(AsyncLifecycle):
             return
         for _ in self._store.install(saved.sessions, saved.indexes):
             await asyncio.sleep(0)
-        if self._ttl_ms is not None:
+        if self._expiry is not None:
             for key in self._store.ids():
-                if not self._renew(key, saved.stamps.get(key, saved.created_ms)):
+                if not self._expiry.renew(key, saved.stamps.get(key, saved.created_ms)):
                     self._put(key, None)
         if saved.offsets != early:  # (a seek drops what was fetched since)
             for partition, offset in saved.offsets.items():
@@ -732,17 +708,17 @@ class SnapshotView(AsyncLifecycle):
             records_applied=self._records_applied,
             records_superseded=self._records_superseded,
             tombstones=self._tombstones,
-            decode_errors=self._decode_errors,
+            decode_errors=self._bad.decode_errors,
             last_offsets=dict(self._last_offsets),
             lag=self._reader.lag(),
             catch_up_seconds=self._catch_up_seconds,
             status_reason=self._status_reason,
             staleness_s=self._reader.staleness_s() if self._task is not None else 0.0,
-            dead_lettered=self._dead_lettered,
+            dead_lettered=self._bad.dead_lettered,
             resyncs=self._resyncs,
             expired=self._expired,
             checkpoint_sessions=self._checkpoint_loaded,
-            misplaced=self._misplaced,
+            misplaced=self._bad.misplaced,
         )
 
     def _set_status(self, status: ViewStatus, reason: str | None = None) -> None:
@@ -822,10 +798,11 @@ class SnapshotView(AsyncLifecycle):
 
     def _lost(self, key: str, error: DecodeError) -> None:
         """A session's value found bad on its first read, now gone from the store: report its
-        record (`_bad_record`) and restore its last good snapshot from the log (`_repair`)."""
+        record (`BadRecords`) and restore its last good snapshot from the log (`_repair`)."""
         log.debug("view of %s: the value of session %s is bad (%s), found on first read",
                   self.config.topic, key, error.reason, extra={"topic": self.config.topic})
-        self._stamps.pop(key, None)
+        if self._expiry is not None:
+            self._expiry.forget(key)
         raw = key.encode()
         self._report_bad.add((self._home(raw), raw))
         self._want_repair(key)
@@ -882,9 +859,8 @@ class SnapshotView(AsyncLifecycle):
                             f"{self.config.topic!r}")
         if self._applied.get(receipt.partition, 0) > receipt.offset:
             return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._offset_waiters.append((receipt.partition, receipt.offset, future))
-        await asyncio.wait_for(future, timeout)
+        await asyncio.wait_for(self._waiters.wait_offset(receipt.partition, receipt.offset),
+                               timeout)
 
     async def barrier(self, timeout: float | None = None) -> None:
         """Return once every record acknowledged before this call is visible in the view.
@@ -913,8 +889,7 @@ class SnapshotView(AsyncLifecycle):
             probe.targets.update(ends)
             if self._applied_all(ends) and reader.reached(ends):
                 return
-        future: asyncio.Future[None] = loop.create_future()
-        self._barriers.append((probe, future))
+        future = self._waiters.wait_barrier(probe)
         await asyncio.wait_for(future, None if deadline is None
                                else max(0.0, deadline - loop.time()))
 
@@ -924,7 +899,7 @@ class SnapshotView(AsyncLifecycle):
 
     def changes(self, *, max_pending: int = 100_000) -> ChangeStream:
         """Subscribe to changes from now on; see `ChangeStream`."""
-        stream = ChangeStream(self, max_pending)
+        stream = ChangeStream(self._subscribers, max_pending)
         self._subscribers.add(stream)
         return stream
 
@@ -957,22 +932,23 @@ class SnapshotView(AsyncLifecycle):
                                 if home == partition or home < 0:
                                     self._apply(partition, record)
                                 else:
-                                    self._misplaced_record(partition, record, home)
+                                    self._bad.misplaced_record(partition, record, home,
+                                                               len(reader.partitions))
                             if len(records) > _APPLY_CHUNK:
                                 await asyncio.sleep(0)  # let readers and waiters run
                     if records:
                         self._last_offsets[partition] = records[-1].offset
                 if self._stash is not None and (
-                    self._serving or self._offset_waiters or self._barriers
+                    self._serving or self._waiters.pending()
                     or reader.caught_up_to_start()
                 ):
                     await self._flush_stash()
                 if self._stash is None:
                     self._applied = dict(reader.positions)
-                if self._dead_letters:
-                    await self._send_dead_letters()
-                if self._ttl_ms is not None:
-                    self._expire()
+                if self._bad.pending():
+                    await self._bad.send()
+                if self._expiry is not None:
+                    self._expire(self._expiry)
                 self._check_health()
                 self._after_read()
         except asyncio.CancelledError:
@@ -1125,87 +1101,11 @@ class SnapshotView(AsyncLifecycle):
             self._set_live()
             log.info("view of %s caught up: %d sessions in %.2f s", self.config.topic,
                      len(self), self._catch_up_seconds, extra={"topic": self.config.topic})
-        if self._offset_waiters:
-            positions = self._applied
-            pending = []
-            for partition, offset, future in self._offset_waiters:
-                if positions.get(partition, 0) > offset:
-                    if not future.done():
-                        future.set_result(None)
-                elif not future.done():
-                    pending.append((partition, offset, future))
-            self._offset_waiters = pending
-        if self._barriers:
-            pending_barriers = []
-            for probe, future in self._barriers:
-                if future.done():
-                    continue
-                reader.observe(probe)
-                if probe.complete(len(reader.partitions)) and reader.reached(probe.targets):
-                    future.set_result(None)
-                else:
-                    pending_barriers.append((probe, future))
-            self._barriers = pending_barriers
+        self._waiters.release(self._applied, reader)
 
     def _end_waiters(self, error: BaseException) -> None:
-        for _, _, future in self._offset_waiters:
-            if not future.done():
-                future.set_exception(error)
-        for _, future in self._barriers:
-            if not future.done():
-                future.set_exception(error)
-        self._offset_waiters.clear()
-        self._barriers.clear()
-        for stream in list(self._subscribers):
-            stream._end(None if isinstance(error, ViewError) and self._failure is None else error)
-        self._subscribers.clear()
-
-    async def _send_dead_letters(self) -> None:
-        """Copy the batch's bad records to the dead-letter topic (waits for buffer space)."""
-        producer = self._dead_letter_producer
-        letters, self._dead_letters = self._dead_letters, []
-        if producer is None:
-            return
-        topic = self.config.topic
-        for partition, record, reason, message in letters:
-            headers = [
-                ("snapbus.source.topic", topic.encode()),
-                ("snapbus.source.partition", str(partition).encode()),
-                ("snapbus.source.offset", str(record.offset).encode()),
-                ("snapbus.source.timestamp", str(record.timestamp).encode()),
-                ("snapbus.error.reason", reason.encode()),
-                ("snapbus.error.message", message[:1000].encode()),
-                ("snapbus.source.key", record.key or b""),
-            ]
-            key = f"{topic}:{partition}:{record.offset}".encode()
-            try:
-                future = await producer.send(self._dead_letter_topic or "", record.value,
-                                             key=key, headers=headers)
-            except KafkaError as exc:
-                log.warning("cannot copy bad record %s to the dead-letter topic: %r",
-                            key.decode(), exc,
-                            extra=_coordinates(topic, partition, record.offset))
-                continue
-            future.add_done_callback(self._dead_letter_done)
-
-    def _dead_letter_done(self, future: asyncio.Future[Any]) -> None:
-        if future.cancelled() or future.exception() is not None:
-            log.warning("a bad record was not copied to the dead-letter topic: %r",
-                        None if future.cancelled() else future.exception())
-        else:
-            self._dead_lettered += 1
-
-    def _bad_record(self, partition: int, record: Record, error: DecodeError) -> None:
-        self._decode_errors += 1
-        if self._dead_letter_topic is not None:
-            self._dead_letters.append((partition, record, error.reason, str(error)))
-        if self._decode_errors <= _LOGGED_DECODE_ERRORS:
-            topic = self.config.topic
-            log.warning("skipping bad record at %s[%d]@%d (%s): %s", topic, partition,
-                        record.offset, error.reason, error,
-                        extra=_coordinates(topic, partition, record.offset))
-            if self._decode_errors == _LOGGED_DECODE_ERRORS:
-                log.warning("further bad records are counted in stats but not logged")
+        self._waiters.end(error, None if isinstance(error, ViewError) and self._failure is None
+                          else error)
 
     def _stash_records(self, partition: int, records: list[Record]) -> None:
         """Initial replay: keep only each key's latest value; apply it at the end.
@@ -1219,7 +1119,7 @@ class SnapshotView(AsyncLifecycle):
         stash = self._stash.get(partition)
         if stash is None:
             stash = self._stash[partition] = {}
-        kept = records if self._ttl_ms is not None else map(_record_value, records)
+        kept = records if self._expiry is not None else map(_record_value, records)
         stash.update(zip(map(_record_key, records), kept, strict=True))
         self._records_superseded += len(records)
 
@@ -1237,7 +1137,7 @@ class SnapshotView(AsyncLifecycle):
         store, peek = self._store, self._codec.peek
         for partition, stash in stashes.items():
             self._records_superseded -= len(stash)
-            if self._ttl_ms is None:  # key -> value
+            if self._expiry is None:  # key -> value
                 records: list[Record] | None = None
                 keys, values = list(stash), list(stash.values())
             else:  # key -> record
@@ -1258,7 +1158,7 @@ class SnapshotView(AsyncLifecycle):
             for start in range(0, len(keys), _APPLY_CHUNK):
                 chunk_keys = keys[start:start + _APPLY_CHUNK]
                 chunk_values = values[start:start + _APPLY_CHUNK]
-                lazy = (self._lazy and self._resync_seen is None and self._ttl_ms is None
+                lazy = (self._lazy and self._resync_seen is None and self._expiry is None
                         and not self._subscribers)
                 # (map: the per-value calls run from C, not from this loop)
                 left: Sequence[int] = (store.load(chunk_keys, chunk_values,
@@ -1350,18 +1250,19 @@ class SnapshotView(AsyncLifecycle):
             records = found.get((partition, raw), [])
             home = self._home(raw)
             for record in records:
-                self._misplaced_record(partition, record, home)
+                self._bad.misplaced_record(partition, record, home,
+                                           len(self._reader.partitions))
             if not records:  # (gone from the log since: count it)
-                self._misplaced += 1
+                self._bad.misplaced += 1
         for partition, key_or_none in sorted(bad, key=lambda b: (b[0], b[1] or b"")):
             for record in reversed(found.get((partition, key_or_none), [])):
                 try:
                     decode_value(record, self._codec)
                 except DecodeError as exc:
-                    self._bad_record(partition, record, exc)
+                    self._bad.bad(partition, record, exc)
                     break
             else:  # (gone from the log since: count it)
-                self._decode_errors += 1
+                self._bad.decode_errors += 1
         restored = 0
         for key, request in wanted.items():
             if self._repair_wanted.get(key) != request:
@@ -1396,30 +1297,13 @@ class SnapshotView(AsyncLifecycle):
             return partitions_of(list(map(_record_key, records)), len(self._reader.partitions))
         return [-1 if record.key is None else self._home(record.key) for record in records]
 
-    def _misplaced_record(self, partition: int, record: Record, home: int) -> None:
-        """Ignore a record on another partition than its key's: count, log, dead-letter."""
-        self._misplaced += 1
-        topic, key = self.config.topic, (record.key or b"").decode("utf-8", "replace")
-        message = (f"key {key!r} belongs on partition {home} of "
-                   f"{len(self._reader.partitions)}, not {partition} (Kafka's default "
-                   "partitioner, murmur2)")
-        if self._dead_letter_topic is not None:
-            self._dead_letters.append((partition, record, "misplaced", message))
-        if self._misplaced <= _LOGGED_DECODE_ERRORS:
-            log.warning("ignoring misplaced record at %s[%d]@%d: %s; written by a producer "
-                        "with another partitioner (docs/misplaced-records.md)", topic,
-                        partition, record.offset, message,
-                        extra={**_coordinates(topic, partition, record.offset), "key": key})
-            if self._misplaced == _LOGGED_DECODE_ERRORS:
-                log.warning("further misplaced records are counted in stats but not logged")
-
     def _apply(self, partition: int, record: Record, *, report: bool = True
                ) -> DecodeError | None:
         try:
             key, snapshot = decode_value(record, self._codec)
         except DecodeError as exc:
             if report:
-                self._bad_record(partition, record, exc)
+                self._bad.bad(partition, record, exc)
             return exc
         self._apply_snapshot(key, snapshot, record.timestamp)
         return None
@@ -1433,8 +1317,9 @@ class SnapshotView(AsyncLifecycle):
         self._records_applied += 1
         if new is None:
             self._tombstones += 1
-            self._hidden.discard(key)
-        elif self._ttl_ms is not None and not self._renew(key, timestamp_ms):
+            if self._expiry is not None:
+                self._expiry.deleted(key)
+        elif self._expiry is not None and not self._expiry.renew(key, timestamp_ms):
             new = None  # already older than the TTL: hidden, like an expired cache entry
         self._put(key, new)
 
@@ -1443,50 +1328,21 @@ class SnapshotView(AsyncLifecycle):
         change = self._store.put(key, new)
         if change is None:
             return
-        if new is None and self._ttl_ms is not None:
-            self._stamps.pop(key, None)
+        if new is None and self._expiry is not None:
+            self._expiry.forget(key)
         if self._subscribers:
-            self._notify(Change(uuid.UUID(key), *change))
+            self._waiters.notify(Change(uuid.UUID(key), *change))
 
-    def _renew(self, key: str, timestamp_ms: int) -> bool:
-        """Record a session's latest record time; False if that is already past the TTL."""
-        assert self._ttl_ms is not None
-        now_ms = int(self._now_ms())
-        stamp = timestamp_ms if timestamp_ms >= 0 else now_ms
-        if stamp + self._ttl_ms <= now_ms:
-            self._stamps.pop(key, None)
-            self._hidden.add(key)
-            return False
-        self._hidden.discard(key)
-        self._stamps[key] = stamp
-        heapq.heappush(self._expiry, (stamp + self._ttl_ms, key))
-        if len(self._expiry) > 2 * len(self._stamps) + 1024:
-            self._expiry = [(s + self._ttl_ms, k) for k, s in self._stamps.items()]
-            heapq.heapify(self._expiry)
-        return True
-
-    def _expire(self) -> None:
+    def _expire(self, expiry: Expiry) -> None:
         """Remove the sessions whose latest record is older than the TTL."""
-        assert self._ttl_ms is not None
-        now_ms = int(self._now_ms())
-        heap, stamps, ttl = self._expiry, self._stamps, self._ttl_ms
-        while heap and heap[0][0] <= now_ms:
-            due, key = heapq.heappop(heap)
-            stamp = stamps.get(key)
-            if stamp is not None and stamp + ttl == due:
-                del stamps[key]
-                self._hidden.add(key)
-                if key in self._store:
-                    self._expired += 1
-                    self._put(key, None)
+        for key in expiry.due():
+            if key in self._store:
+                self._expired += 1
+                self._put(key, None)
 
     def expired_sessions(self) -> list[uuid.UUID]:
         """Sessions hidden because their latest record is older than the TTL, not yet evicted.
 
         Used by `snapbus.janitor.Janitor` to publish their tombstones. Empty without a TTL.
         """
-        return [uuid.UUID(key) for key in self._hidden]
-
-    def _notify(self, change: Change) -> None:
-        for stream in list(self._subscribers):
-            stream._push(change)
+        return [] if self._expiry is None else [uuid.UUID(key) for key in self._expiry.hidden]

@@ -266,9 +266,9 @@ async def test_upstream_touch_pipeline_renews_the_age(broker: BrokerAddress,
         assert await sidecar.client.ttl(meta(snapshot)) == -2
         await sidecar.client.set(meta(snapshot), rmp_named(snapshot), ex=TTL_S)
         assert 3590 <= await sidecar.client.ttl(meta(snapshot)) <= 3600  # the view's TTL
-        before = sidecar.view._stamps[snapshot.key]
+        before = sidecar.view._expiry.stamps[snapshot.key]
         assert await upstream_touch(sidecar.client, snapshot.session_id) == [True, False, False]
-        assert sidecar.view._stamps[snapshot.key] >= before  # a new record, applied
+        assert sidecar.view._expiry.stamps[snapshot.key] >= before  # a new record, applied
         assert await sidecar.client.get(meta(snapshot)) == rmp_named(snapshot)
         # a time in the past deletes, as in Redis
         assert await sidecar.client.expire(meta(snapshot), 0) is True
