@@ -63,9 +63,9 @@ import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, ParamSpec
 
 from aiokafka.errors import KafkaError
 
@@ -73,8 +73,8 @@ from snapbus import checkpoint
 from snapbus._dead_letters import BadRecords
 from snapbus._expiry import Expiry
 from snapbus._lifecycle import AsyncLifecycle
-from snapbus._partition import partition_of, partitions_of
-from snapbus._repair import read_keys
+from snapbus._partition import partitions_of
+from snapbus._repair import Repairs
 from snapbus._store import SessionStore
 from snapbus._waiters import Subscriber, Waiters
 from snapbus.codec import Codec, default_codec
@@ -89,6 +89,7 @@ from snapbus.topic import ensure_topic as _ensure_topic
 __all__ = ["Change", "ChangeStream", "Health", "SnapshotView", "ViewStats", "ViewStatus"]
 
 log = logging.getLogger("snapbus.view")
+_P = ParamSpec("_P")
 
 ViewStatus = Literal["starting", "catching_up", "live", "degraded", "failed", "stopped"]
 """Where the view is in its life: see `SnapshotView.status`."""
@@ -244,14 +245,14 @@ class _Stashed(NamedTuple):
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
-def _weakly(method: Callable[[str, DecodeError], None]) -> Callable[[str, DecodeError], None]:
+def _weakly(method: Callable[_P, None]) -> Callable[_P, None]:
     """`method`, without keeping its object alive (no reference cycle keeps a view)."""
     ref = weakref.WeakMethod(method)
 
-    def call(key: str, error: DecodeError) -> None:
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> None:
         bound = ref()
         if bound is not None:
-            bound(key, error)
+            bound(*args, **kwargs)
 
     return call
 
@@ -358,16 +359,6 @@ class SnapshotView(AsyncLifecycle):
         if decode not in ("lazy", "eager"):
             raise ConfigError(f"decode must be 'lazy' or 'eager', not {decode!r}")
         self._lazy = decode == "lazy"  # see _flush_stash
-        # repairs and reports (`_repair`): sessions wanting their last good snapshot from the
-        # log (key -> request number: a session applied meanwhile drops out), and records to
-        # find in the log and report as bad or misplaced, by (partition, key)
-        self._repair_wanted: dict[str, int] = {}
-        self._report_bad: set[tuple[int, bytes | None]] = set()
-        self._report_misplaced: set[tuple[int, bytes]] = set()
-        self._repair_requests = 0
-        self._repair_task: asyncio.Task[None] | None = None
-        self._repair_error: BaseException | None = None
-        self._homes: dict[bytes, int] = {}  # key -> its partition (a cache, cleared when full)
         self._serving = False
         if ttl_s is not None and ttl_s <= 0:
             raise ConfigError(f"ttl_s must be positive, not {ttl_s}")
@@ -381,6 +372,10 @@ class SnapshotView(AsyncLifecycle):
             self.config, fetch_max_wait_ms=fetch_max_wait_ms, consumer_options=consumer_options
         )
         self._fetch_wait_ms = fetch_max_wait_ms
+        # repairs and reports, beside the live tail (`Repairs`)
+        self._repairs = Repairs(self.config, self._codec, self._reader, self._bad,
+                                _weakly(self._apply_snapshot),
+                                fetch_max_wait_ms=fetch_max_wait_ms)
         # state: the sessions and their indexes (`_data`: the store's decoded sessions, bound
         # here for `get`)
         self._store = SessionStore(self._codec, _weakly(self._lost))
@@ -494,7 +489,7 @@ class SnapshotView(AsyncLifecycle):
                             extra={"topic": self.config.topic})
         task, self._task = self._task, None
         watch, self._watch_task = self._watch_task, None
-        repair, self._repair_task = self._repair_task, None
+        repair, self._repairs.task = self._repairs.task, None
         for running in (task, watch, repair):
             if running is not None:
                 running.cancel()
@@ -581,7 +576,7 @@ class SnapshotView(AsyncLifecycle):
     def _can_checkpoint(self) -> bool:
         return (self._task is not None and self._caught_up.is_set() and self._stash is None
                 and self._resync_seen is None and self._status != "failed"
-                and not self._repair_wanted)
+                and not self._repairs.wanted)
 
     async def save_checkpoint(self, path: str | Path | None = None) -> int:
         """Save the view's state and offsets to a checkpoint file; return its size in bytes.
@@ -804,7 +799,7 @@ class SnapshotView(AsyncLifecycle):
         if self._expiry is not None:
             self._expiry.forget(key)
         raw = key.encode()
-        self._report_bad.add((self._home(raw), raw))
+        self._repairs.report_bad.add((self._repairs.home(raw), raw))
         self._want_repair(key)
 
     def by_repo(self, repo_id: uuid.UUID | str) -> list[WorkspaceSnapshot]:
@@ -924,7 +919,7 @@ class SnapshotView(AsyncLifecycle):
                     if self._stash is not None:
                         self._stash_records(partition, records)
                     else:
-                        homes = self._homes_of(records)
+                        homes = self._repairs.homes_of(records)
                         for start in range(0, len(records), _APPLY_CHUNK):
                             for record, home in zip(records[start:start + _APPLY_CHUNK],
                                                     homes[start:start + _APPLY_CHUNK],
@@ -958,8 +953,8 @@ class SnapshotView(AsyncLifecycle):
 
     def _fail(self, exc: BaseException) -> None:
         self._failure = exc
-        if self._repair_task is not None:
-            self._repair_task.cancel()  # (nothing to repair in a view that serves no more)
+        if self._repairs.task is not None:
+            self._repairs.task.cancel()  # (nothing to repair in a view that serves no more)
         self._set_status("failed", f"{type(exc).__name__}: {exc}")
         log.error("view of %s failed: %s", self.config.topic, self._status_reason,
                   extra={"topic": self.config.topic, "status": "failed"})
@@ -967,8 +962,8 @@ class SnapshotView(AsyncLifecycle):
 
     def _check_health(self) -> None:
         """Track staleness, truncated logs and changed partitions; set the status."""
-        if self._repair_error is not None:  # (a repair could not get past it: `_repair`)
-            error, self._repair_error = self._repair_error, None
+        if self._repairs.error is not None:  # (a repair could not get past it)
+            error, self._repairs.error = self._repairs.error, None
             raise error
         reader = self._reader
         truncated = reader.truncated()
@@ -1095,7 +1090,7 @@ class SnapshotView(AsyncLifecycle):
             self._finish_resync()
             self._set_live()
         if (not self._caught_up.is_set() and reader.caught_up_to_start()
-                and not self._repairing()):  # (the initial replay's repairs are done)
+                and not self._repairs.pending()):  # (the initial replay's repairs are done)
             self._catch_up_seconds = time.monotonic() - (self._started_at or 0.0)
             self._caught_up.set()
             self._set_live()
@@ -1148,7 +1143,7 @@ class SnapshotView(AsyncLifecycle):
             homes = partitions_of(keys, len(self._reader.partitions))
             if homes.count(partition) + homes.count(-1) != len(homes):  # misplaced: ignored
                 placed = [home in (partition, -1) for home in homes]
-                self._report_misplaced.update(
+                self._repairs.report_misplaced.update(
                     (partition, key) for key, ok in zip(keys, placed, strict=True)
                     if not ok and key is not None)
                 keys = list(itertools.compress(keys, placed))
@@ -1173,129 +1168,23 @@ class SnapshotView(AsyncLifecycle):
                         error = self._apply(partition, _Stashed(key, chunk_values[at]),
                                             report=False)
                         if error is not None:
-                            self._report_bad.add((partition, key))
+                            self._repairs.report_bad.add((partition, key))
                     if error is not None and error.reason != "bad_key" and key:
                         self._want_repair(key.decode("ascii"))  # an earlier good record
                 await asyncio.sleep(0)
         self._start_repair()
 
-    # ------------------------------------------------------------------ repairs
-
-    def _repairing(self) -> bool:
-        """Whether repairs or reports are pending or under way."""
-        task = self._repair_task
-        return bool(self._repair_wanted or self._report_bad or self._report_misplaced
-                    or (task is not None and not task.done()))
+    # ------------------------------------------------------------------ applying
 
     def _want_repair(self, key: str) -> None:
         """Ask for the session's last good snapshot to be restored from the log (`_repair`)."""
-        self._repair_requests += 1
-        self._repair_wanted[key] = self._repair_requests
+        self._repairs.want(key)
         self._start_repair()
 
     def _start_repair(self) -> None:
-        """Run `_repair` in its own task, unless it runs or there is nothing to do."""
-        if self._task is None or (self._repair_task is not None
-                                  and not self._repair_task.done()):
-            return
-        if not (self._repair_wanted or self._report_bad or self._report_misplaced):
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # (a read from outside the loop: the loop starts it later)
-            return
-        self._repair_task = loop.create_task(self._repair(),
-                                             name=f"snapbus-view-repair:{self.config.topic}")
-
-    async def _repair(self) -> None:
-        """Restore the last good snapshot of the sessions in `_repair_wanted`, and report the
-        records in `_report_bad` and `_report_misplaced`, reading only their partitions, beside
-        the live tail (which goes on meanwhile). Retries like the read loop; an error it cannot
-        get past ends the view through the read loop (`_repair_error`)."""
-        failures = 0
-        while self._repair_wanted or self._report_bad or self._report_misplaced:
-            wanted = dict(self._repair_wanted)
-            bad, self._report_bad = self._report_bad, set()
-            misplaced, self._report_misplaced = self._report_misplaced, set()
-            keys: dict[int, set[bytes | None]] = {}
-            for key in wanted:
-                raw = key.encode()
-                keys.setdefault(self._home(raw), set()).add(raw)
-            for partition, found_key in itertools.chain(bad, misplaced):
-                keys.setdefault(partition, set()).add(found_key)
-            positions = self._reader.positions
-            until = {p: positions.get(p, 0) for p in keys}
-            try:
-                found = await read_keys(self.config, keys, until,
-                                        fetch_max_wait_ms=self._fetch_wait_ms)
-            except (KafkaError, SnapbusError) as exc:
-                self._report_bad |= bad
-                self._report_misplaced |= misplaced
-                if not getattr(exc, "retriable", False) and failures >= 3:
-                    self._repair_error = exc
-                    return
-                failures += 1
-                log.warning("view of %s: reading the log to repair sessions failed, retrying: "
-                            "%r", self.config.topic, exc, extra={"topic": self.config.topic})
-                await asyncio.sleep(min(0.1 * 2**failures, 5.0))  # (a backoff)
-                continue
-            failures = 0
-            self._repaired(wanted, bad, misplaced, found)
-
-    def _repaired(self, wanted: Mapping[str, int], bad: Collection[tuple[int, bytes | None]],
-                  misplaced: Collection[tuple[int, bytes]],
-                  found: Mapping[tuple[int, bytes | None], list[Record]]) -> None:
-        """Apply and report what `_repair` found."""
-        for partition, raw in sorted(misplaced):
-            records = found.get((partition, raw), [])
-            home = self._home(raw)
-            for record in records:
-                self._bad.misplaced_record(partition, record, home,
-                                           len(self._reader.partitions))
-            if not records:  # (gone from the log since: count it)
-                self._bad.misplaced += 1
-        for partition, key_or_none in sorted(bad, key=lambda b: (b[0], b[1] or b"")):
-            for record in reversed(found.get((partition, key_or_none), [])):
-                try:
-                    decode_value(record, self._codec)
-                except DecodeError as exc:
-                    self._bad.bad(partition, record, exc)
-                    break
-            else:  # (gone from the log since: count it)
-                self._bad.decode_errors += 1
-        restored = 0
-        for key, request in wanted.items():
-            if self._repair_wanted.get(key) != request:
-                continue  # applied (or asked again) since: the log has moved on
-            del self._repair_wanted[key]
-            raw = key.encode()
-            for record in reversed(found.get((self._home(raw), raw), [])):
-                try:
-                    _, snapshot = decode_value(record, self._codec)
-                except DecodeError:
-                    continue
-                self._apply_snapshot(key, snapshot, record.timestamp)
-                restored += 1
-                break
-        if wanted:
-            log.info("view of %s: %d of %d session(s) with a bad latest value restored to "
-                     "their last good snapshot", self.config.topic, restored, len(wanted),
-                     extra={"topic": self.config.topic})
-
-    def _home(self, key: bytes) -> int:
-        """The partition `key` belongs on (Kafka's default partitioner)."""
-        home = self._homes.get(key)
-        if home is None:
-            if len(self._homes) >= 65_536:
-                self._homes.clear()
-            home = self._homes[key] = partition_of(key, len(self._reader.partitions))
-        return home
-
-    def _homes_of(self, records: list[Record]) -> list[int]:
-        """The partition each record's key belongs on; -1 for no key."""
-        if len(records) >= 32:
-            return partitions_of(list(map(_record_key, records)), len(self._reader.partitions))
-        return [-1 if record.key is None else self._home(record.key) for record in records]
+        """Start the repairs (`Repairs`), unless the view is not running."""
+        if self._task is not None:
+            self._repairs.start()
 
     def _apply(self, partition: int, record: Record, *, report: bool = True
                ) -> DecodeError | None:
@@ -1312,8 +1201,7 @@ class SnapshotView(AsyncLifecycle):
                         ) -> None:
         if self._resync_seen is not None:
             self._resync_seen.add(key)
-        if self._repair_wanted:
-            self._repair_wanted.pop(key, None)  # (newer than what a repair would restore)
+        self._repairs.applied(key)  # (newer than what a repair would restore)
         self._records_applied += 1
         if new is None:
             self._tombstones += 1

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from snapbus import view as view_module
+from snapbus import _repair as repair_module
 from snapbus._partition import partition_of
 from snapbus.broker import EmbeddedBroker
 from snapbus.codec import encode
@@ -73,7 +73,7 @@ async def test_repair_runs_beside_the_live_tail_and_reads_one_partition(
 ) -> None:
     config = KafkaConfig(proxy.address, topic_name, connect_timeout_s=10)
     good, _ = await seed(config, SESSIONS)
-    read_keys: ReadKeys = view_module.read_keys
+    read_keys: ReadKeys = repair_module.read_keys
     asked: list[Mapping[int, Collection[bytes | None]]] = []
     found: list[int] = []
     release = asyncio.Event()
@@ -88,7 +88,7 @@ async def test_repair_runs_beside_the_live_tail_and_reads_one_partition(
         returned.append(True)  # (what the view does with it runs before the next await)
         return result
 
-    monkeypatch.setattr(view_module, "read_keys", held)
+    monkeypatch.setattr(repair_module, "read_keys", held)
     async with SnapshotPublisher(config) as publisher, new_view(config) as view:
         assert view.status == "live"
         assert len(view) == SESSIONS
@@ -123,7 +123,7 @@ async def test_a_broker_error_during_repair_is_retried(
 ) -> None:
     config = KafkaConfig(proxy.address, topic_name, connect_timeout_s=2)
     good, _ = await seed(config, 200)
-    read_keys: ReadKeys = view_module.read_keys
+    read_keys: ReadKeys = repair_module.read_keys
     errors: list[BaseException] = []
 
     async def broken_once(cfg: KafkaConfig, wanted: Mapping[int, Collection[bytes | None]],
@@ -140,7 +140,7 @@ async def test_a_broker_error_during_repair_is_retried(
         finally:
             proxy.accept()
 
-    monkeypatch.setattr(view_module, "read_keys", broken_once)
+    monkeypatch.setattr(repair_module, "read_keys", broken_once)
     async with new_view(config) as view:
         assert view.get(good.session_id) is None
         await eventually(lambda: view.get(good.session_id) == good,
