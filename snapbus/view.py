@@ -53,7 +53,6 @@ Consistency contract
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import itertools
@@ -75,6 +74,7 @@ from snapbus._expiry import Expiry
 from snapbus._lifecycle import AsyncLifecycle
 from snapbus._partition import partitions_of
 from snapbus._repair import Repairs
+from snapbus._retention import Retention
 from snapbus._store import SessionStore
 from snapbus._waiters import Subscriber, Waiters
 from snapbus.codec import Codec, default_codec
@@ -97,15 +97,6 @@ ViewStatus = Literal["starting", "catching_up", "live", "degraded", "failed", "s
 _APPLY_CHUNK = 2000  # records applied between two yields to the event loop
 _LOG_ENDS_WAIT_S = 5.0  # how long barrier() waits for the log ends before its own fetches
 _SHORT_RETENTION_MS = 60_000  # a tombstone retention that warrants a warning at start
-_SYNC_OBSERVATIONS = 64  # (high watermark, time) pairs kept per partition while behind
-
-
-def _retention_margin_ms(retention_ms: int) -> int:
-    """The safety margin taken off the tombstone retention: a tenth of it, at most an hour
-    (clock skew between this host and the broker, and the time from a fetch to its check)."""
-    return min(retention_ms // 10, 3_600_000)
-
-
 class Change(NamedTuple):
     """One applied change of one session."""
 
@@ -334,14 +325,8 @@ class SnapshotView(AsyncLifecycle):
         self._topic_problem: str | None = None
         self._compacted_at_start = True  # (a topic read non-compacted on purpose stays so)
         self._clock = clock
-        # tombstone retention: per partition, (offset, ms) such that every record at or after
-        # that offset reached the log after that instant, and the state holds every record
-        # before it; and the (high watermark, ms) fetch observations not reached yet
-        self._retention_ms = DEFAULT_DELETE_RETENTION_MS
-        self._synced: dict[int, tuple[int, float]] = {}
-        self._sync_seen: dict[int, collections.deque[tuple[int, float]]] = {}
-        self._checked: dict[int, int] = {}
-        self._stamps_seen: dict[int, int] = {}
+        # tombstone retention: when the state was last complete (`Retention`)
+        self._retention = Retention()
         self._resync_reason = ""
         self._checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
         self._checkpoint_loaded: int | None = None
@@ -426,7 +411,7 @@ class SnapshotView(AsyncLifecycle):
             await self._bad.open()
             # with a checkpoint, fetch nothing until its offsets are known
             await self._reader.open(paused=loading is not None)
-            self._synced = dict.fromkeys(self._reader.partitions, (0, self._now_ms()))
+            self._retention.reset(self._reader.partitions, self._now_ms())
         except BaseException:
             self._status = "stopped"
             if loading is not None:
@@ -515,13 +500,13 @@ class SnapshotView(AsyncLifecycle):
                             exc, DEFAULT_DELETE_RETENTION_MS, extra={"topic": self.config.topic})
                 info = None
         if info is not None:
-            self._retention_ms = info.tombstone_retention_ms
-            if self._retention_ms < _SHORT_RETENTION_MS:
+            self._retention.retention_ms = info.tombstone_retention_ms
+            if info.tombstone_retention_ms < _SHORT_RETENTION_MS:
                 log.warning("view of %s: the topic keeps tombstones only %d ms "
                             "(delete.retention.ms): a view behind by longer re-reads the whole "
                             "log, and one whose full read takes longer may show sessions "
                             "deleted meanwhile; raise it", self.config.topic,
-                            self._retention_ms, extra={"topic": self.config.topic})
+                            info.tombstone_retention_ms, extra={"topic": self.config.topic})
             self._compacted_at_start = info.compacted
 
     async def _watch_topic(self, interval_s: float) -> None:
@@ -562,10 +547,10 @@ class SnapshotView(AsyncLifecycle):
             if problem is not None:
                 log.error("view of %s: %s", topic, problem, extra={"topic": topic})
         retention = info.tombstone_retention_ms
-        if retention != self._retention_ms:
+        if retention != self._retention.retention_ms:
             log.info("view of %s: the topic now keeps tombstones %d ms (was %d ms)", topic,
-                     retention, self._retention_ms, extra={"topic": topic})
-            self._retention_ms = retention
+                     retention, self._retention.retention_ms, extra={"topic": topic})
+            self._retention.retention_ms = retention
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if getattr(self, "_task", None) is not None:
@@ -603,7 +588,7 @@ class SnapshotView(AsyncLifecycle):
             sessions, self._store.indexes(),
             {} if self._expiry is None else self._expiry.stamps, int(self._now_ms()),
             self._codec.compact_prefix,
-            int(min((t for _, t in self._synced.values()), default=0))))
+            self._retention.oldest_ms()))
         del sessions
         size = await asyncio.to_thread(checkpoint.write_file, target, data)
         log.info("view of %s saved %d sessions to %s (%d bytes)", self.config.topic,
@@ -644,7 +629,8 @@ class SnapshotView(AsyncLifecycle):
             for partition, offset in saved.offsets.items():
                 reader.seek(partition, offset)
         assert saved.synced_ms is not None  # (_too_old)
-        self._synced = {p: (offset, saved.synced_ms) for p, offset in saved.offsets.items()}
+        self._retention.synced = {p: (offset, saved.synced_ms)
+                                  for p, offset in saved.offsets.items()}
         self._checkpoint_loaded = len(self)
         log.info("view of %s loaded %d sessions from %s", self.config.topic, len(self),
                  path, extra={"topic": self.config.topic})
@@ -655,14 +641,8 @@ class SnapshotView(AsyncLifecycle):
         if saved.synced_ms is None:
             return (f"{self._checkpoint_path} does not say when its state was complete "
                     "(written by an older snapbus)")
-        age_ms = self._now_ms() - saved.synced_ms
-        if age_ms <= self._trust_ms():
-            return ""
-        return (f"{self._checkpoint_path} holds the state of {age_ms / 1000:.1f} s ago, and "
-                f"topic {self.config.topic!r} keeps tombstones only "
-                f"{self._retention_ms / 1000:g} s (delete.retention.ms, less a "
-                f"{_retention_margin_ms(self._retention_ms) / 1000:g} s margin): sessions "
-                "deleted since may have no tombstone left")
+        problem = self._retention.too_old(saved.synced_ms, self._now_ms(), self.config.topic)
+        return problem and f"{self._checkpoint_path} {problem}"
 
     # ------------------------------------------------------------------ status
 
@@ -997,63 +977,13 @@ class SnapshotView(AsyncLifecycle):
     def _now_ms(self) -> float:
         return self._clock() * 1000
 
-    def _trust_ms(self) -> int:
-        """How long after its last complete instant the view's state is trusted."""
-        return self._retention_ms - _retention_margin_ms(self._retention_ms)
-
     def _check_retention(self) -> None:
-        """Re-read the whole log if the view read, or still has records to read, later than
-        the topic surely keeps tombstones after its state was last complete.
-
-        Per partition, `_synced` holds (offset, time): every record from that offset on
-        reached the log after that time, so a tombstone among them stays at least until
-        time + ``delete.retention.ms``. Each fetch tells the log end (the last stable offset)
-        at its time; once the view's position reaches it, that pair becomes the partition's
-        `_synced`. A view still behind, or that just read records, past the trusted window
-        may have missed a tombstone gone meanwhile: it starts over (docs/compaction.md).
-        """
-        # While the view reads the whole log from its start, re-reading it again would not
-        # bring back a tombstone removed meanwhile, and with a short retention would never end.
+        """Re-read the whole log if the state may have missed a tombstone (`Retention`)."""
         may_resync = self._resync_seen is None and (self._checkpoint_loaded is not None
                                                     or self._caught_up.is_set())
-        reader = self._reader
-        now = self._now_ms()
-        lateness = time.time() * 1000 - now  # fetch stamps are this host's time.time()
-        trust = self._trust_ms()
-        positions = reader.positions
-        for p in reader.partitions:
-            position = positions.get(p, 0)
-            hw = reader.stable_end(p)  # (read_committed: the cleaner keeps what is beyond)
-            advanced = position > self._checked.get(p, position)
-            self._checked[p] = position
-            synced_at, synced_ms = self._synced.get(p, (0, now))
-            if may_resync and now > synced_ms + trust and (
-                    advanced or (hw is not None and hw > position)):
-                self._begin_resync(
-                    f"partition {p} was last complete {(now - synced_ms) / 1000:.1f} s ago, "
-                    f"longer than the topic surely keeps tombstones "
-                    f"({self._retention_ms / 1000:g} s less a margin): sessions deleted "
-                    "meanwhile may have no tombstone left")
-                return
-            pending = self._sync_seen.get(p)
-            if pending is None:
-                pending = self._sync_seen[p] = collections.deque()
-            stamp = reader.fetch_stamp(p)
-            # (only a fetch answered since the last check tells something new)
-            if hw is not None and stamp is not None and stamp != self._stamps_seen.get(p):
-                self._stamps_seen[p] = stamp
-                seen_ms = stamp - lateness
-                if pending and pending[-1][0] == hw:  # (the same log end, seen later)
-                    pending[-1] = (hw, max(pending[-1][1], seen_ms))
-                elif len(pending) < _SYNC_OBSERVATIONS:
-                    pending.append((hw, seen_ms))
-                else:  # (dropping the one before: a later sync, never a wrong one)
-                    pending[-1] = (hw, seen_ms)
-            while pending and pending[0][0] <= position:
-                end, seen_ms = pending.popleft()
-                if seen_ms > synced_ms:
-                    synced_at, synced_ms = end, seen_ms
-            self._synced[p] = (synced_at, synced_ms)
+        reason = self._retention.check(self._reader, self._now_ms(), may_resync)
+        if reason is not None:
+            self._begin_resync(reason)
 
     def _set_live(self) -> None:
         """Caught up: ``live``, unless the topic changed under the view (`_topic_changed`)."""
@@ -1072,10 +1002,7 @@ class SnapshotView(AsyncLifecycle):
             self._records_superseded -= sum(map(len, self._stash.values()))
             self._stash = {}
         self._reader.restart_from_beginning()
-        self._synced = dict.fromkeys(self._reader.partitions, (0, self._now_ms()))
-        self._sync_seen.clear()
-        self._checked.clear()
-        self._stamps_seen.clear()
+        self._retention.reset(self._reader.partitions, self._now_ms())
 
     def _finish_resync(self) -> None:
         seen, self._resync_seen = self._resync_seen or set(), None
