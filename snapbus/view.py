@@ -881,36 +881,17 @@ class SnapshotView(AsyncLifecycle):
     # ------------------------------------------------------------------ the loop
 
     async def _run(self) -> None:
+        """The read loop: read, apply (or stash, during the initial replay), then let the
+        parts react: dead letters, expiry, health and status, waiters."""
         reader = self._reader
-        failures = 0
         try:
             while True:
-                try:
-                    batches = await reader.read(timeout_ms=self._fetch_wait_ms)
-                except KafkaError as exc:
-                    if not getattr(exc, "retriable", False) and failures >= 3:
-                        raise
-                    failures += 1
-                    self._set_status("degraded", f"reading failed, retrying: {exc!r}")
-                    await asyncio.sleep(min(0.1 * 2**failures, 5.0))
-                    continue
-                failures = 0
+                batches = await self._read()
                 for partition, records in batches.items():
                     if self._stash is not None:
                         self._stash_records(partition, records)
                     else:
-                        homes = self._repairs.homes_of(records)
-                        for start in range(0, len(records), _APPLY_CHUNK):
-                            for record, home in zip(records[start:start + _APPLY_CHUNK],
-                                                    homes[start:start + _APPLY_CHUNK],
-                                                    strict=True):
-                                if home == partition or home < 0:
-                                    self._apply(partition, record)
-                                else:
-                                    self._bad.misplaced_record(partition, record, home,
-                                                               len(reader.partitions))
-                            if len(records) > _APPLY_CHUNK:
-                                await asyncio.sleep(0)  # let readers and waiters run
+                        await self._apply_records(partition, records)
                     if records:
                         self._last_offsets[partition] = records[-1].offset
                 if self._stash is not None and (
@@ -930,6 +911,33 @@ class SnapshotView(AsyncLifecycle):
             raise
         except BaseException as exc:
             self._fail(exc)
+
+    async def _read(self) -> dict[int, list[Record]]:
+        """The next records, retrying failed fetches (``degraded`` meanwhile)."""
+        failures = 0
+        while True:
+            try:
+                return await self._reader.read(timeout_ms=self._fetch_wait_ms)
+            except KafkaError as exc:
+                if not getattr(exc, "retriable", False) and failures >= 3:
+                    raise
+                failures += 1
+                self._set_status("degraded", f"reading failed, retrying: {exc!r}")
+                await asyncio.sleep(min(0.1 * 2**failures, 5.0))
+
+    async def _apply_records(self, partition: int, records: list[Record]) -> None:
+        """Apply a partition's records in order; misplaced ones are skipped (`BadRecords`)."""
+        homes = self._repairs.homes_of(records)
+        partitions = len(self._reader.partitions)
+        for start in range(0, len(records), _APPLY_CHUNK):
+            for record, home in zip(records[start:start + _APPLY_CHUNK],
+                                    homes[start:start + _APPLY_CHUNK], strict=True):
+                if home == partition or home < 0:
+                    self._apply(partition, record)
+                else:
+                    self._bad.misplaced_record(partition, record, home, partitions)
+            if len(records) > _APPLY_CHUNK:
+                await asyncio.sleep(0)  # let readers and waiters run
 
     def _fail(self, exc: BaseException) -> None:
         self._failure = exc
