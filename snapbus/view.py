@@ -657,7 +657,11 @@ class SnapshotView(AsyncLifecycle):
         return self._status == "live"
 
     def health(self) -> Health:
-        """A summary for health checks: readiness, status, staleness, lag and sessions."""
+        """A summary for health checks: readiness, status, staleness, lag and sessions.
+
+        The one call to check a view: `status`, `ready` and `status_reason` read the same
+        fields live; `stats` adds the counters.
+        """
         stats = self.stats
         return Health(
             ready=stats.status == "live",
