@@ -152,9 +152,10 @@ class SessionStore:
         if keys is None:
             return [*self.data.values(), *self.snapshots(list(self.encoded))]
         data, encoded = self.data, self.encoded
+        if encoded:  # (a copy: a value found bad leaves its index groups, which `keys` may be)
+            keys = list(keys)
         found = []
-        # (a copy: a value found bad leaves its index groups, which `keys` may be)
-        for key in list(keys):
+        for key in keys:
             snapshot = data.get(key)
             if snapshot is None:
                 value = encoded.get(key)
