@@ -55,9 +55,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import itertools
 import logging
-import operator
 import time
 import uuid
 import warnings
@@ -72,9 +70,9 @@ from snapbus import checkpoint
 from snapbus._dead_letters import BadRecords
 from snapbus._expiry import Expiry
 from snapbus._lifecycle import AsyncLifecycle
-from snapbus._partition import partitions_of
 from snapbus._repair import Repairs
 from snapbus._retention import Retention
+from snapbus._stash import Stash, Stashed
 from snapbus._store import SessionStore
 from snapbus._waiters import Subscriber, Waiters
 from snapbus.codec import Codec, default_codec
@@ -221,21 +219,6 @@ class ChangeStream:
         self.close()
 
 
-_record_key = operator.attrgetter("key")
-_record_value = operator.attrgetter("value")
-_record_offset = operator.attrgetter("offset")
-
-
-class _Stashed(NamedTuple):
-    """A record of the initial replay kept as its key and value only (`_stash_records`)."""
-
-    key: bytes | None
-    value: bytes | None
-    offset: int = -1
-    timestamp: int = -1
-    headers: tuple[tuple[str, bytes], ...] = ()
-
-
 def _weakly(method: Callable[_P, None]) -> Callable[_P, None]:
     """`method`, without keeping its object alive (no reference cycle keeps a view)."""
     ref = weakref.WeakMethod(method)
@@ -339,7 +322,7 @@ class SnapshotView(AsyncLifecycle):
         self._resync_seen: set[str] | None = None
         # initial replay: each partition's latest value per key (record, with a TTL), applied
         # when caught up
-        self._stash: dict[int, dict[bytes | None, Any]] | None = {}
+        self._stash: Stash | None = Stash(keep_records=ttl_s is not None)
         self._records_superseded = 0
         if decode not in ("lazy", "eager"):
             raise ConfigError(f"decode must be 'lazy' or 'eager', not {decode!r}")
@@ -1011,8 +994,7 @@ class SnapshotView(AsyncLifecycle):
         self._resync_seen = set()
         self._resync_reason = reason
         if self._stash is not None:  # (keys whose records are gone must not survive)
-            self._records_superseded -= sum(map(len, self._stash.values()))
-            self._stash = {}
+            self._records_superseded -= self._stash.drop()
         self._reader.restart_from_beginning()
         self._retention.reset(self._reader.partitions, self._now_ms())
 
@@ -1042,19 +1024,9 @@ class SnapshotView(AsyncLifecycle):
                           else error)
 
     def _stash_records(self, partition: int, records: list[Record]) -> None:
-        """Initial replay: keep only each key's latest value; apply it at the end.
-
-        Nothing is checked here (this runs for every record of the log): a bad latest record
-        is found when applied, and the session's last good one is then looked up in the log.
-        Only the value is kept, not the record, unless a TTL needs the record's timestamp:
-        records die young, which took a fifth off reading a 1M-record log.
-        """
+        """Initial replay: keep only each key's latest value; apply it at the end (`Stash`)."""
         assert self._stash is not None
-        stash = self._stash.get(partition)
-        if stash is None:
-            stash = self._stash[partition] = {}
-        kept = records if self._expiry is not None else map(_record_value, records)
-        stash.update(zip(map(_record_key, records), kept, strict=True))
+        self._stash.add(partition, records)
         self._records_superseded += len(records)
 
     async def _flush_stash(self) -> None:
@@ -1066,29 +1038,13 @@ class SnapshotView(AsyncLifecycle):
         view) is decoded now. A bad one is reported once `_repair` has found
         its record in the log.
         """
-        stashes, self._stash = self._stash, None
-        assert stashes is not None
+        stash, self._stash = self._stash, None
+        assert stash is not None
         store, peek = self._store, self._codec.peek
-        for partition, stash in stashes.items():
-            self._records_superseded -= len(stash)
-            if self._expiry is None:  # key -> value
-                records: list[Record] | None = None
-                keys, values = list(stash), list(stash.values())
-            else:  # key -> record
-                records = sorted(stash.values(), key=_record_offset)
-                keys = list(map(_record_key, records))
-                values = list(map(_record_value, records))
-            stash.clear()
-            homes = partitions_of(keys, len(self._reader.partitions))
-            if homes.count(partition) + homes.count(-1) != len(homes):  # misplaced: ignored
-                placed = [home in (partition, -1) for home in homes]
-                self._repairs.report_misplaced.update(
-                    (partition, key) for key, ok in zip(keys, placed, strict=True)
-                    if not ok and key is not None)
-                keys = list(itertools.compress(keys, placed))
-                values = list(itertools.compress(values, placed))
-                if records is not None:
-                    records = list(itertools.compress(records, placed))
+        for partition, keys, values, records, misplaced, stashed in stash.take(
+                len(self._reader.partitions)):
+            self._records_superseded -= stashed
+            self._repairs.report_misplaced.update((partition, key) for key in misplaced)
             for start in range(0, len(keys), _APPLY_CHUNK):
                 chunk_keys = keys[start:start + _APPLY_CHUNK]
                 chunk_values = values[start:start + _APPLY_CHUNK]
@@ -1104,7 +1060,7 @@ class SnapshotView(AsyncLifecycle):
                     if records is not None:
                         error = self._apply(partition, records[start + at])
                     else:  # (its record is found in the log if it is bad: `_repair`)
-                        error = self._apply(partition, _Stashed(key, chunk_values[at]),
+                        error = self._apply(partition, Stashed(key, chunk_values[at]),
                                             report=False)
                         if error is not None:
                             self._repairs.report_bad.add((partition, key))

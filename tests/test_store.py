@@ -1,4 +1,5 @@
-"""The view's session store (snapbus._store), alone: no broker, model-tested against a dict.
+"""The view's session store (snapbus._store) and replay stash (snapbus._stash), alone: no
+broker; the store model-tested against a dict.
 
 Random sequences of puts, deletes, bulk loads (good values, and values that peek fine but do
 not decode), reads and checkpoint round trips are applied to a `SessionStore` and to a plain
@@ -14,6 +15,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from snapbus._partition import partition_of
+from snapbus._stash import Stash, Stashed
 from snapbus._store import SessionStore
 from snapbus.codec import default_codec
 from snapbus.errors import DecodeError
@@ -198,3 +201,31 @@ def test_a_bad_value_read_through_its_group_hides_no_other_session() -> None:
         assert set(store.snapshots(store.by_repo[REPOS[0]])) == good
         assert set(store.select(REPOS[0], None, "active")) == good
         assert len(store) == size - 1
+
+
+def test_the_stash_keeps_each_keys_latest_value_and_leaves_out_misplaced_keys() -> None:
+    partitions = 4
+    keys = [f"{uuid.UUID(int=n)}".encode() for n in range(1, 30)]
+    home = {key: partition_of(key, partitions) for key in keys}
+    here = [key for key in keys if home[key] == 0][:3]
+    elsewhere = next(key for key in keys if home[key] != 0)
+    for keep_records in (False, True):
+        stash = Stash(keep_records=keep_records)
+        first = [Stashed(key, b"old", offset) for offset, key in enumerate(here)]
+        stash.add(0, [*first, Stashed(elsewhere, b"x", 3), Stashed(None, b"no key", 4)])
+        stash.add(0, [Stashed(here[0], b"new", 5), Stashed(here[1], None, 6)])
+        (latest,) = stash.take(partitions)
+        assert latest.stashed == 5
+        assert latest.misplaced == [elsewhere]
+        got = dict(zip(latest.keys, latest.values, strict=True))
+        assert got == {here[0]: b"new", here[1]: None, here[2]: b"old", None: b"no key"}
+        if keep_records:  # in offset order, for the TTL's timestamps
+            assert latest.records is not None
+            assert [r.offset for r in latest.records] == [2, 4, 5, 6]
+        else:
+            assert latest.records is None
+        assert list(stash.take(partitions)) == []
+    stash = Stash(keep_records=False)
+    stash.add(1, [Stashed(b"k", b"v", 0), Stashed(b"j", b"v", 1)])
+    assert stash.drop() == 2
+    assert list(stash.take(partitions)) == []
