@@ -1,7 +1,10 @@
 """TTL expiry in the view, renewal by ``touch``, and the janitor, against the real broker.
 
-TTLs are about a second. Tests wait on conditions with timeouts; the only plain waits are for
-the wall clock to pass a given point (a record's age is what a TTL is about).
+TTLs are about a second. The views' clock is the test's (`Clock`): it stands still until a test
+moves it past a record's expiry, so nothing waits for the TTL to pass. Record timestamps are the
+publisher's wall clock, so where one record must be younger than another, the test waits (a
+condition, about a millisecond) for the wall clock to pass the older one's timestamp. Only the
+two-janitor test, which paces a live workspace's renewals, runs on the wall clock.
 """
 
 from __future__ import annotations
@@ -32,13 +35,31 @@ def config(broker: BrokerAddress, topic_name: str) -> KafkaConfig:
     return KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=topic_name)
 
 
-def new_view(config: KafkaConfig, ttl_s: float | None = TTL_S) -> SnapshotView:
-    return SnapshotView(config, fetch_max_wait_ms=20, ttl_s=ttl_s)
+class Clock:
+    """A view's wall clock that moves only when told: it starts at this host's time."""
+
+    def __init__(self) -> None:
+        self.now_s = time.time()
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def move_to(self, epoch_ms: float) -> None:
+        """Move to `epoch_ms` (milliseconds since the epoch), never back."""
+        self.now_s = max(self.now_s, epoch_ms / 1000)
+
+
+def new_view(config: KafkaConfig, ttl_s: float | None = TTL_S,
+             clock: Clock | None = None) -> SnapshotView:
+    if clock is None:
+        return SnapshotView(config, fetch_max_wait_ms=20, ttl_s=ttl_s)
+    return SnapshotView(config, fetch_max_wait_ms=20, ttl_s=ttl_s, clock=clock)
 
 
 async def wall_clock_past(epoch_ms: float) -> None:
-    """Return once this host's clock is past `epoch_ms` (milliseconds since the epoch)."""
-    await asyncio.sleep(max(0.0, epoch_ms / 1000 - time.time()) + 0.01)
+    """Return once this host's clock is past `epoch_ms`, so that a record published then is
+    younger (a condition wait: about a millisecond)."""
+    await eventually(lambda: time.time() * 1000 > epoch_ms, what="the wall clock moved on")
 
 
 def stamp_ms(receipt: Receipt) -> float:
@@ -53,15 +74,18 @@ async def next_change(stream: ChangeStream, timeout: float = WAIT_S) -> Change:
 async def test_expired_sessions_are_hidden_from_every_read(config: KafkaConfig) -> None:
     repo = uuid.uuid4()
     snapshot = make_snapshot(repo_id=repo, agent_id="ttl-agent", state="ttl-state")
-    async with SnapshotPublisher(config) as publisher, new_view(config) as view:
+    clock = Clock()
+    async with SnapshotPublisher(config) as publisher, new_view(config, clock=clock) as view:
         receipt = await publisher.publish(snapshot)
         await view.wait_for(receipt, timeout=WAIT_S)
+        clock.move_to(stamp_ms(receipt) + TTL_S * 1000 - 1)  # not before its time
+        await view.barrier(timeout=WAIT_S)  # (a read, and the sweep after it)
         assert view.get(snapshot.session_id) == snapshot
         assert list(view) == [snapshot.session_id]
         assert view.by_repo(repo) == view.by_agent("ttl-agent") == [snapshot]
 
-        await eventually(lambda: snapshot.session_id not in view, timeout=TTL_S + WAIT_S)
-        assert time.time() * 1000 >= stamp_ms(receipt) + TTL_S * 1000  # not before its time
+        clock.move_to(stamp_ms(receipt) + TTL_S * 1000)
+        await eventually(lambda: snapshot.session_id not in view)
         assert view.get(snapshot.session_id) is None
         with pytest.raises(KeyError):
             view[snapshot.session_id]
@@ -79,25 +103,32 @@ async def test_expired_sessions_are_hidden_from_every_read(config: KafkaConfig) 
 async def test_touch_renews_a_session(config: KafkaConfig) -> None:
     ttl_s = 1.5
     renewed, left = make_snapshot(), make_snapshot()
-    async with SnapshotPublisher(config) as publisher, new_view(config, ttl_s) as view:
+    clock = Clock()
+    async with SnapshotPublisher(config) as publisher, new_view(config, ttl_s, clock) as view:
         for snapshot in (renewed, left):
             last = await publisher.publish(snapshot)
             await view.wait_for(last, timeout=WAIT_S)
-        await wall_clock_past(stamp_ms(last) + ttl_s * 500)  # half the TTL later
+        await wall_clock_past(stamp_ms(last))  # (so that the touch is younger)
         touched = await publisher.touch(renewed)
         await view.wait_for(touched, timeout=WAIT_S)
+        assert stamp_ms(touched) > stamp_ms(last)
 
-        # reads hide an expired session at once; the sweep (which counts it and lists it for
-        # the janitor) follows within a fetch wait
-        await eventually(lambda: left.session_id not in view, timeout=ttl_s + WAIT_S)
+        # the sweep (which counts an expired session and lists it for the janitor) follows
+        # within a fetch wait
+        clock.move_to(stamp_ms(last) + ttl_s * 1000)
+        await eventually(lambda: left.session_id not in view)
         assert view.get(renewed.session_id) == renewed  # its age restarted at the touch
         await eventually(lambda: view.expired_sessions() == [left.session_id])
 
-        await eventually(lambda: renewed.session_id not in view, timeout=ttl_s + WAIT_S)
-        assert time.time() * 1000 >= stamp_ms(touched) + ttl_s * 1000
+        clock.move_to(stamp_ms(touched) + ttl_s * 1000 - 1)
+        await view.barrier(timeout=WAIT_S)
+        assert view.get(renewed.session_id) == renewed  # not before its time
+        clock.move_to(stamp_ms(touched) + ttl_s * 1000)
+        await eventually(lambda: renewed.session_id not in view)
         await eventually(lambda: view.stats.expired == 2)
 
         # Touching an expired session brings it back, as publishing it again would.
+        await wall_clock_past(stamp_ms(touched))  # (so that this touch is younger)
         await view.wait_for(await publisher.touch(left), timeout=WAIT_S)
         assert view.get(left.session_id) == left
         assert view.expired_sessions() == [renewed.session_id]
@@ -105,14 +136,16 @@ async def test_touch_renews_a_session(config: KafkaConfig) -> None:
 
 async def test_expiry_is_a_change(config: KafkaConfig) -> None:
     snapshot = make_snapshot()
+    clock = Clock()
     async with (
         SnapshotPublisher(config) as publisher,
-        new_view(config) as view,
+        new_view(config, clock=clock) as view,
         view.changes() as stream,
     ):
-        await publisher.publish(snapshot)
+        receipt = await publisher.publish(snapshot)
         assert await next_change(stream) == (snapshot.session_id, None, snapshot)
-        expired = await next_change(stream, timeout=TTL_S + WAIT_S)
+        clock.move_to(stamp_ms(receipt) + TTL_S * 1000)
+        expired = await next_change(stream)
         assert expired == Change(snapshot.session_id, snapshot, None)
         assert snapshot.session_id not in view
 
@@ -122,9 +155,11 @@ async def test_a_record_older_than_the_ttl_at_replay_is_hidden(config: KafkaConf
     old, fresh = make_snapshot(), make_snapshot()
     async with SnapshotPublisher(config) as publisher:
         receipt = await publisher.publish(old)
-        await wall_clock_past(stamp_ms(receipt) + ttl_s * 1000)
-        await publisher.publish(fresh)
-    async with new_view(config, ttl_s) as view:
+        await wall_clock_past(stamp_ms(receipt))  # (so that the other is younger)
+        assert stamp_ms(await publisher.publish(fresh)) > stamp_ms(receipt)
+    clock = Clock()
+    clock.move_to(stamp_ms(receipt) + ttl_s * 1000)  # old is past the TTL, fresh is not
+    async with new_view(config, ttl_s, clock) as view:
         assert old.session_id not in view
         assert view.get(fresh.session_id) == fresh
         assert len(view) == 1
@@ -137,10 +172,13 @@ async def test_a_record_older_than_the_ttl_at_replay_is_hidden(config: KafkaConf
 
 async def test_janitor_deletes_expired_sessions_from_the_topic(config: KafkaConfig) -> None:
     old = make_snapshot()
-    async with SnapshotPublisher(config) as publisher, new_view(config) as view:
-        await view.wait_for(await publisher.publish(old), timeout=WAIT_S)
-        await eventually(lambda: old.session_id in view.expired_sessions(),
-                         timeout=TTL_S + WAIT_S)
+    clock = Clock()
+    async with SnapshotPublisher(config) as publisher, new_view(config, clock=clock) as view:
+        receipt = await publisher.publish(old)
+        await view.wait_for(receipt, timeout=WAIT_S)
+        clock.move_to(stamp_ms(receipt) + TTL_S * 1000)
+        await eventually(lambda: old.session_id in view.expired_sessions())
+        await wall_clock_past(stamp_ms(receipt))  # (so that the next one is younger)
         live = make_snapshot()
         await view.wait_for(await publisher.publish(live), timeout=WAIT_S)
 
