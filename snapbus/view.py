@@ -760,7 +760,7 @@ class SnapshotView(AsyncLifecycle):
 
     def _lost(self, key: str, error: DecodeError) -> None:
         """A session's value found bad on its first read, now gone from the store: report its
-        record (`BadRecords`) and restore its last good snapshot from the log (`_repair`)."""
+        record (`BadRecords`) and restore its last good snapshot from the log (`Repairs`)."""
         log.debug("view of %s: the value of session %s is bad (%s), found on first read",
                   self.config.topic, key, error.reason, extra={"topic": self.config.topic})
         if self._expiry is not None:
@@ -1035,7 +1035,7 @@ class SnapshotView(AsyncLifecycle):
         With ``decode="lazy"``, a new session's value is only peeked at (`Codec.peek`) for its
         indexed fields and kept encoded (`Codec.compact`), decoded on first read (`SessionStore`);
         anything else (a tombstone, an older schema, a bad value, a session already in the
-        view) is decoded now. A bad one is reported once `_repair` has found
+        view) is decoded now. A bad one is reported once `Repairs` has found
         its record in the log.
         """
         stash, self._stash = self._stash, None
@@ -1059,7 +1059,7 @@ class SnapshotView(AsyncLifecycle):
                     key = chunk_keys[at]
                     if records is not None:
                         error = self._apply(partition, records[start + at])
-                    else:  # (its record is found in the log if it is bad: `_repair`)
+                    else:  # (its record is found in the log if it is bad: `Repairs`)
                         error = self._apply(partition, Stashed(key, chunk_values[at]),
                                             report=False)
                         if error is not None:
@@ -1072,7 +1072,7 @@ class SnapshotView(AsyncLifecycle):
     # ------------------------------------------------------------------ applying
 
     def _want_repair(self, key: str) -> None:
-        """Ask for the session's last good snapshot to be restored from the log (`_repair`)."""
+        """Ask for the session's last good snapshot to be restored from the log (`Repairs`)."""
         self._repairs.want(key)
         self._start_repair()
 
