@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import operator
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 from snapbus import checkpoint
@@ -147,22 +147,27 @@ class SessionStore:
             self.data[key] = snapshot
         return snapshot
 
-    def snapshots(self, keys: Iterable[str] | None = None) -> list[WorkspaceSnapshot]:
+    def snapshots(self, keys: Collection[str] | None = None) -> list[WorkspaceSnapshot]:
         """The snapshots of `keys` that are present (default: every session)."""
         if keys is None:
             return [*self.data.values(), *self.snapshots(list(self.encoded))]
         data, encoded = self.data, self.encoded
-        if encoded:  # (a copy: a value found bad leaves its index groups, which `keys` may be)
-            keys = list(keys)
-        found = []
-        for key in keys:
-            snapshot = data.get(key)
-            if snapshot is None:
-                value = encoded.get(key)
-                if value is None or (snapshot := self.decoded(key, value)) is None:
-                    continue
-            found.append(snapshot)
-        return found
+        while True:
+            found = []
+            for key in keys:
+                snapshot = data.get(key)
+                if snapshot is None:
+                    value = encoded.get(key)
+                    if value is None:
+                        continue
+                    snapshot = self.decoded(key, value)
+                    if snapshot is None:
+                        # a bad value left its index groups, which `keys` may be (and then
+                        # changed under this loop): walk it again, without that session
+                        break
+                found.append(snapshot)
+            else:
+                return found
 
     def select(self, repo: str | None = None, agent: str | None = None,
                state: str | None = None) -> list[WorkspaceSnapshot]:
@@ -177,8 +182,8 @@ class SessionStore:
             return self.snapshots(indexed[0])
         smallest = min(indexed, key=len)
         others = [members for members in indexed if members is not smallest]
-        return self.snapshots(key for key in smallest
-                              if all(key in members for members in others))
+        return self.snapshots([key for key in smallest
+                               if all(key in members for members in others)])
 
     def indexes(self) -> tuple[Index, Index, Index]:
         """The indexes by repo_id, agent_id and state."""
