@@ -231,6 +231,9 @@ def _weakly(method: Callable[_P, None]) -> Callable[_P, None]:
     return call
 
 
+_UUID = uuid.UUID
+
+
 def _canonical(session_id: uuid.UUID | str) -> str:
     return str(parse_uuid(session_id, field="session_id"))
 
@@ -348,6 +351,11 @@ class SnapshotView(AsyncLifecycle):
         # here for `get`)
         self._store = SessionStore(self._codec, _weakly(self._lost))
         self._data = self._store.data
+        # `uuid.UUID.int` -> the view's own canonical string of that id (a session's key or a
+        # repo id), filled by reads with `uuid.UUID` keys, for which `str(uuid)` costs more
+        # than the lookup; checked against the store on every use, so a stale entry only costs
+        # a slow read; cleared when it outgrows the view (docs/reads-and-memory.md)
+        self._texts: dict[int, str] = {}
         # progress
         self._status: ViewStatus = "starting"
         self._status_reason: str | None = None
@@ -704,43 +712,83 @@ class SnapshotView(AsyncLifecycle):
         Raises:
             ValidationError: `session_id` is not a UUID.
         """
-        try:
-            found = self._data.get(session_id)  # type: ignore[arg-type]  # fast path: str keys
-        except TypeError:  # unhashable: let _canonical say what is wrong with it
-            found = None
+        if type(session_id) is _UUID:  # fast path: a UUID read before
+            found = self._data.get(self._texts.get(session_id.int))  # type: ignore[arg-type]
+        else:
+            try:
+                found = self._data.get(session_id)  # type: ignore[arg-type]  # fast: str keys
+            except TypeError:  # unhashable: let _canonical say what is wrong with it
+                found = None
         if found is not None:
             return found
+        return self._get(session_id, default)
+
+    def _get(self, session_id: uuid.UUID | str, default: WorkspaceSnapshot | None
+             ) -> WorkspaceSnapshot | None:
+        """`get` past its fast path: other spellings, UUIDs not read before, first reads."""
         if type(session_id) is str and _is_canonical(session_id):
             key = session_id
         else:
             key = _canonical(session_id)
             found = self._data.get(key)
             if found is not None:
+                if type(session_id) is _UUID:
+                    self._remember(session_id, found.key)
                 return found
         value = self._store.encoded.get(key)
         if value is None:
             return default
         found = self._store.decoded(key, value)  # not read before: decode it now
-        return default if found is None else found
+        if found is None:
+            return default
+        if type(session_id) is _UUID:
+            self._remember(session_id, found.key)
+        return found
+
+    def _remember(self, id_: uuid.UUID, text: str) -> None:
+        """Keep `text`, the view's own string of `id_`, for the next read by `uuid.UUID`."""
+        texts = self._texts
+        if len(texts) > 2 * len(self._store) + len(self._store.by_repo) + 1024:
+            texts.clear()  # (stale entries of sessions gone: start over)
+        texts[id_.int] = text
 
     def __getitem__(self, session_id: uuid.UUID | str) -> WorkspaceSnapshot:
-        found = self.get(session_id)
+        if type(session_id) is _UUID:
+            found = self._data.get(self._texts.get(session_id.int))  # type: ignore[arg-type]
+        else:
+            try:
+                found = self._data.get(session_id)  # type: ignore[arg-type]
+            except TypeError:
+                found = None
         if found is None:
-            raise KeyError(session_id)
+            found = self._get(session_id, None)
+            if found is None:
+                raise KeyError(session_id)
         return found
 
     def __contains__(self, session_id: object) -> bool:
+        if type(session_id) is _UUID:
+            if self._texts.get(session_id.int) in self._data:
+                return True
+        elif type(session_id) is str and session_id in self._data:
+            return True
         if not isinstance(session_id, (str, uuid.UUID)):
             return False
         try:
             key = session_id if type(session_id) is str else _canonical(session_id)
         except SnapbusError:
             return False
-        if key in self._data:
+        found = self._data.get(key)
+        if found is None:
+            value = self._store.encoded.get(key)
+            if value is not None:  # (decoded, so that `in` agrees with `get` on a bad value)
+                found = self._store.decoded(key, value)
+                if found is None:
+                    return False
+        if found is not None:
+            if isinstance(session_id, uuid.UUID):
+                self._remember(session_id, found.key)
             return True
-        value = self._store.encoded.get(key)
-        if value is not None:  # (decoded, so that `in` agrees with `get` on a bad value)
-            return self._store.decoded(key, value) is not None
         try:
             return self.get(key) is not None  # (a non-canonical spelling)
         except SnapbusError:
@@ -771,9 +819,22 @@ class SnapshotView(AsyncLifecycle):
 
     def by_repo(self, repo_id: uuid.UUID | str) -> list[WorkspaceSnapshot]:
         """Return the snapshots of every session on that repository."""
-        if type(repo_id) is not str or not _is_canonical(repo_id):
-            repo_id = str(parse_uuid(repo_id, field="repo_id"))
-        return self._store.snapshots(self._store.by_repo.get(repo_id, ()))
+        by_repo = self._store.by_repo
+        if type(repo_id) is str:
+            if repo_id in by_repo:  # (only canonical ids are in the index)
+                return self._store.snapshots(by_repo[repo_id])
+        elif type(repo_id) is _UUID:
+            text = self._texts.get(repo_id.int)
+            if text is not None and text in by_repo:
+                return self._store.snapshots(by_repo[text])
+        if type(repo_id) is str and _is_canonical(repo_id):
+            key = repo_id
+        else:
+            key = str(parse_uuid(repo_id, field="repo_id"))
+        found = self._store.snapshots(by_repo.get(key, ()))
+        if found and type(repo_id) is _UUID:
+            self._remember(repo_id, found[0].repo_key)
+        return found
 
     def by_agent(self, agent_id: str) -> list[WorkspaceSnapshot]:
         """Return the snapshots of every session of that agent."""
@@ -881,6 +942,9 @@ class SnapshotView(AsyncLifecycle):
                         await self._apply_records(partition, records)
                     if records:
                         self._last_offsets[partition] = records[-1].offset
+                # (drop the fetched records now: else the last fetch of the replay, up to
+                # fetch_max_bytes of them, stays referenced while the next read waits)
+                batches, records = {}, []
                 if self._stash is not None and (
                     self._serving or self._waiters.pending()
                     or reader.caught_up_to_start()
