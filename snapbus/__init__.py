@@ -25,6 +25,7 @@ from snapbus.errors import (
     TopicError,
     ValidationError,
     ViewError,
+    ViewTimeoutError,
 )
 from snapbus.janitor import Janitor
 from snapbus.publisher import Receipt, SnapshotPublisher
@@ -62,6 +63,7 @@ __all__ = [
     "ViewError",
     "ViewStats",
     "ViewStatus",
+    "ViewTimeoutError",
     "WorkspaceCache",
     "WorkspaceSnapshot",
     "__version__",

@@ -18,6 +18,8 @@
     ├── PublishError             a publish was not acknowledged (retriable unless said otherwise),
     │                            or the publisher is not started (not retriable)
     ├── ViewError                the view is closed, failed, or was used before it started
+    │   └── ViewTimeoutError     `wait_for` or `barrier` did not return within its timeout
+    │                            (retriable; also an ``asyncio.TimeoutError``)
     └── CheckpointError          a checkpoint file is missing, corrupt or foreign
 
 Every error carries a one-line message saying what went wrong and what to do, and a
@@ -28,6 +30,7 @@ table.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Literal
 
 __all__ = [
@@ -45,6 +48,7 @@ __all__ = [
     "TopicError",
     "ValidationError",
     "ViewError",
+    "ViewTimeoutError",
 ]
 
 
@@ -160,6 +164,16 @@ class PublishError(SnapbusError):
 
 class ViewError(SnapbusError):
     """The view cannot answer: it was closed, it failed, or it was never started."""
+
+
+class ViewTimeoutError(ViewError, asyncio.TimeoutError):
+    """`SnapshotView.wait_for` or `barrier` did not return within its `timeout`.
+
+    Retriable: the view is running, only behind (or the broker slow). It is also an
+    ``asyncio.TimeoutError``, which code written for ``asyncio.wait_for`` catches.
+    """
+
+    retriable = True
 
 
 class CheckpointError(SnapbusError):

@@ -77,7 +77,14 @@ from snapbus._store import SessionStore
 from snapbus._waiters import Subscriber, Waiters
 from snapbus.codec import Codec, default_codec
 from snapbus.config import KafkaConfig, validate_topic_name
-from snapbus.errors import ConfigError, DecodeError, SnapbusError, TopicError, ViewError
+from snapbus.errors import (
+    ConfigError,
+    DecodeError,
+    SnapbusError,
+    TopicError,
+    ViewError,
+    ViewTimeoutError,
+)
 from snapbus.publisher import Receipt
 from snapbus.reader import PartitionReader, Record, decode_value
 from snapbus.snapshot import WorkspaceSnapshot, _is_canonical, parse_uuid
@@ -873,7 +880,7 @@ class SnapshotView(AsyncLifecycle):
         """Return once the view applied the record `receipt` describes (read your writes).
 
         Raises:
-            TimeoutError: not applied within `timeout` seconds.
+            ViewTimeoutError: not applied within `timeout` seconds (an asyncio.TimeoutError).
             ViewError: the view stopped or failed meanwhile.
         """
         self._require_running()
@@ -882,8 +889,14 @@ class SnapshotView(AsyncLifecycle):
                             f"{self.config.topic!r}")
         if self._applied.get(receipt.partition, 0) > receipt.offset:
             return
-        await asyncio.wait_for(self._waiters.wait_offset(receipt.partition, receipt.offset),
-                               timeout)
+        try:
+            await asyncio.wait_for(
+                self._waiters.wait_offset(receipt.partition, receipt.offset), timeout)
+        except asyncio.TimeoutError:
+            raise ViewTimeoutError(
+                f"offset {receipt.offset} of {receipt.topic}[{receipt.partition}] not applied "
+                f"within {timeout:g} s (the view has applied up to "
+                f"{self._applied.get(receipt.partition, 0)})") from None
 
     async def barrier(self, timeout: float | None = None) -> None:
         """Return once every record acknowledged before this call is visible in the view.
@@ -894,7 +907,7 @@ class SnapshotView(AsyncLifecycle):
         fetch responses (about two fetch waits).
 
         Raises:
-            TimeoutError: not reached within `timeout` seconds.
+            ViewTimeoutError: not reached within `timeout` seconds (an asyncio.TimeoutError).
             ViewError: the view stopped or failed meanwhile.
         """
         self._require_running()
@@ -913,8 +926,14 @@ class SnapshotView(AsyncLifecycle):
             if self._applied_all(ends) and reader.reached(ends):
                 return
         future = self._waiters.wait_barrier(probe)
-        await asyncio.wait_for(future, None if deadline is None
-                               else max(0.0, deadline - loop.time()))
+        try:
+            await asyncio.wait_for(future, None if deadline is None
+                                   else max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            raise ViewTimeoutError(
+                f"barrier on {self.config.topic} not reached within {timeout:g} s (status "
+                f"{self._status}{': ' + self._status_reason if self._status_reason else ''})"
+            ) from None
 
     def _applied_all(self, targets: dict[int, int]) -> bool:
         applied = self._applied

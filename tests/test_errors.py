@@ -37,6 +37,7 @@ from snapbus._kafka import KAFKA_ERRORS, translate
 from snapbus.checkpoint import write_file
 from snapbus.cli import cli
 from snapbus.topic import _topic_error
+from tests.conftest import BrokerAddress
 from tests.faultproxy import free_port
 from tests.helpers import make_snapshot
 
@@ -208,3 +209,19 @@ def test_the_cli_without_a_broker_says_so_in_one_line(command: list[str]) -> Non
     assert len(errors) == 1, result.output
     assert "cannot reach Kafka" in errors[0]
 
+
+
+async def test_a_view_wait_that_times_out_is_a_retriable_view_error(
+    broker: BrokerAddress, topic_name: str
+) -> None:
+    # `wait_for` and `barrier` raise from the tree, and stay catchable as asyncio's timeout.
+    from snapbus import Receipt, SnapshotView, ViewError, ViewTimeoutError
+
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    async with SnapshotView(config, fetch_max_wait_ms=20) as view:
+        ahead = Receipt(topic_name, 0, 10**9, -1, str(uuid.uuid4()))
+        with pytest.raises(ViewTimeoutError, match=r"offset 1000000000 .* not applied") as info:
+            await view.wait_for(ahead, timeout=0.05)
+        assert isinstance(info.value, ViewError)
+        assert isinstance(info.value, asyncio.TimeoutError)
+        assert info.value.retriable

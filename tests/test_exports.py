@@ -15,7 +15,8 @@ def test_exported_names_are_the_intended_ones() -> None:
         "KafkaAuthenticationError", "KafkaConfig", "KafkaUnavailableError", "PublishError",
         "Receipt", "SchemaError", "SnapbusError",
         "SnapshotPublisher", "SnapshotView", "TopicError", "TopicInfo", "ValidationError",
-        "ViewError", "ViewStats", "ViewStatus", "WorkspaceCache", "WorkspaceSnapshot",
+        "ViewError", "ViewStats", "ViewTimeoutError", "ViewStatus", "WorkspaceCache",
+        "WorkspaceSnapshot",
         "__version__", "decode", "decode_key", "describe_topic", "encode", "encode_key",
         "ensure_topic", "Event", "Health", "Janitor", "history", "rebuild", "replay",
     }
@@ -25,7 +26,7 @@ def test_exported_names_are_the_intended_ones() -> None:
 
 def test_every_error_derives_from_the_root() -> None:
     errors = [getattr(snapbus, n) for n in snapbus.__all__ if n.endswith("Error")]
-    assert len(errors) == 13
+    assert len(errors) == 14
     for error in errors:
         assert issubclass(error, snapbus.SnapbusError)
     assert snapbus.KafkaUnavailableError.retriable
