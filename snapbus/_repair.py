@@ -89,13 +89,16 @@ class Repairs:
     """
 
     def __init__(self, config: KafkaConfig, codec: Codec, reader: PartitionReader,
-                 bad: BadRecords, restore: Callable[[str, WorkspaceSnapshot | None, int], None], *,
-                 fetch_max_wait_ms: int) -> None:
+                 bad: BadRecords, restore: Callable[[str, WorkspaceSnapshot | None, int], None],
+                 settled: Callable[[], Mapping[int, int] | None], *, fetch_max_wait_ms: int,
+                 consumer_options: Mapping[str, Any] | None = None) -> None:
         self.config = config
         self._codec = codec
         self._reader = reader
         self._bad = bad
         self._restore = restore
+        self._settled = settled
+        self._consumer_options = consumer_options
         self._fetch_wait_ms = fetch_max_wait_ms
         self.wanted: dict[str, int] = {}
         self.report_bad: set[tuple[int, bytes | None]] = set()
@@ -134,6 +137,13 @@ class Repairs:
             return
         self.task = loop.create_task(self._run(),
                                      name=f"snapbus-view-repair:{self.config.topic}")
+        self.task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """Keep an unexpected error of the repair task in `error` (the read loop raises it),
+        so that a repair that died never leaves the view waiting for it silently."""
+        if not task.cancelled() and task.exception() is not None and self.error is None:
+            self.error = task.exception()
 
     async def _run(self) -> None:
         """Restore the last good snapshot of the sessions in `wanted`, and report the records
@@ -154,7 +164,8 @@ class Repairs:
             until = {p: positions.get(p, 0) for p in keys}
             try:
                 found = await read_keys(self.config, keys, until,
-                                        fetch_max_wait_ms=self._fetch_wait_ms)
+                                        fetch_max_wait_ms=self._fetch_wait_ms,
+                                        consumer_options=self._consumer_options)
             except (KafkaError, SnapbusError) as exc:
                 self.report_bad |= bad
                 self.report_misplaced |= misplaced
@@ -191,12 +202,19 @@ class Repairs:
             else:  # (gone from the log since: count it)
                 self._bad.decode_errors += 1
         restored = 0
+        settled = self._settled()
+        if settled is None:  # (the view is gone)
+            return
         for key, request in wanted.items():
             if self.wanted.get(key) != request:
                 continue  # applied (or asked again) since: the log has moved on
             del self.wanted[key]
             raw = key.encode()
-            for record in reversed(found.get((self.home(raw), raw), [])):
+            home = self.home(raw)
+            below = settled.get(home, 0)
+            for record in reversed(found.get((home, raw), [])):
+                if record.offset >= below:
+                    continue  # (fetched by the view, not applied yet: the view applies it)
                 try:
                     _, snapshot = decode_value(record, self._codec)
                 except DecodeError:

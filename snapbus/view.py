@@ -62,7 +62,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, ParamSpec
+from typing import Any, Literal, NamedTuple, ParamSpec, TypeVar
 
 from aiokafka.errors import KafkaError
 
@@ -95,6 +95,7 @@ __all__ = ["Change", "ChangeStream", "Health", "SnapshotView", "ViewStats", "Vie
 
 log = logging.getLogger("snapbus.view")
 _P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 ViewStatus = Literal["starting", "catching_up", "live", "degraded", "failed", "stopped"]
 """Where the view is in its life: see `SnapshotView.status`."""
@@ -226,14 +227,14 @@ class ChangeStream:
         self.close()
 
 
-def _weakly(method: Callable[_P, None]) -> Callable[_P, None]:
-    """`method`, without keeping its object alive (no reference cycle keeps a view)."""
+def _weakly(method: Callable[_P, _R]) -> Callable[_P, _R | None]:
+    """`method`, without keeping its object alive (no reference cycle keeps a view); None
+    once the object is gone."""
     ref = weakref.WeakMethod(method)
 
-    def call(*args: _P.args, **kwargs: _P.kwargs) -> None:
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> _R | None:
         bound = ref()
-        if bound is not None:
-            bound(*args, **kwargs)
+        return None if bound is None else bound(*args, **kwargs)
 
     return call
 
@@ -352,8 +353,10 @@ class SnapshotView(AsyncLifecycle):
         self._fetch_wait_ms = fetch_max_wait_ms
         # repairs and reports, beside the live tail (`Repairs`)
         self._repairs = Repairs(self.config, self._codec, self._reader, self._bad,
-                                _weakly(self._apply_snapshot),
-                                fetch_max_wait_ms=fetch_max_wait_ms)
+                                _weakly(self._apply_snapshot), _weakly(self._settled),
+                                fetch_max_wait_ms=fetch_max_wait_ms,
+                                consumer_options=consumer_options)
+        self._flushing = False  # (the initial replay's stash is being applied)
         # state: the sessions and their indexes (`_data`: the store's decoded sessions, bound
         # here for `get`)
         self._store = SessionStore(self._codec, _weakly(self._lost))
@@ -1123,6 +1126,14 @@ class SnapshotView(AsyncLifecycle):
         """
         stash, self._stash = self._stash, None
         assert stash is not None
+        self._flushing = True
+        try:
+            await self._apply_stash(stash)
+        finally:
+            self._flushing = False
+        self._start_repair()
+
+    async def _apply_stash(self, stash: Stash) -> None:
         store, peek = self._store, self._codec.peek
         for partition, keys, values, records, misplaced, stashed in stash.take(
                 len(self._reader.partitions)):
@@ -1150,7 +1161,16 @@ class SnapshotView(AsyncLifecycle):
                     if error is not None and error.reason != "bad_key" and key:
                         self._want_repair(key.decode("ascii"))  # an earlier good record
                 await asyncio.sleep(0)
-        self._start_repair()
+
+    def _settled(self) -> Mapping[int, int]:
+        """Per partition, the offset below which no record can still be applied after a
+        repair restores one (`Repairs`): the reader's positions while the initial replay is
+        stashed or flushed (the stash holds each key's latest record: applying it later only
+        moves forward), else the positions of the last read applied in full (a read is applied
+        in chunks, with awaits between: its later records are not applied yet)."""
+        if self._stash is not None or self._flushing:
+            return self._reader.positions
+        return self._applied
 
     # ------------------------------------------------------------------ applying
 
