@@ -975,7 +975,7 @@ class SnapshotView(AsyncLifecycle):
                 if self._stash is None:
                     self._applied = dict(reader.positions)
                 if self._bad.pending():
-                    await self._bad.send()
+                    self._bad.send()
                 if self._expiry is not None:
                     self._expire(self._expiry)
                 self._check_health()

@@ -76,3 +76,20 @@ async def test_a_repair_task_that_dies_leaves_its_error_for_the_read_loop() -> N
         await repair.task
     # (its done callback was added first, so it ran before this await resumed)
     assert isinstance(repair.error, RuntimeError)
+
+
+def test_dead_letters_waiting_are_bounded_and_the_rest_counted() -> None:
+    # A dead-letter topic that cannot be written must not hold up the read loop nor grow
+    # without bound: letters beyond MAX_PENDING are counted and dropped.
+    from snapbus._dead_letters import MAX_PENDING
+    from snapbus.errors import DecodeError
+
+    bad = BadRecords(CONFIG, "sessions.dead-letters")
+    record = Stashed(b"not-a-uuid", b"garbage", 7, 0)
+    for _ in range(MAX_PENDING + 5):
+        bad.bad(3, record, DecodeError("bad key", reason="bad_key"))
+    assert bad.decode_errors == MAX_PENDING + 5
+    assert bad.dropped == 5
+    assert bad.pending()
+    bad.send()  # (no producer: not started; nothing is sent and nothing waits)
+    assert not bad.pending()
