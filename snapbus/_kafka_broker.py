@@ -8,7 +8,9 @@ later starts neither run Maven nor download anything.
 Listeners, each on its own free loopback port: ``PLAINTEXT`` always; ``SASL_PLAINTEXT`` when
 SCRAM users are given (SCRAM-SHA-256, SCRAM-SHA-512 and PLAIN, the same credentials for each);
 ``SSL`` when TLS is on (a CA, a server and a client certificate are made for the broker); and
-``SASL_SSL`` when both are.
+``SASL_SSL`` when both are. A node of a multi-node cluster also has ``INTERNAL`` (plaintext),
+the listener brokers replicate over, so client listeners can be faulted (or advertised through a
+proxy) without touching replication; the controllers talk over ``CONTROLLER``.
 """
 
 from __future__ import annotations
@@ -117,10 +119,14 @@ class KafkaNode:
         tls: bool,
         tls_client_auth: bool,
         node_id: int = _NODE_ID,
+        internal_listener: bool = False,
     ) -> None:
         self.node_id = node_id
         self.quorum: Quorum | None = None
         self._controller_port = 0
+        # (a cluster's replication has its own listener, so a client-side fault spares it)
+        self._internal_listener = internal_listener
+        self._internal_port = 0
         self._port = port
         self._advertised_port = advertised_port
         self._keep_data = data_dir is not None
@@ -242,6 +248,8 @@ class KafkaNode:
 
     def assign_ports(self) -> None:
         protocols = ["PLAINTEXT", "CONTROLLER"]
+        if self._internal_listener:
+            protocols.append("INTERNAL")
         if self._scram_users:
             protocols.append("SASL_PLAINTEXT")
         if self._tls:
@@ -264,6 +272,7 @@ class KafkaNode:
             ports[protocol] = found
         self._port = ports["PLAINTEXT"]
         self._controller_port = ports.pop("CONTROLLER")
+        self._internal_port = ports.pop("INTERNAL", 0)
         self._ports = ports
 
     def _render_properties(self) -> str:
@@ -274,6 +283,10 @@ class KafkaNode:
             advertised["PLAINTEXT"] = self._advertised_port
         listeners = [f"{p}://{HOST}:{port}" for p, port in ports.items()]
         listeners.append(f"CONTROLLER://{HOST}:{self._controller_port}")
+        internal = []  # (brokers replicate over INTERNAL, clients use the others)
+        if self._internal_port:
+            internal = [f"INTERNAL://{HOST}:{self._internal_port}"]
+        listeners += internal
         quorum = self.quorum
         replicas = min(3, quorum.size) if quorum is not None else 1
         props: dict[str, str] = {
@@ -283,12 +296,13 @@ class KafkaNode:
                                          else f"{_NODE_ID}@{HOST}:{self._controller_port}"),
             "controller.listener.names": "CONTROLLER",
             "listeners": ",".join(listeners),
-            "advertised.listeners": ",".join(f"{p}://{HOST}:{port}"
-                                             for p, port in advertised.items()),
+            "advertised.listeners": ",".join([f"{p}://{HOST}:{port}"
+                                              for p, port in advertised.items()] + internal),
             "listener.security.protocol.map": ",".join(
                 [f"{p}:{p}" for p in ports] + ["CONTROLLER:PLAINTEXT"]
+                + (["INTERNAL:PLAINTEXT"] if internal else [])
             ),
-            "inter.broker.listener.name": "PLAINTEXT",
+            "inter.broker.listener.name": "INTERNAL" if internal else "PLAINTEXT",
             "log.dirs": str(self._data_dir / "log"),
             "num.partitions": "1",
             # one node: the internal topics cannot have three replicas

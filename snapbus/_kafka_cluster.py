@@ -39,6 +39,7 @@ class KafkaCluster:
         nodes: int,
         port: int | None,
         advertised_port: int | None,
+        advertised_ports: Mapping[int, int] | None,
         data_dir: str | os.PathLike[str] | None,
         broker_config: Mapping[str, object] | None,
         scram_users: Mapping[str, str] | None,
@@ -53,15 +54,23 @@ class KafkaCluster:
             if given:
                 raise BrokerError(f"{', '.join(given)} needs nodes=1 (a cluster picks free "
                                   "ports and has no SASL or TLS listener)")
+        advertised = dict(advertised_ports or {})
+        unknown = sorted(set(advertised) - set(range(1, nodes + 1)))
+        if unknown:
+            raise BrokerError(f"advertised_ports names no node {unknown[0]}: the node ids are "
+                              f"1 to {nodes}")
+        if advertised and advertised_port is not None:
+            raise BrokerError("advertised_port and advertised_ports: pass one of them")
         self._nodes: dict[int, KafkaNode] = {}
         for node_id in range(1, nodes + 1):
             node_dir = data_dir
             if data_dir is not None and nodes > 1:
                 node_dir = Path(data_dir) / f"node-{node_id}"
             self._nodes[node_id] = KafkaNode(
-                port=port, advertised_port=advertised_port, data_dir=node_dir,
-                broker_config=broker_config, scram_users=scram_users, tls=tls,
-                tls_client_auth=tls_client_auth, node_id=node_id,
+                port=port, advertised_port=advertised.get(node_id, advertised_port),
+                data_dir=node_dir, broker_config=broker_config, scram_users=scram_users,
+                tls=tls, tls_client_auth=tls_client_auth, node_id=node_id,
+                internal_listener=nodes > 1,
             )
 
     @property
@@ -95,8 +104,13 @@ class KafkaCluster:
         return all(node.alive() for node in self._nodes.values())
 
     @property
+    def bootstrap_servers(self) -> str:
+        """Every node's plaintext listener on its real (not advertised) port."""
+        return ",".join(f"{HOST}:{node.port}" for node in self._nodes.values())
+
+    @property
     def listeners(self) -> dict[str, str]:
-        """Each protocol mapped to the ``host:port`` of every node, comma-separated."""
+        """Each protocol mapped to the advertised ``host:port`` of every node, comma-separated."""
         joined: dict[str, list[str]] = {}
         for node in self._nodes.values():
             for protocol, address in node.listeners.items():

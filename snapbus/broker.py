@@ -68,6 +68,7 @@ class EmbeddedBroker:
         engine: Engine = "tansu",
         port: int | None = None,
         advertised_port: int | None = None,
+        advertised_ports: Mapping[int, int] | None = None,
         durable: bool = False,
         data_dir: str | os.PathLike[str] | None = None,
         broker_config: Mapping[str, object] | None = None,
@@ -85,6 +86,9 @@ class EmbeddedBroker:
                 and kept for later restarts.
             advertised_port: port advertised to clients in metadata instead of ``port``, e.g. a
                 test proxy in front of the broker.
+            advertised_ports: Kafka only: node id to the port that node advertises to clients
+                instead of its own (a proxy in front of one node of a cluster). Brokers of a
+                cluster replicate over a separate listener, which is never advertised to clients.
             durable: Tansu only: keep data in S3 storage served by moto, so it survives
                 ``kill()``. The Kafka engine always keeps its log on disk.
             data_dir: Kafka only: where the log lives; kept after ``stop()`` and reused by the
@@ -111,6 +115,7 @@ class EmbeddedBroker:
         kafka_only = {
             "data_dir": data_dir is not None, "broker_config": bool(broker_config),
             "scram_users": bool(scram_users), "tls": tls or tls_client_auth, "nodes": nodes != 1,
+            "advertised_ports": bool(advertised_ports),
         }
         if nodes < 1:
             raise BrokerError(f"nodes={nodes}: a cluster has at least one node")
@@ -131,7 +136,8 @@ class EmbeddedBroker:
         self._s3: Child | None = None
         self._s3_port: int | None = None
         self._kafka = KafkaCluster(
-            nodes=nodes, port=port, advertised_port=advertised_port, data_dir=data_dir,
+            nodes=nodes, port=port, advertised_port=advertised_port,
+            advertised_ports=advertised_ports, data_dir=data_dir,
             broker_config=broker_config, scram_users=scram_users, tls=tls,
             tls_client_auth=tls_client_auth,
         ) if engine == "kafka" else None
@@ -159,7 +165,7 @@ class EmbeddedBroker:
         port; every node's, comma-separated, for a cluster."""
         if self._kafka is not None and len(self._kafka.node_ids) > 1:
             self.port  # noqa: B018 - (raises before the first start)
-            return self._kafka.listeners["PLAINTEXT"]
+            return self._kafka.bootstrap_servers
         return f"{HOST}:{self.port}"
 
     @property

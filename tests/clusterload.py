@@ -35,6 +35,13 @@ class Outcome:
     began: float
     took_s: float
     error: PublishError | None
+    session_id: uuid.UUID | None = None
+    partition: int | None = None
+    """The partition its receipt named (None when it raised)."""
+
+    @property
+    def ended(self) -> float:
+        return self.began + self.took_s
 
 
 class Load:
@@ -53,6 +60,10 @@ class Load:
     @property
     def acked(self) -> int:
         return self.model.acked_writes
+
+    @property
+    def sessions(self) -> list[uuid.UUID]:
+        return [sid for sessions in self._sessions for sid in sessions]
 
     @property
     def errors(self) -> list[PublishError]:
@@ -76,13 +87,19 @@ class Load:
             try:
                 receipt = await self.publisher.publish(snapshot)
             except PublishError as exc:
-                self.outcomes.append(Outcome(began, time.monotonic() - began, exc))
+                self.outcomes.append(Outcome(began, time.monotonic() - began, exc, sid))
                 self.model.fail(sid, snapshot)
             else:
-                self.outcomes.append(Outcome(began, time.monotonic() - began, None))
+                self.outcomes.append(Outcome(began, time.monotonic() - began, None, sid,
+                                             receipt.partition))
                 self.model.ack(receipt, snapshot)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), PACE_S)
+
+    def partitions(self) -> dict[uuid.UUID, int]:
+        """Each session mapped to its partition, from the receipts so far."""
+        return {o.session_id: o.partition for o in self.outcomes
+                if o.session_id is not None and o.partition is not None}
 
     def longest_stall_s(self, since: float = 0.0) -> float:
         """The longest time without an acknowledged publish after `since` (monotonic): the

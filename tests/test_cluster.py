@@ -7,6 +7,10 @@ killed or stopped nodes are started again before the next test. A steady publish
 (`tests.clusterload.Load`) runs through every fault; afterwards every acknowledged publish must
 be in every view (`WriteModel`), publishes that failed must have raised `PublishError` within
 the delivery timeout, and the views must converge without a restart.
+
+Node 3's client listener is advertised at a `FaultProxy` (``client_proxy``) for the whole module,
+so every client reaches node 3 through it (bootstrap aside); the brokers replicate over their own
+INTERNAL listener and the controllers over CONTROLLER, which the proxy does not front.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from snapbus.publisher import SnapshotPublisher
 from snapbus.topic import ensure_topic
 from snapbus.view import SnapshotView
 from tests.clusterload import Load, converged, in_sync, leaders
+from tests.faultproxy import FaultProxy
 from tests.helpers import WAIT_S, eventually, make_snapshot
 
 pytestmark = [pytest.mark.kafka, pytest.mark.cluster, pytest.mark.usefixtures("quiet_aiokafka")]
@@ -36,9 +41,23 @@ RECOVERY_S = 90.0
 """Bound of waits for a node to come back and catch up (a JVM start on a busy machine)."""
 
 
+CUT_NODE = 3
+"""The node whose client listener is reached through `client_proxy`."""
+
+
 @pytest.fixture(scope="module")
-async def cluster() -> AsyncIterator[EmbeddedBroker]:
-    async with EmbeddedBroker(engine="kafka", nodes=3) as started:
+async def client_proxy() -> AsyncIterator[FaultProxy]:
+    """A fault proxy in front of node 3's client listener (its target is set once the cluster
+    has picked its ports, at its first start)."""
+    async with FaultProxy("127.0.0.1", 0) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
+async def cluster(client_proxy: FaultProxy) -> AsyncIterator[EmbeddedBroker]:
+    async with EmbeddedBroker(engine="kafka", nodes=3,
+                              advertised_ports={CUT_NODE: client_proxy.port}) as started:
+        client_proxy.target_port = int(started.node_address(CUT_NODE).rsplit(":", 1)[1])
         yield started
 
 
@@ -229,6 +248,86 @@ async def test_controller_leader_lost(cluster: EmbeddedBroker, config: KafkaConf
         await settle(load, watched, config)
 
 
+CUT_DELIVERY_S = 5.0
+"""The publishers' delivery timeout while a node is cut off: how long a publish to one of its
+partitions may take before it raises."""
+
+
+@pytest.mark.parametrize("fault", ["refused", "black-holed"])
+async def test_node_cut_off_from_clients(cluster: EmbeddedBroker, client_proxy: FaultProxy,
+                                         config: KafkaConfig, fault: str) -> None:
+    """Cut node 3 off from the clients only (its connections refused, or black-holed: bytes
+    held, sockets open) under load. It stays the leader of its partitions (the controller and
+    the other brokers still reach it), so those are unavailable to clients for the cut:
+    publishes to them raise a retriable PublishError within the delivery timeout; publishes to
+    the other partitions all succeed; views keep serving, follow the other partitions, and say
+    they are degraded; after the cut heals, everything converges without a restart."""
+    config = config.replace(bootstrap_servers=cluster.listeners["PLAINTEXT"])  # (as advertised)
+    led = await leaders(cluster.bootstrap_servers, config.topic)
+    cut = {p for p, node_id in led.items() if node_id == CUT_NODE}
+    assert 0 < len(cut) < len(led), led
+    watched = views(config, stale_after_s=3.0)
+    async with SnapshotPublisher(config, delivery_timeout_s=CUT_DELIVERY_S) as publisher, \
+            watched[0], watched[1]:
+        load = Load(publisher)
+        load.start()
+        await eventually(lambda: len(load.partitions()) == len(load.sessions), WAIT_S,
+                         "every session written once")
+        partition_of = load.partitions()
+        cut_sessions = {sid for sid, p in partition_of.items() if p in cut}
+        if fault == "refused":
+            client_proxy.refuse()
+            client_proxy.cut()
+        else:
+            client_proxy.stall()
+        cut_at = time.monotonic()
+        try:
+            # (each writer publishes one at a time, so it waits out the delivery timeout
+            # whenever its next session is on a cut partition: the load slows, never stops)
+            await eventually(lambda: len([o for o in load.outcomes
+                                          if o.began >= cut_at and o.error is None]) >= 10,
+                             WAIT_S, "publishing goes on through the other nodes")
+            await eventually(lambda: len({o.session_id for o in load.outcomes
+                                          if o.began >= cut_at and o.error}) >= 3,
+                             CUT_DELIVERY_S + WAIT_S, "publishes to the cut partitions fail")
+            await eventually(lambda: all(v.status == "degraded" for v in watched), WAIT_S,
+                             "views degraded")
+            for view in watched:
+                assert "no answer from the broker" in (view.health().reason or "")
+
+            def served(view: SnapshotView) -> bool:
+                """Every acknowledged write of the reachable partitions is in the view; the
+                cut partitions show what they held (or a publish that raised)."""
+                model = load.model
+                return all(view.get(sid) in [model.acked[sid][1], *model.maybe.get(sid, [])]
+                           for sid in model.acked)
+
+            await eventually(lambda: all(served(v) for v in watched), WAIT_S,
+                             "views follow the reachable partitions")
+            assert not [o for o in load.outcomes
+                        if o.began >= cut_at and o.error is None
+                        and o.session_id in cut_sessions], "a cut partition took a write"
+        finally:
+            client_proxy.heal()
+        healed_at = time.monotonic()
+        during = [o for o in load.outcomes if o.began >= cut_at and o.ended < healed_at]
+        reachable = [o for o in during if o.session_id not in cut_sessions]
+        assert all(o.error is None for o in reachable)
+        assert max(o.took_s for o in reachable) < 2.0  # (not held up by the cut node)
+        assert all(o.error is not None for o in during if o.session_id in cut_sessions)
+        for o in load.outcomes:
+            if o.error is not None:
+                assert o.took_s <= CUT_DELIVERY_S + 2.0, o
+                assert o.error.retriable
+                assert "may or may not be stored" in str(o.error)
+        await eventually(lambda: any(o.began >= healed_at and o.error is None
+                                     for o in load.outcomes if o.session_id in cut_sessions),
+                         WAIT_S, "the cut partitions take writes again")
+        await eventually(lambda: all(v.status == "live" for v in watched), WAIT_S,
+                         "views live again")
+        await settle(load, watched, config)
+
+
 def test_cluster_options_checked() -> None:
     """`nodes` is a Kafka option, at least one; a cluster picks its own ports."""
     with pytest.raises(BrokerError, match="nodes"):
@@ -237,3 +336,7 @@ def test_cluster_options_checked() -> None:
         EmbeddedBroker(engine="kafka", nodes=0)
     with pytest.raises(BrokerError, match="needs nodes=1"):
         EmbeddedBroker(engine="kafka", nodes=3, port=9092)
+    with pytest.raises(BrokerError, match="no node 4"):
+        EmbeddedBroker(engine="kafka", nodes=3, advertised_ports={4: 9092})
+    with pytest.raises(BrokerError, match="advertised_ports needs engine='kafka'"):
+        EmbeddedBroker(advertised_ports={1: 9092})
