@@ -10,6 +10,11 @@ replication factor 3, min.insync.replicas=2), three writers at about 50 publishe
 - ``controller-kill``: SIGKILL the active KRaft controller.
 - ``rolling-restart``: stop (SIGTERM, controlled shutdown) and start each node in turn.
 - ``two-down``: SIGKILL two of three nodes for 10 s, then start them again.
+- ``client-cut``: black-hole node 3's client traffic for 10 s (a `tests.faultproxy.FaultProxy`
+  in front of its client listener holds every byte, sockets open), then let it flow again.
+  Replication and the controllers use their own listeners, so node 3 stays the leader of its
+  partitions: those are unavailable to clients for the cut. The proxy is there (for every
+  fault of the run) only when this fault is selected.
 
 Per fault, the median of the runs (and the worst): acknowledged writes missing from a fresh
 view afterwards (must be 0), the longest time without an acknowledged publish after the fault
@@ -38,10 +43,14 @@ from snapbus.publisher import SnapshotPublisher
 from snapbus.topic import ensure_topic
 from snapbus.view import SnapshotView
 from tests.clusterload import Load, Watch, converged, in_sync, leaders
+from tests.faultproxy import FaultProxy
 from tests.helpers import eventually
 
-FAULTS = ("leader-kill", "controller-kill", "rolling-restart", "two-down")
+FAULTS = ("leader-kill", "controller-kill", "rolling-restart", "two-down", "client-cut")
 WAIT_S = 120.0
+CUT_NODE = 3
+PROXY: FaultProxy | None = None
+"""In front of node CUT_NODE's client listener when ``client-cut`` is selected."""
 
 
 async def _flowing(load: Load, more: int = 10) -> None:
@@ -51,7 +60,7 @@ async def _flowing(load: Load, more: int = 10) -> None:
 
 async def run_once(cluster: EmbeddedBroker, fault: str) -> dict[str, float]:
     await cluster.start()
-    config = KafkaConfig(bootstrap_servers=cluster.bootstrap_servers,
+    config = KafkaConfig(bootstrap_servers=cluster.listeners["PLAINTEXT"],  # (as advertised)
                          topic=f"faults-{uuid.uuid4().hex[:8]}")
     await ensure_topic(config, partitions=3)
     await eventually(lambda: in_sync(cluster.bootstrap_servers, config.topic, 3), WAIT_S)
@@ -109,11 +118,22 @@ async def _two_down(cluster: EmbeddedBroker, config: KafkaConfig, load: Load) ->
     await _flowing(load)
 
 
+async def _client_cut(cluster: EmbeddedBroker, config: KafkaConfig, load: Load) -> None:
+    assert PROXY is not None
+    led = await leaders(cluster.bootstrap_servers, config.topic)
+    assert CUT_NODE in led.values(), led  # (else the cut would cost nothing)
+    PROXY.stall()
+    await asyncio.sleep(10.0)  # (the cut being measured)
+    PROXY.heal()
+    await _flowing(load)
+
+
 FAULT_STEPS: dict[str, Callable[[EmbeddedBroker, KafkaConfig, Load], Awaitable[None]]] = {
     "leader-kill": _leader_kill,
     "controller-kill": _controller_kill,
     "rolling-restart": _rolling_restart,
     "two-down": _two_down,
+    "client-cut": _client_cut,
 }
 
 
@@ -123,7 +143,22 @@ async def main(runs: int, faults: list[str]) -> None:
     print("| fault | runs | acked writes lost | longest publish stall (s) | "
           "max view staleness (s) | all views converged after (s) | publishes failed |")
     print("|---|---|---|---|---|---|---|")
-    async with EmbeddedBroker(engine="kafka", nodes=3) as cluster:
+    global PROXY
+    if "client-cut" in faults:
+        PROXY = FaultProxy("127.0.0.1", 0)
+        await PROXY.start()
+    try:
+        await _run_faults(runs, faults)
+    finally:
+        if PROXY is not None:
+            await PROXY.stop()
+
+
+async def _run_faults(runs: int, faults: list[str]) -> None:
+    advertised = {CUT_NODE: PROXY.port} if PROXY is not None else None
+    async with EmbeddedBroker(engine="kafka", nodes=3, advertised_ports=advertised) as cluster:
+        if PROXY is not None:
+            PROXY.target_port = int(cluster.node_address(CUT_NODE).rsplit(":", 1)[1])
         for fault in faults:
             results = [await run_once(cluster, fault) for _ in range(runs)]
 
