@@ -251,7 +251,7 @@ async def rebuild(
 
 async def history(
     config: KafkaConfig | None,
-    session_id: uuid.UUID | str,
+    session_id: uuid.UUID | str | None = None,
     *,
     since: Bound = None,
     until: Bound = None,
@@ -260,7 +260,7 @@ async def history(
     """Return every change of one session still in the log, oldest first.
 
     `config` comes first, as for `replay` (None: `KafkaConfig.from_env()`); the former order,
-    ``history(session_id, config)``, still works until snapbus 0.3, with a
+    ``history(session_id[, config])``, still works until snapbus 0.3, with a
     `DeprecationWarning`. Records of the session on another partition than its own are left
     out, as views ignore them (docs/misplaced-records.md).
 
@@ -270,10 +270,13 @@ async def history(
     """
     if not isinstance(config, KafkaConfig | None) and isinstance(session_id, KafkaConfig | None):
         warnings.warn(
-            "history(session_id, config) is deprecated and will be removed in snapbus 0.3: "
+            "history(session_id[, config]) is deprecated and will be removed in snapbus 0.3: "
             "pass the config first, history(config, session_id)",
             DeprecationWarning, stacklevel=2)
         config, session_id = session_id, config
+    if session_id is None:
+        raise ValidationError("history() needs a session_id: history(config, session_id)",
+                              field="session_id")
     wanted = parse_uuid(session_id, field="session_id")
     return [event async for event in replay(config, since=since, until=until,
                                             use_history=use_history)
@@ -321,7 +324,10 @@ async def find_misplaced(
     try:
         count, done = len(reader.partitions), 0
         while True:
-            batches = await reader.read(timeout_ms=fetch_max_wait_ms)
+            try:
+                batches = await reader.read(timeout_ms=fetch_max_wait_ms)
+            except KAFKA_ERRORS as exc:
+                raise translate(exc, config, "looking for misplaced records") from exc
             targets = reader.end_targets
             for partition, records in batches.items():
                 stop = targets.get(partition, math.inf)

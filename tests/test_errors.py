@@ -225,3 +225,21 @@ async def test_a_view_wait_that_times_out_is_a_retriable_view_error(
         assert isinstance(info.value, ViewError)
         assert isinstance(info.value, asyncio.TimeoutError)
         assert info.value.retriable
+
+
+async def test_a_failed_read_while_looking_for_misplaced_records_is_translated(
+    broker: BrokerAddress, topic_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from snapbus import ensure_topic
+    from snapbus.reader import PartitionReader
+    from snapbus.replay import find_misplaced
+
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    await ensure_topic(config)
+
+    async def refused(self: PartitionReader, timeout_ms: int) -> None:
+        raise kafka_errors.TopicAuthorizationFailedError()
+
+    monkeypatch.setattr(PartitionReader, "read", refused)
+    with pytest.raises(KafkaAuthenticationError, match="looking for misplaced records"):
+        await find_misplaced(config)

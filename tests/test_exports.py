@@ -74,7 +74,8 @@ SIGNATURES = {
         "use_history: bool = True, codec: Codec | None = None) -> dict[uuid.UUID, "
         "WorkspaceSnapshot]"),
     "history": (
-        "(config: KafkaConfig | None, session_id: uuid.UUID | str, *, since: Bound = None, "
+        "(config: KafkaConfig | None, session_id: uuid.UUID | str | None = None, *, "
+        "since: Bound = None, "
         "until: Bound = None, use_history: bool = True) -> list[Event]"),
     "describe_topic": (
         "(config: KafkaConfig) -> TopicInfo"),

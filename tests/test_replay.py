@@ -431,11 +431,15 @@ async def test_history_of_a_session_oldest_first(phased: Phased) -> None:
 
 
 async def test_the_former_call_forms_still_work_with_a_deprecation_warning(
-        phased: Phased) -> None:
-    # until 0.3: history(session_id, config), and servers and topic given as keywords
+        phased: Phased, monkeypatch: pytest.MonkeyPatch) -> None:
+    # until 0.3: history(session_id[, config]), and servers and topic given as keywords
     config, s0 = phased.config, phased.sessions[0]
     with pytest.warns(DeprecationWarning, match=r"history\(config, session_id\)"):
         assert await history(s0, config) == await history(config, s0)  # type: ignore[arg-type]
+    monkeypatch.setenv("SNAPBUS_BOOTSTRAP_SERVERS", config.bootstrap_servers)
+    monkeypatch.setenv("SNAPBUS_TOPIC", config.topic)
+    with pytest.warns(DeprecationWarning, match=r"history\(config, session_id\)"):
+        assert await history(s0) == await history(config, s0)  # type: ignore[arg-type]
     other = KafkaConfig("localhost:1", "not-this-topic")  # (overridden by the keywords)
     with pytest.warns(DeprecationWarning, match="pass a KafkaConfig first"):
         events = await collect(replay(other, bootstrap_servers=config.bootstrap_servers,
