@@ -185,6 +185,25 @@ async def finish_stop(consumer: AIOKafkaConsumer) -> None:
     await consumer._client.close()
 
 
+async def probe_connection(host: str, port: int, timeout_s: float,
+                           client_kwargs: Mapping[str, Any]) -> None:
+    """Connect to one broker as aiokafka's clients do and ask it for metadata (no topics);
+    raise what that raises (a refused credential or certificate, say). TLS 1.3 brokers check
+    the client certificate after the handshake, so a refusal only shows on the first read."""
+    from aiokafka.conn import create_conn
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    conn = None
+    try:
+        conn = await asyncio.wait_for(
+            create_conn(host, port, request_timeout_ms=int(timeout_s * 1000),
+                        **client_kwargs), timeout_s)
+        await asyncio.wait_for(conn.send(MetadataRequest([])), timeout_s)
+    finally:
+        if conn is not None:
+            conn.close()
+
+
 def abandon_sends(producer: Any) -> None:
     """Stop a producer's sender from retrying the batches it still holds, so that a `stop()`
     waiting for them returns (aiokafka retries a batch the cluster refuses for as long as it

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.conn import create_conn
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
     ConsumerStoppedError,
@@ -25,8 +24,8 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
     UnsupportedSaslMechanismError,
 )
-from aiokafka.protocol.metadata import MetadataRequest
 
+from snapbus._aiokafka import probe_connection
 from snapbus.config import KafkaConfig
 from snapbus.errors import (
     CorruptBatchError,
@@ -92,22 +91,13 @@ async def _diagnose(config: KafkaConfig, what: str) -> KafkaAuthenticationError 
     for server in config.bootstrap_servers.split(","):
         host, _, port = server.rpartition(":")
         timeout = min(_PROBE_TIMEOUT_S, config.connect_timeout_s)
-        conn = None
         try:
-            conn = await asyncio.wait_for(
-                create_conn(host.strip("[]"), int(port),
-                            request_timeout_ms=int(timeout * 1000), **kwargs), timeout)
-            # TLS 1.3: the broker checks the client certificate after the handshake, so a
-            # refusal only shows on the first read.
-            await asyncio.wait_for(conn.send(MetadataRequest([])), timeout)
+            await probe_connection(host.strip("[]"), int(port), timeout, kwargs)
         except (OSError, KafkaError, asyncio.TimeoutError) as exc:
             problem = _classify(exc, config, what)
             if isinstance(problem, KafkaAuthenticationError):
                 return problem
             found = found or problem
-        finally:
-            if conn is not None:
-                conn.close()
     return found
 
 
