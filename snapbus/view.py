@@ -1181,7 +1181,7 @@ class SnapshotView(AsyncLifecycle):
 
     def _start_repair(self) -> None:
         """Start the repairs (`Repairs`), unless the view is not running."""
-        if self._task is not None:
+        if self._task is not None and self._status != "failed":
             self._repairs.start()
 
     def _apply(self, partition: int, record: Record, *, report: bool = True
