@@ -1,11 +1,15 @@
 """Millions of sessions in one pod: memory per session, full cold start, checkpoint start.
 
 One topic of N sessions, one record each (default benchmark values, 12 partitions), is written
-once by bare aiokafka producers (values pre-encoded, generated in chunks of 200k so the
-producer's process stays small; big batches, linger 50 ms, no compression, as every benchmark
-here writes). Then each measurement runs in a fresh Python process, as a pod starts, in this
-order: bare read, view start, bare read, view start (the view's runs save a checkpoint and
-report memory), checkpoint start, checkpoint start:
+once, untimed for the results, by `--producers` worker processes (default: one per CPU), each
+generating and encoding its chunks of 200k records and writing them with librdkafka
+(confluent-kafka: ~1 us a record, where aiokafka's Python producer spent ~15-30 us and made a
+10M write take tens of minutes on a loaded host) with Kafka's murmur2 partitioner, as snapbus
+writes (a view ignores records on another partition); 1 MB batches, linger 50 ms, no
+compression, acks=1. Without confluent-kafka it falls back to one aiokafka producer. Then
+each measurement runs in a fresh Python process, as a pod starts, in this order: bare read,
+view start, bare read, view start (the view's runs save a checkpoint and report memory),
+checkpoint start, checkpoint start (each run records the 1-minute load average around it):
 
 - ``bare``: a group-less aiokafka consumer with snapbus's reader fetch settings reads every
   partition to the high watermark its fetches report, keeping nothing: the baseline.
@@ -49,10 +53,73 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-async def _produce(bootstrap: str, topic: str, sessions: int) -> float:
+def _produce_chunks(bootstrap: str, topic: str, chunks: list[tuple[int, int, int]]) -> int:
+    """Worker process: generate, encode and write `chunks` (index, start, n) with librdkafka;
+    return the records delivered (raises on any delivery error)."""
+    from confluent_kafka import Producer
+
+    errors: list[str] = []
+    delivered = 0
+
+    def on_delivery(err: Any, _msg: Any) -> None:
+        nonlocal delivered
+        if err is not None:
+            errors.append(str(err))
+        else:
+            delivered += 1
+
+    producer = Producer({
+        "bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "acks": 1,
+        "linger.ms": 50, "batch.size": 1_000_000, "compression.type": "none",
+        "queue.buffering.max.messages": 1_000_000, "queue.buffering.max.kbytes": 1_048_576,
+        "enable.idempotence": False,
+    })
+    for i, _start, n in chunks:
+        pairs = common.encode_pairs(common.make_records(n, n, seed=1000 + i))
+        for key, value in pairs:
+            while True:
+                try:
+                    producer.produce(topic, value, key, on_delivery=on_delivery)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            producer.poll(0)
+        del pairs
+        if errors:
+            break
+    producer.flush(600)
+    if errors:
+        raise RuntimeError(f"{len(errors)} delivery errors, first: {errors[0]}")
+    return delivered
+
+
+async def _produce(bootstrap: str, topic: str, sessions: int, producers: int) -> float:
+    chunks = [(i, start, min(CHUNK, sessions - start))
+              for i, start in enumerate(range(0, sessions, CHUNK))]
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError:
+        return await _produce_aiokafka(bootstrap, topic, chunks)
+    import concurrent.futures
+    import multiprocessing
+
+    t0 = time.perf_counter()
+    workers = max(1, min(producers, len(chunks)))
+    with concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        loop = asyncio.get_running_loop()
+        futures = [loop.run_in_executor(pool, _produce_chunks, bootstrap, topic, chunks[w::workers])
+                   for w in range(workers)]
+        written = sum(await asyncio.gather(*futures))
+    if written != sessions:
+        raise RuntimeError(f"wrote {written:,} records, expected {sessions:,}")
+    return time.perf_counter() - t0
+
+
+async def _produce_aiokafka(bootstrap: str, topic: str,
+                            chunks: list[tuple[int, int, int]]) -> float:
     total = 0.0
-    for i, start in enumerate(range(0, sessions, CHUNK)):
-        n = min(CHUNK, sessions - start)
+    for i, start, n in chunks:
         pairs = common.encode_pairs(common.make_records(n, n, seed=1000 + i))
         total += await common.bulk_produce(bootstrap, topic, pairs, linger_ms=50,
                                            max_batch_size=1024 * 1024, window=50_000)
@@ -131,6 +198,7 @@ async def _child(mode: str, bootstrap: str, topic: str, expected: int, path: str
 
 def _run_child(mode: str, bootstrap: str, topic: str, expected: int, path: str) -> dict[str, Any]:
     env = dict(os.environ)
+    load_before = os.getloadavg()[0]
     proc = subprocess.run(
         [sys.executable, __file__, "--child", mode, "--bootstrap", bootstrap, "--topic", topic,
          "--expected", str(expected), "--checkpoint", path],
@@ -138,6 +206,7 @@ def _run_child(mode: str, bootstrap: str, topic: str, expected: int, path: str) 
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} child failed: {proc.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["load_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     print(json.dumps({k: v for k, v in result.items() if k not in ("profile", "top")}),
           file=sys.stderr)
     return result
@@ -151,7 +220,7 @@ async def _main(args: argparse.Namespace) -> None:
     async with EmbeddedBroker(engine=args.engine, data_dir=data_dir) as broker:  # type: ignore[arg-type]
         bootstrap = broker.bootstrap_servers
         config = await common.new_topic(bootstrap, "scale")
-        produce_s = await _produce(bootstrap, config.topic, args.sessions)
+        produce_s = await _produce(bootstrap, config.topic, args.sessions, args.producers)
         print(f"(wrote {args.sessions:,} records in {produce_s:.0f} s)", file=sys.stderr)
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
             path = os.path.join(tmp, "view.ckpt")
@@ -173,6 +242,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--sessions", type=int, default=10_000_000)
     parser.add_argument("--engine", choices=common.ENGINES, default="kafka")
+    parser.add_argument("--producers", type=int, default=os.cpu_count() or 1,
+                        help="writer processes (default: one per CPU)")
     parser.add_argument("--data-dir", default=None, help="Kafka's log directory")
     parser.add_argument("--tmp", default=None, help="where the checkpoint file goes")
     parser.add_argument("--profile", action="store_true", help="one view start under cProfile")
