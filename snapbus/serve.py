@@ -156,27 +156,40 @@ def _is_loopback(address: str) -> bool:
     return ip.is_loopback
 
 
+def _addresses(host: str) -> list[str] | None:
+    """Every address listening on `host` binds (passive ``getaddrinfo``), or None if it does
+    not resolve. The empty host and the wildcards bind every interface: ``create_server``
+    listens on each address of a name that has several."""
+    if host in ("", "*"):
+        return ["0.0.0.0", "::"]
+    try:
+        found = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return None
+    return [str(info[4][0]) for info in found]
+
+
 def check_exposure(host: str, *, has_token: bool, allow_writes: bool) -> str | None:
     """Check that serving on `host` exposes no session unguarded beyond loopback.
 
     Returns a one-line warning when reads would be open beyond loopback (no token), else
-    None. A host that does not resolve passes: listening on it fails with its own error.
+    None. Every address `host` resolves to must be loopback to count as loopback; the empty
+    host and the wildcards (``0.0.0.0``, ``::``) are every interface. A host that does not
+    resolve counts as beyond loopback (listening on it then fails with its own error).
 
     Raises:
         ConfigError: writes would be open beyond loopback (no token).
     """
     if has_token:
         return None
-    try:
-        address = _resolve(host, 0)[4][0]
-    except OSError:
+    addresses = _addresses(host)
+    if addresses and all(_is_loopback(address) for address in addresses):
         return None
-    if _is_loopback(address):
-        return None
+    shown = repr(host) if not host.strip() else host
     if allow_writes:
-        raise ConfigError(f"refusing to serve writes on {host} (beyond loopback) without a "
+        raise ConfigError(f"refusing to serve writes on {shown} (beyond loopback) without a "
                           f"token: {_TOKEN_HINT}")
-    return (f"serving every session to anyone who reaches {host} (beyond loopback, no "
+    return (f"serving every session to anyone who reaches {shown} (beyond loopback, no "
             f"token): {_TOKEN_HINT}")
 
 

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator, Mapping
@@ -182,6 +183,28 @@ def test_check_exposure() -> None:
             check_exposure(host, has_token=False, allow_writes=True)
 
 
+def test_check_exposure_every_interface_and_every_address(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # "" binds every interface (asyncio's create_server), and a name that does not resolve
+    # must not pass for loopback.
+    for host in ("", "no-such-host.invalid"):
+        with pytest.raises(ConfigError, match=r"refusing to serve writes on .* \(beyond "):
+            check_exposure(host, has_token=False, allow_writes=True)
+        assert check_exposure(host, has_token=False, allow_writes=False) is not None
+        assert check_exposure(host, has_token=True, allow_writes=True) is None
+    # A name with a loopback address first and another one after: create_server binds both.
+    real = socket.getaddrinfo
+
+    def two(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "two.test":
+            return real("127.0.0.1", *args, **kwargs) + real("0.0.0.0", *args, **kwargs)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", two)
+    with pytest.raises(ConfigError, match=r"refusing to serve writes on two\.test"):
+        check_exposure("two.test", has_token=False, allow_writes=True)
+
+
 async def test_beyond_loopback(parts: Parts, caplog: pytest.LogCaptureFixture) -> None:
     view, publisher, registry = parts
     every = "0.0.0.0"
@@ -322,6 +345,10 @@ def test_serve_command_refusals(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["serve", "--token", TOKEN])
     assert result.exit_code == 2
     assert "No such option '--token'" in result.stderr
+    # The empty host listens on every interface: the Redis port alone too.
+    assert refused(["--host", "", "--no-http", "--redis-port", "0", "--allow-writes"]) == (
+        f"Error: refusing to serve writes on '' (beyond loopback) without a token: "
+        f"set {TOKEN_ENV} or --token-file")
     result = CliRunner().invoke(cli, ["serve", "--tls-key", "key.pem"])
     assert result.exit_code == 2
     assert "--tls-key needs --tls-cert" in result.stderr
