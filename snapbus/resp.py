@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hmac
 import logging
 import math
 import urllib.parse
@@ -41,6 +40,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, cast
 
+from snapbus._token import check_exposure, check_token, same_token, token_digest
 from snapbus.errors import ConfigError, PublishError, ValidationError, ViewError
 from snapbus.publisher import Receipt, SnapshotPublisher
 from snapbus.snapshot import FIELDS, ID_FIELDS, WorkspaceSnapshot
@@ -506,7 +506,8 @@ class _Server:
                  token: str | None, upstream: str | None, write_timeout_s: float) -> None:
         self.view = view
         self.publisher = publisher
-        self.token = token.encode() if token else None
+        self.token = None if token is None else token_digest(check_token(token, "token="))
+        """The SHA-256 of the token (compared digest to digest: not even its length leaks)."""
         self.upstream = upstream
         self.write_timeout_s = write_timeout_s
         self.connections: set[_Connection] = set()
@@ -1025,11 +1026,15 @@ class _Connection(asyncio.Protocol):
         return _err("ERR DB index is out of range (the snapbus sidecar has database 0 only)")
 
     def _auth(self, user: bytes, password: bytes) -> bool:
+        """Whether `password` is the token; a wrong one leaves the connection as it was
+        (Redis 6+: a failed AUTH does not change the current user)."""
         token = self.server.token
         if token is None:
             return True
-        self.authed = hmac.compare_digest(password, token)
-        return self.authed
+        if same_token(password, token):
+            self.authed = True
+            return True
+        return False
 
     def cmd_auth(self, args: list[bytes]) -> Reply:
         if len(args) > 3:
@@ -1136,13 +1141,17 @@ async def serving_redis(
     Args:
         publisher: enables ``SET``, ``DEL`` and ``EXPIRE`` of snapshots (it should write the
             view's topic); without one they answer a ``READONLY`` error.
-        token: when given, clients must ``AUTH`` with it first (``redis://:TOKEN@host:port``).
+        token: when given, clients must ``AUTH`` with it first (``redis://:TOKEN@host:port``);
+            the same rules as the HTTP sidecar's (at least 16 visible ASCII characters).
         upstream: a ``redis://[user:password@]host:port[/db]`` URL that keys other than
             ``ws:{id}:meta`` are sent to; without one they are refused or answered as absent.
         write_timeout_s: how long a write waits for the view to show it (``TRYAGAIN`` after).
 
     Raises:
-        ConfigError: the address cannot be listened on, or `upstream` is not a redis:// URL.
+        ConfigError: the address cannot be listened on, `upstream` is not a redis:// URL, the
+            token is weak (empty, short, not visible ASCII), or a publisher without a token
+            would listen beyond loopback (`snapbus.serve.check_exposure`; reads there without
+            a token log a warning).
     """
     if upstream is not None:
         parts = urllib.parse.urlsplit(upstream)
@@ -1156,6 +1165,15 @@ async def serving_redis(
                                             reuse_address=True, backlog=1024)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    try:
+        warnings = {check_exposure(sock.getsockname()[0], has_token=token is not None,
+                                   allow_writes=publisher is not None)
+                    for sock in listener.sockets}
+    except ConfigError:
+        listener.close()
+        raise
+    for warning in warnings - {None}:
+        log.warning("%s", warning)
     bound_host, bound_port = listener.sockets[0].getsockname()[:2]
     url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
     try:

@@ -50,13 +50,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
-import hmac
-import ipaddress
 import json
 import logging
 import os
-import re
 import socket
 import ssl
 import uuid
@@ -79,6 +75,14 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 from snapbus._signals import stop_on_signals
+from snapbus._token import (
+    MIN_TOKEN_CHARS,
+    TOKEN_ENV,
+    check_exposure,
+    same_token,
+    token_digest,
+)
+from snapbus._token import check_token as _check_token
 from snapbus.config import KafkaConfig
 from snapbus.errors import ConfigError, PublishError, ValidationError, ViewError
 from snapbus.janitor import Janitor
@@ -97,27 +101,7 @@ MAX_BODY_BYTES = 2_000_000
 
 _FILTERS = ("repo", "agent", "state")
 
-TOKEN_ENV = "SNAPBUS_SERVE_TOKEN"
-"""The environment variable `read_token` reads the sidecar's bearer token from."""
-
-MIN_TOKEN_CHARS = 16
-"""Shortest bearer token accepted: ``openssl rand -hex 32`` makes a good one."""
-
-_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # visible ASCII: what an HTTP header carries intact
 _UNAUTHORIZED = "a valid bearer token is required"
-_TOKEN_HINT = f"set {TOKEN_ENV} or --token-file"
-
-
-def _check_token(token: str, source: str) -> str:
-    if not token:
-        raise ConfigError(f"the sidecar token from {source} is empty")
-    if not _TOKEN_CHARS.fullmatch(token):
-        raise ConfigError(f"the sidecar token from {source} must be visible ASCII characters, "
-                          "without spaces")
-    if len(token) < MIN_TOKEN_CHARS:
-        raise ConfigError(f"the sidecar token from {source} is shorter than {MIN_TOKEN_CHARS} "
-                          "characters; make one with `openssl rand -hex 32`")
-    return token
 
 
 def read_token(path: str | os.PathLike[str] | None = None,
@@ -149,50 +133,6 @@ def _resolve(host: str, port: int) -> tuple[Any, ...]:
     return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
 
 
-def _is_loopback(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
-
-
-def _addresses(host: str) -> list[str] | None:
-    """Every address listening on `host` binds (passive ``getaddrinfo``), or None if it does
-    not resolve. The empty host and the wildcards bind every interface: ``create_server``
-    listens on each address of a name that has several."""
-    if host in ("", "*"):
-        return ["0.0.0.0", "::"]
-    try:
-        found = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (OSError, UnicodeError):
-        return None
-    return [str(info[4][0]) for info in found]
-
-
-def check_exposure(host: str, *, has_token: bool, allow_writes: bool) -> str | None:
-    """Check that serving on `host` exposes no session unguarded beyond loopback.
-
-    Returns a one-line warning when reads would be open beyond loopback (no token), else
-    None. Every address `host` resolves to must be loopback to count as loopback; the empty
-    host and the wildcards (``0.0.0.0``, ``::``) are every interface. A host that does not
-    resolve counts as beyond loopback (listening on it then fails with its own error).
-
-    Raises:
-        ConfigError: writes would be open beyond loopback (no token).
-    """
-    if has_token:
-        return None
-    addresses = _addresses(host)
-    if addresses and all(_is_loopback(address) for address in addresses):
-        return None
-    shown = repr(host) if not host.strip() else host
-    if allow_writes:
-        raise ConfigError(f"refusing to serve writes on {shown} (beyond loopback) without a "
-                          f"token: {_TOKEN_HINT}")
-    return (f"serving every session to anyone who reaches {shown} (beyond loopback, no "
-            f"token): {_TOKEN_HINT}")
-
-
 class _Guard:
     """Checks a request's bearer token in constant time (no token: every request passes)."""
 
@@ -200,7 +140,7 @@ class _Guard:
         if token is not None:
             _check_token(token, "token=")
         # Digests, so that compare_digest compares equal lengths: not even the length leaks.
-        self._digest = None if token is None else hashlib.sha256(token.encode()).digest()
+        self._digest = None if token is None else token_digest(token)
 
     @property
     def enabled(self) -> bool:
@@ -212,8 +152,7 @@ class _Guard:
         scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
         given = credentials.strip() if scheme.lower() == "bearer" else ""
         # (Starlette decodes header bytes as Latin-1: encoding back gives the bytes sent.)
-        return hmac.compare_digest(hashlib.sha256(given.encode("latin-1")).digest(),
-                                   self._digest)
+        return same_token(given.encode("latin-1"), self._digest)
 
     def __call__(self, handler: Callable[[Request], Awaitable[Response]]
                  ) -> Callable[[Request], Awaitable[Response]]:
@@ -664,11 +603,8 @@ async def run_server(
             if sock is not None:
                 stack.callback(sock.close)
                 _warn_exposure(sock, writable=allow_writes, guarded=token is not None)
-            else:
-                warning = check_exposure(host, has_token=token is not None,
-                                         allow_writes=allow_writes)
-                if warning is not None:
-                    log.warning("%s", warning)
+            else:  # (raises early for writes; serving_redis logs the warning for reads)
+                check_exposure(host, has_token=token is not None, allow_writes=allow_writes)
             publisher: InstrumentedPublisher | None = None
             if allow_writes or janitor:
                 publisher = InstrumentedPublisher(config, metrics=PublisherMetrics(registry))

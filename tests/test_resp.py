@@ -30,6 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 import snapbus.resp
 from snapbus.cli import cli
 from snapbus.config import KafkaConfig
+from snapbus.errors import ConfigError
 from snapbus.publisher import SnapshotPublisher
 from snapbus.resp import (
     _PARSER,
@@ -412,20 +413,50 @@ async def test_redis_rs_connection_setup(sidecar: Sidecar) -> None:
     await resp3.aclose()
 
 
+TOKEN = "redis-sidecar-token-0123"
+
+
 async def test_auth_with_the_token(broker: BrokerAddress, topic_name: str) -> None:
     config = KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=topic_name)
-    async with redis_sidecar(config, token="s3cret") as sidecar:
+    async with redis_sidecar(config, token=TOKEN) as sidecar:
         snapshot = make_snapshot()
         with pytest.raises(AuthenticationError):
             await sidecar.client.get(meta(snapshot))
-        wrong = aioredis.Redis.from_url(sidecar.url.replace("//", "//:wrong@"))
-        with pytest.raises(AuthenticationError, match=r"WRONGPASS|invalid"):
-            await wrong.get(meta(snapshot))
-        await wrong.aclose()
-        authed = aioredis.Redis.from_url(sidecar.url.replace("//", "//:s3cret@"))
+        for wrong_token in ("wrong", TOKEN[:-1], TOKEN + "x"):
+            wrong = aioredis.Redis.from_url(sidecar.url.replace("//", f"//:{wrong_token}@"))
+            with pytest.raises(AuthenticationError, match=r"WRONGPASS|invalid"):
+                await wrong.get(meta(snapshot))
+            await wrong.aclose()
+        authed = aioredis.Redis.from_url(sidecar.url.replace("//", f"//:{TOKEN}@"))
         assert await authed.set(meta(snapshot), rmp_named(snapshot), ex=TTL_S)
         assert await authed.get(meta(snapshot)) == rmp_named(snapshot)
         await authed.aclose()
+        # As Redis 6+: a failed AUTH leaves an authenticated connection authenticated.
+        reader, writer = await asyncio.open_connection(*_address(sidecar.url))
+        writer.write(f"AUTH {TOKEN}\r\nAUTH wrong\r\nHELLO 2 AUTH default nope\r\n"
+                     f"EXISTS {meta(snapshot)}\r\n".encode())
+        replies = await _read_lines(reader, 4)
+        assert replies[0] == b"+OK"
+        assert replies[1].startswith(b"-WRONGPASS")
+        assert replies[2].startswith(b"-WRONGPASS")
+        assert replies[3] == b":1"
+        writer.close()
+
+
+async def test_weak_tokens_and_open_writes_are_refused(broker: BrokerAddress,
+                                                       topic_name: str) -> None:
+    config = KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=topic_name)
+    async with SnapshotPublisher(config) as publisher, SnapshotView(config) as view:
+        for weak in ("", "short", "has a space in it 0123", "ünicode-token-0123456789"):
+            with pytest.raises(ConfigError, match="sidecar token"):
+                async with serving_redis(view, token=weak):
+                    pass
+        for host in ("0.0.0.0", ""):
+            with pytest.raises(ConfigError, match="refusing to serve writes"):
+                async with serving_redis(view, publisher, host=host):
+                    pass
+        async with serving_redis(view, publisher, host="0.0.0.0", token=TOKEN) as url:
+            assert url.startswith("redis://0.0.0.0:")
 
 
 async def test_redis_cli(parser_class: Any, sidecar: Sidecar) -> None:
@@ -462,7 +493,7 @@ async def _read_lines(reader: asyncio.StreamReader, n: int) -> list[bytes]:
 async def test_serve_command_with_a_redis_port(broker: BrokerAddress, topic_name: str) -> None:
     args = ["-b", broker.bootstrap_servers, "-t", topic_name, "serve", "--port", "0",
             "--redis-port", "0", "--allow-writes", "--fetch-max-wait-ms", "20"]
-    token = "redis-sidecar-token-0123"
+    token = TOKEN
     async with serve_command(*args, env={"SNAPBUS_SERVE_TOKEN": token}) as (_, proc):
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), WAIT_S)).decode()
