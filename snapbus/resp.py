@@ -64,6 +64,14 @@ MAX_ARGS = 1024 * 1024
 _MAX_PENDING = 1024
 """Commands a connection may queue behind a slow one before the server stops reading it."""
 
+_MAX_OUTPUT = 64 * 1024 * 1024
+"""Most reply bytes a connection may have waiting to be sent: past it, the connection is closed
+(as Redis's client-output-buffer-limit). Commands are not read while the transport's buffer is
+above its high-water mark, so only one large reply (EXEC, an upstream's value) comes near it."""
+
+_FLUSH_BYTES = 64 * 1024
+"""Replies are sent in batches of about this size, so that a full transport stops the rest."""
+
 # ---------------------------------------------------------------------------- MessagePack
 
 _ID_SET = frozenset(ID_FIELDS)
@@ -568,6 +576,9 @@ class _Connection(asyncio.Protocol):
         self.queue: collections.deque[list[bytes]] = collections.deque()
         self.busy = False
         self.paused = False
+        """Whether reading is paused (too many queued commands, or the client not reading)."""
+        self.write_paused = False
+        """Whether the transport's buffer is full: replies wait, the client is not read."""
         self.closing = False
         self.authed = server.token is None
         self.resp3 = False
@@ -598,16 +609,19 @@ class _Connection(asyncio.Protocol):
         parser = self.parser
         parser.feed(data)
         commands = parser.commands()
-        if len(commands) == 1 and self.authed and self.multi is None and not self.busy:
+        if (len(commands) == 1 and self.authed and self.multi is None and not self.busy
+                and not self.queue):
             args = commands[0]  # the hot path: GET of a snapshot whose reply is cached
             if len(args) == 2 and (args[0] == b"GET" or args[0] == b"get"):
                 cached = self.gets.get(args[1])
                 if cached is not None and self.view_get(cached[0]) is cached[1]:
                     self.transport.write(cached[2])  # type: ignore[union-attr]
                     return
-        if self.busy:
+        if self.busy or self.queue:
             self.queue.extend(commands)
             self._throttle()
+            if not self.busy:
+                self._drain()
             return
         if len(commands) == 1:  # the common case: one command, answered at once
             reply = self.handle(commands[0])
@@ -622,26 +636,55 @@ class _Connection(asyncio.Protocol):
         self._drain()
 
     def _write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+            if self.write_paused and transport.get_write_buffer_size() > _MAX_OUTPUT:
+                log.warning("closing redis connection %d: more than %d reply bytes unread",
+                            self.id, _MAX_OUTPUT)
+                self.closing = True
+                transport.abort()
+
+    def pause_writing(self) -> None:
+        """The transport's buffer passed its high-water mark: stop reading and answering."""
+        self.write_paused = True
+        self._throttle()
+
+    def resume_writing(self) -> None:
+        """The transport's buffer drained: answer what is queued, read again."""
+        self.write_paused = False
+        if not self.busy:
+            self._drain()
 
     def _close(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
     def _throttle(self) -> None:
-        if len(self.queue) > _MAX_PENDING and not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
+        """Pause or resume reading: paused while the client does not read its replies or too
+        many commands wait."""
+        pause = self.write_paused or len(self.queue) > _MAX_PENDING
+        if pause != self.paused and self.transport is not None and not self.closing:
+            self.paused = pause
+            if pause:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
 
     def _drain(self) -> None:
         """Answer queued commands until one must be awaited."""
         out: list[bytes] = []
+        size = 0
         queue = self.queue
-        while queue and not self.closing:
+        while queue and not self.closing and not self.write_paused:
             reply = self.handle(queue.popleft())
             if type(reply) is bytes:
                 out.append(reply)
+                size += len(reply)
+                if size >= _FLUSH_BYTES:  # (may pause writing: the loop then stops)
+                    self._write(b"".join(out))
+                    out.clear()
+                    size = 0
             else:
                 if out:
                     self._write(b"".join(out))
@@ -651,9 +694,8 @@ class _Connection(asyncio.Protocol):
             self._write(b"".join(out))
         if self.closing:
             self._close()
-        elif self.paused and self.transport is not None:
-            self.paused = False
-            self.transport.resume_reading()
+        else:
+            self._throttle()
 
     def _await(self, reply: Awaitable[bytes]) -> None:
         self.busy = True

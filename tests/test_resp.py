@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgpack
 import pytest
@@ -221,6 +221,46 @@ async def test_protocol_errors_close_the_connection(parser_class: Any, sidecar: 
     assert line.startswith(error), line
     assert await asyncio.wait_for(reader.read(), WAIT_S) == b""  # closed
     writer.close()
+
+
+class Recorded(snapbus.resp._Connection):
+    """The server's connection, kept for the test to look at."""
+
+    made: ClassVar[list[snapbus.resp._Connection]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.made.append(self)
+
+
+@pytest.mark.parametrize("authed", [True, False])
+async def test_a_client_that_does_not_read_is_not_answered_without_bound(
+        broker: BrokerAddress, topic_name: str, monkeypatch: pytest.MonkeyPatch,
+        authed: bool) -> None:
+    monkeypatch.setattr(snapbus.resp, "_Connection", Recorded)
+    monkeypatch.setattr(Recorded, "made", [])
+    config = KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=topic_name)
+    async with redis_sidecar(config, token=None if authed else TOKEN) as sidecar:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the client reads nothing
+        sock.connect(_address(sidecar.url))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        # 4 MB of unknown commands: 100 MB of error replies if all were answered.
+        writer.write(b"x\n" * 2_000_000)
+        await eventually(lambda: len(Recorded.made) == 1, what="connected")
+        connection = Recorded.made[0]
+        transport = connection.transport
+        assert transport is not None
+
+        def stopped_or_flooded() -> bool:
+            return connection.paused or transport.get_write_buffer_size() > 8_000_000
+
+        await eventually(stopped_or_flooded, what="the server stopped reading")
+        assert transport.get_write_buffer_size() < 1_000_000
+        # Reading the replies lets the server go on.
+        first = await asyncio.wait_for(reader.readexactly(4096), WAIT_S)
+        assert first.startswith(b"-ERR unknown command 'x'" if authed else b"-NOAUTH")
+        writer.close()
 
 
 async def upstream_evict(client: aioredis.Redis, sid: uuid.UUID) -> list[Any]:
