@@ -56,10 +56,27 @@ __all__ = ["decode_snapshot", "encode_snapshot", "serving_redis"]
 log = logging.getLogger("snapbus.resp")
 
 MAX_BULK_BYTES = 64 * 1024 * 1024
-"""Largest bulk string a client may send (a protocol error beyond)."""
+"""Largest bulk string a client may send: a protocol error (the connection closes) as soon as
+its header declares more, with or without hiredis."""
 
 MAX_ARGS = 1024 * 1024
-"""Most arguments in one command."""
+"""Most arguments in one command (a protocol error beyond, as soon as the header says so)."""
+
+MAX_COMMAND_BYTES = 128 * 1024 * 1024
+"""Most bytes one command may declare, all its bulk strings together (a protocol error
+beyond): what a connection buffers of a command not complete yet."""
+
+UNAUTHENTICATED_MAX_ARGS = 10
+"""Most arguments in one command before AUTH, when a token is set (Redis's limit)."""
+
+UNAUTHENTICATED_MAX_BULK = 16 * 1024
+"""Largest bulk string before AUTH, when a token is set (Redis's limit)."""
+
+_INLINE_MAX = 64 * 1024
+"""Longest inline command line."""
+
+_HEADER_MAX = 32
+"""Longest ``*N`` or ``$N`` header line, its CRLF included (a length has at most 10 digits)."""
 
 _MAX_PENDING = 1024
 """Commands a connection may queue behind a slow one before the server stops reading it."""
@@ -222,19 +239,58 @@ what is wrong): answered in order, then the connection closes."""
 
 
 class _Parser:
-    """Incremental reader of client commands: RESP arrays of bulk strings, or inline lines."""
+    """Incremental reader of client commands: RESP arrays of bulk strings, or inline lines.
+
+    It keeps its place: a command split across reads is not read again from its start, and a
+    bulk string is copied once. Limits (`MAX_ARGS`, `MAX_BULK_BYTES`, `MAX_COMMAND_BYTES`, or
+    the smaller ones of `restrict`) are checked on each header, before its bytes arrive.
+    """
 
     def __init__(self) -> None:
-        self.buf = b""
+        self.buf: bytes | bytearray = b""
+        self.pos = 0
         self.failed = False
+        self.args: list[bytes] = []
+        """The bulk strings read so far of the command in progress."""
+        self.left = 0
+        """Bulk strings still to read of the command in progress (0: between commands)."""
+        self.bulk = -1
+        """The length of the bulk string whose header was read (-1: none)."""
+        self.size = 0
+        """The bytes the command in progress declared so far."""
+        self.max_args = MAX_ARGS
+        self.max_bulk = MAX_BULK_BYTES
+        self.one = False
+        """Read one command at a time (before AUTH: the next one is read with AUTH's limits)."""
+        self.more = False
+        """Whether `commands` stopped after one command with more bytes buffered."""
+
+    def restrict(self, restricted: bool) -> None:
+        """Apply the limits of an unauthenticated client (`UNAUTHENTICATED_MAX_ARGS`,
+        `UNAUTHENTICATED_MAX_BULK`), one command at a time; or lift them."""
+        self.one = restricted
+        self.max_args = UNAUTHENTICATED_MAX_ARGS if restricted else MAX_ARGS
+        self.max_bulk = UNAUTHENTICATED_MAX_BULK if restricted else MAX_BULK_BYTES
 
     def feed(self, data: bytes) -> None:
-        self.buf = self.buf + data if self.buf else data
+        buf = self.buf
+        if not buf:
+            self.buf = data
+        elif type(buf) is bytes:
+            self.buf = bytearray(buf[self.pos:]) + data  # (appends are cheap from now on)
+            self.pos = 0
+        else:
+            grown = cast(bytearray, buf)
+            if self.pos:
+                del grown[:self.pos]  # (cheap: CPython moves the start of the buffer)
+                self.pos = 0
+            grown += data
 
     def commands(self) -> list[list[bytes]]:
         """The complete commands received so far (the rest stays buffered); a protocol error
         ends the list with a `_BAD` command and the parser reads nothing more."""
         found: list[list[bytes]] = []
+        self.more = False
         if self.failed:
             return found
         try:
@@ -242,109 +298,216 @@ class _Parser:
         except _ProtocolError as exc:
             self.failed = True
             self.buf = b""
+            self.pos = 0
             found.append([_BAD, str(exc).encode()])
         return found
 
     def _read(self, found: list[list[bytes]]) -> None:
-        buf, pos, end = self.buf, 0, len(self.buf)
-        while pos < end:
-            if buf[pos] != 0x2A:  # '*'
-                nl = buf.find(b"\n", pos)
-                if nl < 0:
-                    if end - pos > 65536:
-                        raise _ProtocolError("too big inline request")
-                    break
-                line = buf[pos:nl].rstrip(b"\r").split()
-                pos = nl + 1
-                if line:
-                    found.append(line)
-                continue
-            nl = buf.find(b"\r\n", pos)
-            if nl < 0:
-                break
-            try:
-                count = int(buf[pos + 1:nl])
-            except ValueError:
-                raise _ProtocolError("invalid multibulk length") from None
-            if count > MAX_ARGS:
-                raise _ProtocolError("invalid multibulk length")
-            p = nl + 2
-            args: list[bytes] = []
-            for _ in range(count):
-                nl = buf.find(b"\r\n", p)
-                if nl < 0:
-                    break
-                if buf[p] != 0x24:  # '$'
-                    raise _ProtocolError(f"expected '$', got '{chr(buf[p])}'")
-                try:
-                    n = int(buf[p + 1:nl])
-                except ValueError:
-                    raise _ProtocolError("invalid bulk length") from None
-                if n < 0 or n > MAX_BULK_BYTES:
-                    raise _ProtocolError("invalid bulk length")
-                start = nl + 2
-                stop = start + n
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        left, bulk, args = self.left, self.bulk, self.args
+        copy = type(buf) is not bytes
+        try:
+            while pos < end:
+                if left == 0:  # a command begins
+                    if self.one and found:
+                        self.more = True
+                        break
+                    if buf[pos] != 0x2A:  # '*'
+                        nl = buf.find(b"\n", pos)
+                        if nl < 0:
+                            if end - pos > _INLINE_MAX:
+                                raise _ProtocolError("too big inline request")
+                            break
+                        line = bytes(buf[pos:nl]).rstrip(b"\r").split()
+                        if len(line) > self.max_args:
+                            raise _ProtocolError(self._too_many())
+                        pos = nl + 1
+                        if line:
+                            found.append(line)
+                        continue
+                    nl = buf.find(b"\r\n", pos, pos + _HEADER_MAX)
+                    if nl < 0:
+                        if end - pos >= _HEADER_MAX:
+                            raise _ProtocolError("too big mbulk count string")
+                        break
+                    digits = buf[pos + 1:nl]
+                    if not digits.isdigit():
+                        raise _ProtocolError("invalid multibulk length")
+                    count = int(digits)
+                    if count > self.max_args:
+                        raise _ProtocolError(self._too_many())
+                    self.size = nl + 2 - pos
+                    pos = nl + 2
+                    if count == 0:
+                        continue
+                    left, args = count, []
+                if bulk < 0:  # a bulk string's header
+                    nl = buf.find(b"\r\n", pos, pos + _HEADER_MAX)
+                    if nl < 0:
+                        if end - pos >= _HEADER_MAX:
+                            raise _ProtocolError("too big bulk count string")
+                        break
+                    if buf[pos] != 0x24:  # '$'
+                        raise _ProtocolError(f"expected '$', got '{chr(buf[pos])}'")
+                    digits = buf[pos + 1:nl]
+                    if not digits.isdigit():
+                        raise _ProtocolError("invalid bulk length")
+                    bulk = int(digits)
+                    if bulk > self.max_bulk:
+                        raise _ProtocolError("unauthenticated bulk length" if self.one else
+                                             "invalid bulk length")
+                    self.size += nl + 4 - pos + bulk
+                    if self.size > MAX_COMMAND_BYTES:
+                        raise _ProtocolError("too big request")
+                    pos = nl + 2
+                stop = pos + bulk
                 if stop + 2 > end:
-                    break
-                args.append(buf[start:stop])
-                p = stop + 2
-            else:
-                pos = p
-                if args:
+                    break  # the bulk string's bytes are still coming
+                if buf[stop] != 0x0D or buf[stop + 1] != 0x0A:
+                    raise _ProtocolError("expected CRLF after a bulk string")
+                args.append(bytes(buf[pos:stop]) if copy else buf[pos:stop])  # type: ignore[arg-type]
+                pos = stop + 2
+                bulk = -1
+                left -= 1
+                if left == 0:
                     found.append(args)
-                continue
-            break  # incomplete command
-        self.buf = buf[pos:] if pos else buf
+                    args = []
+        finally:
+            self.left, self.bulk, self.args = left, bulk, args
+            if pos >= end:
+                self.buf, self.pos = b"", 0
+            else:
+                self.pos = pos
+
+    def _too_many(self) -> str:
+        return "unauthenticated multibulk length" if self.one else "invalid multibulk length"
+
+
+def _wire(command: list[bytes]) -> bytes:
+    """A command as a client sends it, in RESP (the only form hiredis accepts as valid)."""
+    if len(command) == 2:
+        first, second = command
+        return b"*2\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(first), first, len(second), second)
+    return b"*%d\r\n" % len(command) + b"".join([b"$%d\r\n%b\r\n" % (len(a), a)
+                                                    for a in command])
 
 
 class _HiredisParser:
-    """The same reader on hiredis's C parser; inline commands go through `_Parser`."""
+    """The same reader on hiredis's C parser, `_Parser` the authority on what is valid.
+
+    hiredis builds the commands; it does not check what ends a bulk string, nor any limit.
+    A read that ends on a command's end (the usual case) is checked by comparing it with the
+    commands read, written back (hiredis accepts lengths only as plain digits, so there is one
+    way to write them); a mismatch is read again by `_Parser` for its error. A command split
+    across reads is also fed to a `_Parser`, which checks each header (and limit) as it
+    arrives. Inline commands, and every command before AUTH (one at a time, with AUTH's
+    limits), go through a `_Parser` alone.
+    """
 
     def __init__(self) -> None:
         self.reader = hiredis.Reader()
         self.inline: _Parser | None = None
+        self.shadow: _Parser | None = None
+        """Checks the bytes since hiredis last ended a read on a command's end."""
+        self.chunk = b""
+        """The bytes fed since the last read that ended on a command's end."""
         self.partial = False
         """Whether hiredis holds part of a command (its `has_data` only tells of bytes it
         has not looked at yet)."""
+        self.restricted = False
+        self.more = False
+
+    def restrict(self, restricted: bool) -> None:
+        """As `_Parser.restrict`: while restricted, every command goes through a `_Parser`."""
+        self.restricted = restricted
+        if self.inline is not None:
+            self.inline.restrict(restricted)
 
     def feed(self, data: bytes) -> None:
-        if self.inline is None and not self.partial and data[:1] != b"*":
+        if self.inline is None and not self.partial and (self.restricted or data[:1] != b"*"):
             self.inline = _Parser()
+            self.inline.restrict(self.restricted)
         if self.inline is not None:
             self.inline.feed(data)
-        else:
-            self.reader.feed(data)
+            return
+        self.reader.feed(data)
+        if not self.partial:
+            self.chunk = data
             self.partial = True
+        elif self.shadow is not None:
+            self.shadow.feed(data)
+        else:  # (fed twice before `commands`)
+            self.chunk += data
 
     def commands(self) -> list[list[bytes]]:
         """The complete commands received so far (the rest stays buffered)."""
-        if self.inline is not None:
-            found = self.inline.commands()
-            if not self.inline.buf and not self.inline.failed:
+        inline = self.inline
+        if inline is not None:
+            found = inline.commands()
+            self.more = inline.more
+            if not inline.buf and not inline.failed and not self.restricted and not inline.left:
                 self.inline = None
             return found
         found = []
         gets = self.reader.gets
+        read: list[list[bytes]] = []
         while True:
             try:
                 command = gets()
                 if command is False:
-                    return found
+                    break
                 b"".join(command)  # TypeError unless a list (or tuple) of bytes
             except hiredis.ProtocolError as exc:
-                return self._failed(found, str(exc))
+                return self._checked(found, str(exc))
             except TypeError:
-                return self._failed(found, "expected an array of bulk strings")
+                return self._checked(found, "expected an array of bulk strings")
+            read.append(command)
             self.partial = self.reader.has_data()
             if command:
                 if len(command) > MAX_ARGS:
                     return self._failed(found, "invalid multibulk length")
                 found.append(command)
+        if self.shadow is None:
+            if not self.partial:  # the usual case: the read ended on a command's end
+                chunk, self.chunk = self.chunk, b""
+                if (len(read) == 1 and _wire(read[0]) == chunk) or (
+                        b"".join(map(_wire, read)) == chunk):
+                    return found
+                self.chunk = chunk
+                return self._checked(found, None)
+            self.shadow = _Parser()
+            self.shadow.feed(self.chunk)
+            self.chunk = b""
+        checked = self.shadow.commands()
+        if checked and checked[-1][0] is _BAD:
+            return self._failed(checked[:-1], checked[-1][1].decode())
+        if not self.partial:
+            self.shadow = None
+        return found
+
+    def _checked(self, found: list[list[bytes]], error: str | None) -> list[list[bytes]]:
+        """What `_Parser` reads of the bytes since the last command's end: the valid commands
+        then its error. `error`: hiredis's, if `_Parser` sees none; None: no error, `found`
+        stands, if `_Parser` sees none either."""
+        shadow = self.shadow
+        if shadow is None:
+            shadow = _Parser()
+            shadow.feed(self.chunk)
+        self.chunk = b""
+        checked = shadow.commands()
+        if checked and checked[-1][0] is _BAD:
+            return self._failed(checked[:-1], checked[-1][1].decode())
+        if error is not None:
+            return self._failed(found, error)
+        self.shadow = None
+        return found
 
     def _failed(self, found: list[list[bytes]], message: str) -> list[list[bytes]]:
         self.inline = _Parser()  # (which reads nothing more)
         self.inline.failed = True
         self.reader = hiredis.Reader()
+        self.shadow = None
+        self.partial = False
         found.append([_BAD, message.encode()])
         return found
 
@@ -581,6 +744,8 @@ class _Connection(asyncio.Protocol):
         """Whether the transport's buffer is full: replies wait, the client is not read."""
         self.closing = False
         self.authed = server.token is None
+        if not self.authed:
+            self.parser.restrict(True)
         self.resp3 = False
         self.nil = _NIL2
         self.multi: list[list[bytes]] | None = None
@@ -629,6 +794,8 @@ class _Connection(asyncio.Protocol):
                 self.transport.write(reply)  # type: ignore[union-attr]
                 if self.closing:
                     self._close()
+                elif parser.more:  # (before AUTH: one command at a time)
+                    self._drain()
                 return
             self._await(reply)  # type: ignore[arg-type]
             return
@@ -676,7 +843,12 @@ class _Connection(asyncio.Protocol):
         out: list[bytes] = []
         size = 0
         queue = self.queue
-        while queue and not self.closing and not self.write_paused:
+        while not self.closing and not self.write_paused:
+            if not queue:
+                if not self.parser.more:
+                    break
+                queue.extend(self.parser.commands())  # (before AUTH: one at a time)
+                continue
             reply = self.handle(queue.popleft())
             if type(reply) is bytes:
                 out.append(reply)
@@ -1074,7 +1246,9 @@ class _Connection(asyncio.Protocol):
         if token is None:
             return True
         if same_token(password, token):
-            self.authed = True
+            if not self.authed:
+                self.authed = True
+                self.parser.restrict(False)
             return True
         return False
 
@@ -1128,7 +1302,9 @@ class _Connection(asyncio.Protocol):
         self.resp3 = False
         self.nil = _NIL2
         self.name = b""
-        self.authed = self.server.token is None
+        if self.server.token is not None and self.authed:
+            self.authed = False
+            self.parser.restrict(True)
         return b"+RESET\r\n"
 
     def cmd_client(self, args: list[bytes]) -> Reply:

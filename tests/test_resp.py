@@ -168,6 +168,79 @@ def test_parser_reads_commands_split_anywhere(parser_class: Any) -> None:
     assert not expected
 
 
+@pytest.mark.parametrize(("wire", "error"), [
+    (b"*1\r\n$600000000\r\n", b"invalid bulk length"),  # refused at the header
+    (b"*3000000\r\n", b"invalid multibulk length"),
+    (b"*1\r\n$+5\r\nhello\r\n", b"invalid bulk length"),
+    (b"*1\r\n$1_0\r\n0123456789\r\n", b"invalid bulk length"),
+    (b"*+1\r\n$1\r\nx\r\n", b"invalid multibulk length"),
+    (b"*1\r\n$1\r\nxYZ", b"expected CRLF after a bulk string"),
+    (b"*2\r\n$1\r\nx\r\n$1\r\nyZZ*1\r\n$4\r\nPING\r\n", b"expected CRLF"),
+    (b"*1\r\n$" + b"1" * 40, b"too big bulk count string"),
+    (b"*3\r\n" + (b"$40\r\n" + b"x" * 40 + b"\r\n") * 2 + b"$40\r\n", b"too big request"),
+])
+def test_parser_limits_and_framing(parser_class: Any, wire: bytes, error: bytes,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snapbus.resp, "MAX_COMMAND_BYTES", 100)
+    for chunks in ([wire], [wire[:5], wire[5:]], [bytes([b]) for b in wire[:200]]):
+        parser = parser_class()
+        parser.feed(b"*1\r\n$4\r\nPING\r\n")
+        found = parser.commands()
+        for chunk in chunks:
+            parser.feed(chunk)
+            found += parser.commands()
+            if found[-1][0] is snapbus.resp._BAD:
+                break
+        assert found[0] == [b"PING"]
+        assert found[-1][0] is snapbus.resp._BAD, (chunks[:2], found)
+        assert error in found[-1][1]
+
+
+def test_parser_before_auth_reads_small_commands_one_at_a_time(parser_class: Any) -> None:
+    big = b"x" * 20_000
+    wire = (b"*2\r\n$4\r\nAUTH\r\n$5\r\ntoken\r\n*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$%d\r\n%b\r\n"
+            % (len(big), big))
+    parser = parser_class()
+    parser.restrict(True)
+    parser.feed(wire)
+    assert parser.commands() == [[b"AUTH", b"token"]]  # the next one waits for AUTH's answer
+    assert parser.more
+    parser.restrict(False)
+    assert parser.commands() == [[b"SET", b"k", big]]
+    for wire, error in ((b"*11\r\n", b"unauthenticated multibulk length"),
+                        (b"*1\r\n$16385\r\n", b"unauthenticated bulk length"),
+                        (b"A B C D E F G H I J K\r\n", b"unauthenticated multibulk length")):
+        parser = parser_class()
+        parser.restrict(True)
+        parser.feed(wire)
+        assert parser.commands() == [[snapbus.resp._BAD, error]]
+    parser = parser_class()
+    parser.restrict(True)
+    parser.feed(b"*1\r\n$16384\r\n" + b"y" * 16384 + b"\r\n")
+    assert parser.commands() == [[b"y" * 16384]]
+
+
+def test_parser_reads_a_big_command_in_linear_time(parser_class: Any) -> None:
+    # 64 MB in 16 KB reads: re-reading (copying) from the command's start on every read
+    # copies 128 GB; reading on from where it stopped copies 64 MB.
+    size, step = 64 * 1024 * 1024, 16 * 1024
+    parser = parser_class()
+    parser.feed(b"*2\r\n$3\r\nSET\r\n$%d\r\n" % size)
+    chunk = b"z" * step
+    loop = asyncio.new_event_loop()
+    started = loop.time()
+    for _ in range(size // step):
+        parser.feed(chunk)
+        assert parser.commands() == []
+    parser.feed(b"\r\n")
+    found = parser.commands()
+    elapsed = loop.time() - started
+    loop.close()
+    assert len(found) == 1
+    assert len(found[0][1]) == size
+    assert elapsed < 5.0, elapsed
+
+
 # ---------------------------------------------------------------------------- snapshots
 
 
@@ -481,6 +554,31 @@ async def test_auth_with_the_token(broker: BrokerAddress, topic_name: str) -> No
         assert replies[2].startswith(b"-WRONGPASS")
         assert replies[3] == b":1"
         writer.close()
+
+
+async def test_before_auth_only_small_commands(parser_class: Any, broker: BrokerAddress,
+                                              topic_name: str) -> None:
+    config = KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=topic_name)
+    async with redis_sidecar(config, token=TOKEN) as sidecar:
+        address = _address(sidecar.url)
+        for wire, error in ((b"*1\r\n$20000\r\n", b"unauthenticated bulk length"),
+                            (b"*11\r\n", b"unauthenticated multibulk length")):
+            reader, writer = await asyncio.open_connection(*address)
+            writer.write(wire)  # answered at the header, not after 20 KB
+            line = await asyncio.wait_for(reader.readline(), WAIT_S)
+            assert line == b"-ERR Protocol error: " + error + b"\r\n"
+            assert await asyncio.wait_for(reader.read(), WAIT_S) == b""  # closed
+            writer.close()
+        # AUTH then a big command in the same write: read once AUTH is answered.
+        snapshot = make_snapshot(intent="i" * 20_000)
+        value, key = rmp_named(snapshot), meta(snapshot).encode()
+        reader, writer = await asyncio.open_connection(*address)
+        writer.write(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%b\r\n" % (len(TOKEN), TOKEN.encode())
+                     + b"*3\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+                     % (len(key), key, len(value), value))
+        assert await _read_lines(reader, 2) == [b"+OK", b"+OK"]
+        writer.close()
+        assert sidecar.view.get(snapshot.session_id) == snapshot
 
 
 async def test_weak_tokens_and_open_writes_are_refused(broker: BrokerAddress,
