@@ -1,4 +1,4 @@
-"""The sidecars' shared rules for their token and for listening beyond loopback.
+"""The sidecars' shared rules: their token, listening beyond loopback, their TLS files.
 
 Both the HTTP sidecar (`snapbus.serve`) and the Redis-protocol one (`snapbus.resp`) use them;
 this module imports neither Starlette nor hiredis.
@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import os
 import re
 import socket
+import ssl
 
 from snapbus.errors import ConfigError
 
@@ -93,3 +95,28 @@ def check_exposure(host: str, *, has_token: bool, allow_writes: bool) -> str | N
                           f"token: {_TOKEN_HINT}")
     return (f"serving every session to anyone who reaches {shown} (beyond loopback, no "
             f"token): {_TOKEN_HINT}")
+
+
+def tls_context(certfile: str | os.PathLike[str] | None,
+                keyfile: str | os.PathLike[str] | None) -> ssl.SSLContext | None:
+    """A server's TLS context of the PEM certificate chain `certfile` (and key, unless
+    `keyfile`), Python's defaults (TLS 1.2+); None without a certificate.
+
+    Raises:
+        ConfigError: a key without a certificate, or the files cannot be loaded (one line).
+    """
+    if certfile is None:
+        if keyfile is not None:
+            raise ConfigError("a TLS key needs its certificate: give --tls-cert too")
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # (An empty password: an encrypted key fails here instead of prompting on a terminal.)
+        context.load_cert_chain(certfile, keyfile, password=lambda: b"")
+    except OSError as exc:
+        files = os.fspath(certfile) + (f" with key {os.fspath(keyfile)}" if keyfile else "")
+        raise ConfigError(
+            f"cannot load the TLS certificate {files}: {exc.strerror or exc}; both must be PEM, "
+            "the key unencrypted and matching the certificate (or in the certificate file)"
+        ) from exc
+    return context

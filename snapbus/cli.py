@@ -1115,7 +1115,8 @@ class _Refused(click.ClickException):
                    "send (Authorization: Bearer ...); never give the token itself as a flag.  "
                    "[env: SNAPBUS_SERVE_TOKEN holds the token; this file wins]")
 @click.option("--tls-cert", type=click.Path(dir_okay=False),
-              help="Serve HTTPS with this PEM certificate chain (and key, unless --tls-key).")
+              help="Serve HTTPS, and TLS on --redis-port (rediss://), with this PEM "
+                   "certificate chain (and key, unless --tls-key).")
 @click.option("--tls-key", type=click.Path(dir_okay=False),
               help="The PEM private key of --tls-cert (unencrypted).")
 def serve(host: str, port: int, allow_writes: bool, ttl_s: float | None, janitor: bool,

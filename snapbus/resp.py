@@ -35,12 +35,13 @@ import collections
 import contextlib
 import logging
 import math
+import os
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, cast
 
-from snapbus._token import check_exposure, check_token, same_token, token_digest
+from snapbus._token import check_exposure, check_token, same_token, tls_context, token_digest
 from snapbus.errors import ConfigError, PublishError, ValidationError, ViewError
 from snapbus.publisher import Receipt, SnapshotPublisher
 from snapbus.snapshot import FIELDS, ID_FIELDS, WorkspaceSnapshot
@@ -1350,6 +1351,8 @@ async def serving_redis(
     token: str | None = None,
     upstream: str | None = None,
     write_timeout_s: float = 10.0,
+    tls_certfile: str | os.PathLike[str] | None = None,
+    tls_keyfile: str | os.PathLike[str] | None = None,
 ) -> AsyncIterator[str]:
     """Serve `view` over the Redis protocol in the running event loop; yield its URL.
 
@@ -1364,12 +1367,14 @@ async def serving_redis(
         upstream: a ``redis://[user:password@]host:port[/db]`` URL that keys other than
             ``ws:{id}:meta`` are sent to; without one they are refused or answered as absent.
         write_timeout_s: how long a write waits for the view to show it (``TRYAGAIN`` after).
+        tls_certfile, tls_keyfile: speak TLS only (a ``rediss://`` URL), with this PEM
+            certificate chain (and key, unless `tls_keyfile`).
 
     Raises:
         ConfigError: the address cannot be listened on, `upstream` is not a redis:// URL, the
-            token is weak (empty, short, not visible ASCII), or a publisher without a token
-            would listen beyond loopback (`snapbus.serve.check_exposure`; reads there without
-            a token log a warning).
+            TLS files cannot be loaded, the token is weak (empty, short, not visible ASCII),
+            or a publisher without a token would listen beyond loopback
+            (`snapbus.serve.check_exposure`; reads there without a token log a warning).
     """
     if upstream is not None:
         parts = urllib.parse.urlsplit(upstream)
@@ -1377,10 +1382,11 @@ async def serving_redis(
             raise ConfigError(f"the upstream must be a redis://host:port URL, not {upstream!r}")
     server = _Server(view, publisher, token=token, upstream=upstream,
                      write_timeout_s=write_timeout_s)
+    context = tls_context(tls_certfile, tls_keyfile)
     loop = asyncio.get_running_loop()
     try:
         listener = await loop.create_server(lambda: _Connection(server), host, port,
-                                            reuse_address=True, backlog=1024)
+                                            reuse_address=True, backlog=1024, ssl=context)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     try:
@@ -1395,7 +1401,7 @@ async def serving_redis(
     bound_host, bound_port = listener.sockets[0].getsockname()[:2]
     url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
     try:
-        yield f"redis://{url_host}:{bound_port}"
+        yield f"{'redis' if context is None else 'rediss'}://{url_host}:{bound_port}"
     finally:
         listener.close()
         for connection in list(server.connections):

@@ -54,7 +54,6 @@ import json
 import logging
 import os
 import socket
-import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
@@ -80,6 +79,7 @@ from snapbus._token import (
     TOKEN_ENV,
     check_exposure,
     same_token,
+    tls_context,
     token_digest,
 )
 from snapbus._token import check_token as _check_token
@@ -453,20 +453,7 @@ def _listen(host: str, port: int) -> socket.socket:
 def _check_tls(certfile: str | os.PathLike[str] | None,
                keyfile: str | os.PathLike[str] | None) -> None:
     """Load the certificate and key once here, so that a bad file is one clear line."""
-    if certfile is None:
-        if keyfile is not None:
-            raise ConfigError("a TLS key needs its certificate: give --tls-cert too")
-        return
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        # (An empty password: an encrypted key fails here instead of prompting on a terminal.)
-        context.load_cert_chain(certfile, keyfile, password=lambda: b"")
-    except OSError as exc:
-        files = os.fspath(certfile) + (f" with key {os.fspath(keyfile)}" if keyfile else "")
-        raise ConfigError(
-            f"cannot load the TLS certificate {files}: {exc.strerror or exc}; both must be PEM, "
-            "the key unencrypted and matching the certificate (or in the certificate file)"
-        ) from exc
+    tls_context(certfile, keyfile)
 
 
 @contextlib.asynccontextmanager
@@ -576,7 +563,8 @@ async def run_server(
         token: the bearer token every ``/sessions`` and ``/changes`` request must carry
             (`read_token` reads it); without one, writes are refused beyond loopback and
             reads there are served with a warning logged.
-        tls_certfile, tls_keyfile: serve HTTPS (see `serving`).
+        tls_certfile, tls_keyfile: serve HTTPS (see `serving`), and TLS on the Redis port
+            (``rediss://``).
 
     Raises:
         ConfigError: the address cannot be listened on, a janitor without a TTL, a bad token
@@ -624,7 +612,8 @@ async def run_server(
 
                 urls.append(await stack.enter_async_context(serving_redis(
                     view, publisher if allow_writes else None, host=host, port=redis_port,
-                    token=token, upstream=redis_upstream)))
+                    token=token, upstream=redis_upstream, tls_certfile=tls_certfile,
+                    tls_keyfile=tls_keyfile)))
             for url in urls:
                 log.info("serving %s on %s (%s%s)", config.topic, url,
                          "writes allowed" if allow_writes else "read-only",

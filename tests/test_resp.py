@@ -28,6 +28,7 @@ from redis.exceptions import AuthenticationError, BusyLoadingError, ReadOnlyErro
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 import snapbus.resp
+from snapbus._kafka_broker import _make_tls_files
 from snapbus.cli import cli
 from snapbus.config import KafkaConfig
 from snapbus.errors import ConfigError
@@ -581,6 +582,27 @@ async def test_before_auth_only_small_commands(parser_class: Any, broker: Broker
         assert sidecar.view.get(snapshot.session_id) == snapshot
 
 
+async def test_tls(broker: BrokerAddress, topic_name: str,
+                   tmp_path_factory: pytest.TempPathFactory) -> None:
+    directory = tmp_path_factory.mktemp("tls")
+    files = _make_tls_files(directory)
+    bundle = str(directory / "broker.pem")  # key and certificate for 127.0.0.1, and the CA
+    config = KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=topic_name)
+    async with redis_sidecar(config, token=TOKEN, tls_certfile=bundle) as sidecar:
+        assert sidecar.url.startswith("rediss://127.0.0.1:")
+        url = sidecar.url.replace("//", f"//:{TOKEN}@")
+        client = aioredis.Redis.from_url(url, ssl_ca_certs=files.cafile, socket_timeout=WAIT_S)
+        snapshot = make_snapshot()
+        assert await client.set(meta(snapshot), rmp_named(snapshot), ex=TTL_S)
+        assert await client.get(meta(snapshot)) == rmp_named(snapshot)
+        await client.aclose()
+        # The token never crosses in clear: plaintext is not answered.
+        reader, writer = await asyncio.open_connection(*_address(sidecar.url))
+        writer.write(f"AUTH {TOKEN}\r\nPING\r\n".encode())
+        assert b"+OK" not in await asyncio.wait_for(reader.read(), WAIT_S)
+        writer.close()
+
+
 async def test_weak_tokens_and_open_writes_are_refused(broker: BrokerAddress,
                                                        topic_name: str) -> None:
     config = KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=topic_name)
@@ -619,7 +641,7 @@ async def test_redis_cli(parser_class: Any, sidecar: Sidecar) -> None:
 
 
 def _address(url: str) -> tuple[str, int]:
-    host, port = url.removeprefix("redis://").rsplit(":", 1)
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
     return host, int(port)
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
@@ -387,10 +388,18 @@ async def test_serve_command_with_token_file_and_tls(
     token_file.write_text(TOKEN + "\n")
     env_token = "from-the-environment-0123456789"  # the file wins over it
     args = serve_args(broker, topic_name, "--allow-writes", "--token-file", str(token_file),
-                      "--tls-cert", tls["cert"], "--tls-key", tls["key"])
+                      "--tls-cert", tls["cert"], "--tls-key", tls["key"], "--redis-port", "0")
     async with serve_process(*args, env={TOKEN_ENV: env_token}) as (line, proc):
         assert line.startswith("serving https://0.0.0.0:"), line
         assert "(read-write, bearer token required)" in line
+        assert proc.stdout is not None  # the Redis port speaks TLS too: the token is AUTH's
+        redis_line = (await asyncio.wait_for(proc.stdout.readline(), WAIT_S)).decode()
+        assert redis_line.startswith("serving rediss://0.0.0.0:"), redis_line
+        redis_url = local_url(redis_line.split()[1]).replace("//", f"//:{TOKEN}@")
+        redis_client = aioredis.Redis.from_url(redis_url, ssl_ca_certs=tls["ca"],
+                                               socket_timeout=WAIT_S)
+        assert await redis_client.ping() is True
+        await redis_client.aclose()
         url = local_url(line.split()[1])
         async with httpx.AsyncClient(base_url=url, timeout=WAIT_S,
                                      verify=trusting(tls["ca"])) as client:
