@@ -1144,13 +1144,12 @@ class _Connection(asyncio.Protocol):
         sid = _session_of(key)
         if sid is None or self.view.get(sid) is None:
             return b":-2\r\n"
-        expiry = self.view._expiry  # (the view's clock)
-        left_ms = None if expiry is None else expiry.left_ms(sid)
-        if left_ms is None:
+        left_s = self.view.ttl_left_s(sid)
+        if left_s is None:
             return b":-1\r\n"
         if args[0].upper() == b"PTTL":
-            return _int(int(left_ms))
-        return _int(math.floor((left_ms + 500) / 1000))
+            return _int(int(left_s * 1000 + 1e-6))
+        return _int(math.floor(left_s + 0.5))
 
     cmd_pttl = cmd_ttl
 

@@ -762,6 +762,18 @@ class SnapshotView(AsyncLifecycle):
             texts.clear()  # (stale entries of sessions gone: start over)
         texts[id_.int] = text
 
+    def ttl_left_s(self, session_id: uuid.UUID | str) -> float | None:
+        """Seconds before the session expires from this view (0 when due), by the view's TTL
+        and clock; None when the view has no TTL or does not hold the session.
+
+        Raises:
+            ValidationError: `session_id` is not a UUID.
+        """
+        if self._expiry is None or self.get(session_id) is None:
+            return None
+        left_ms = self._expiry.left_ms(_canonical(session_id))
+        return None if left_ms is None else left_ms / 1000
+
     def __getitem__(self, session_id: uuid.UUID | str) -> WorkspaceSnapshot:
         if type(session_id) is _UUID:
             found = self._data.get(self._texts.get(session_id.int))  # type: ignore[arg-type]

@@ -381,6 +381,11 @@ async def test_upstream_touch_pipeline_renews_the_age(broker: BrokerAddress,
         assert await sidecar.client.ttl(meta(snapshot)) == -2
         await sidecar.client.set(meta(snapshot), rmp_named(snapshot), ex=TTL_S)
         assert 3590 <= await sidecar.client.ttl(meta(snapshot)) <= 3600  # the view's TTL
+        left = sidecar.view.ttl_left_s(snapshot.session_id)
+        assert left is not None
+        assert 3590 <= left <= 3600
+        assert 3_590_000 <= await sidecar.client.pttl(meta(snapshot)) <= 3_600_000
+        assert sidecar.view.ttl_left_s(uuid.uuid4()) is None
         before = sidecar.view._expiry.stamps[snapshot.key]
         assert await upstream_touch(sidecar.client, snapshot.session_id) == [True, False, False]
         assert sidecar.view._expiry.stamps[snapshot.key] >= before  # a new record, applied
@@ -394,6 +399,7 @@ async def test_ttl_without_a_view_ttl_is_none(sidecar: Sidecar) -> None:
     snapshot = make_snapshot()
     await sidecar.client.set(meta(snapshot), rmp_named(snapshot), ex=TTL_S)
     assert await sidecar.client.ttl(meta(snapshot)) == -1
+    assert sidecar.view.ttl_left_s(snapshot.session_id) is None
 
 
 async def test_writes_refused_when_read_only(broker: BrokerAddress, topic_name: str) -> None:
