@@ -613,8 +613,9 @@ def _session_of(key: bytes) -> str | None:
 class _Upstream:
     """One connection to the upstream Redis, opened on first use (per client connection)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, timeout_s: float) -> None:
         self.url = url
+        self.timeout_s = timeout_s
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.buf = b""
@@ -651,12 +652,19 @@ class _Upstream:
     async def call(self, args: list[bytes]) -> bytes:
         """Send one command and return its raw reply (an error reply if unreachable)."""
         try:
-            if self.writer is None:
-                await self._open()
-            return await self._call(args)
+            return await asyncio.wait_for(self._open_and_call(args), self.timeout_s)
+        except asyncio.TimeoutError:  # (first: an OSError since 3.11; a reply may still
+            self.close()              # come, so this connection to the upstream is done)
+            return _err(f"UPSTREAM the upstream Redis {self._where()} did not answer within "
+                        f"{self.timeout_s:g} s")
         except (OSError, ConnectionError, ValueError, _ProtocolError) as exc:
             self.close()
             return _err(f"UPSTREAM the upstream Redis {self._where()} failed: {exc}")
+
+    async def _open_and_call(self, args: list[bytes]) -> bytes:
+        if self.writer is None:
+            await self._open()
+        return await self._call(args)
 
     def _where(self) -> str:
         parts = urllib.parse.urlsplit(self.url)
@@ -675,13 +683,15 @@ class _Server:
     """What every connection shares: the view, the publisher, settings, the GET cache."""
 
     def __init__(self, view: SnapshotView, publisher: SnapshotPublisher | None, *,
-                 token: str | None, upstream: str | None, write_timeout_s: float) -> None:
+                 token: str | None, upstream: str | None, write_timeout_s: float,
+                 upstream_timeout_s: float) -> None:
         self.view = view
         self.publisher = publisher
         self.token = None if token is None else token_digest(check_token(token, "token="))
         """The SHA-256 of the token (compared digest to digest: not even its length leaks)."""
         self.upstream = upstream
         self.write_timeout_s = write_timeout_s
+        self.upstream_timeout_s = upstream_timeout_s
         self.connections: set[_Connection] = set()
         # key -> (session id, the snapshot it was encoded from, the GET reply)
         self.gets: dict[bytes, tuple[str, WorkspaceSnapshot, bytes]] = {}
@@ -752,7 +762,8 @@ class _Connection(asyncio.Protocol):
         self.multi: list[list[bytes]] | None = None
         self.multi_failed = False
         self.name = b""
-        self.upstream = _Upstream(server.upstream) if server.upstream else None
+        self.upstream = (_Upstream(server.upstream, server.upstream_timeout_s)
+                         if server.upstream else None)
         server.next_id += 1
         self.id = server.next_id
         self.task: asyncio.Task[None] | None = None
@@ -1352,6 +1363,7 @@ async def serving_redis(
     write_timeout_s: float = 10.0,
     tls_certfile: str | os.PathLike[str] | None = None,
     tls_keyfile: str | os.PathLike[str] | None = None,
+    upstream_timeout_s: float = 5.0,
 ) -> AsyncIterator[str]:
     """Serve `view` over the Redis protocol in the running event loop; yield its URL.
 
@@ -1366,6 +1378,8 @@ async def serving_redis(
         upstream: a ``redis://[user:password@]host:port[/db]`` URL that keys other than
             ``ws:{id}:meta`` are sent to; without one they are refused or answered as absent.
         write_timeout_s: how long a write waits for the view to show it (``TRYAGAIN`` after).
+        upstream_timeout_s: how long a command waits for the upstream (connecting included);
+            then it answers an ``UPSTREAM`` error and that connection to the upstream closes.
         tls_certfile, tls_keyfile: speak TLS only (a ``rediss://`` URL), with this PEM
             certificate chain (and key, unless `tls_keyfile`).
 
@@ -1380,7 +1394,7 @@ async def serving_redis(
         if parts.scheme != "redis" or not parts.hostname:
             raise ConfigError(f"the upstream must be a redis://host:port URL, not {upstream!r}")
     server = _Server(view, publisher, token=token, upstream=upstream,
-                     write_timeout_s=write_timeout_s)
+                     write_timeout_s=write_timeout_s, upstream_timeout_s=upstream_timeout_s)
     context = tls_context(tls_certfile, tls_keyfile)
     loop = asyncio.get_running_loop()
     try:

@@ -483,6 +483,29 @@ async def test_other_keys_go_to_the_upstream(broker: BrokerAddress, topic_name: 
         await upstream.aclose()
 
 
+async def test_a_hung_upstream_is_an_error_not_a_hang(broker: BrokerAddress,
+                                                      topic_name: str) -> None:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # reads nothing, answers nothing
+
+    hung = await asyncio.start_server(never_answers, "127.0.0.1", 0)
+    port = hung.sockets[0].getsockname()[1]
+    config = KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=topic_name)
+    async with redis_sidecar(config, upstream=f"redis://127.0.0.1:{port}",
+                             upstream_timeout_s=0.5) as sidecar:
+        sid = uuid.uuid4()
+        with pytest.raises(ResponseError, match=r"did not answer within 0\.5 s"):
+            await sidecar.client.get(f"ws:{sid}:graph")
+        assert await sidecar.client.ping() is True  # the client's connection goes on
+        assert await sidecar.client.get(meta(sid)) is None
+    for writer in accepted:
+        writer.close()
+    hung.close()
+    await hung.wait_closed()
+
+
 async def _pings(client: aioredis.Redis) -> bool:
     try:
         return bool(await client.ping())
