@@ -646,7 +646,7 @@ def update(session_id: str, allow_non_compacted: bool, **fields: Any) -> None:
                     f"session {wanted} not found on topic {view.config.topic}: update changes "
                     "existing sessions (create one with `snapbus publish`)")
             try:
-                changed = WorkspaceSnapshot.from_input({**current.to_dict(), **changes})
+                changed: WorkspaceSnapshot = current.updated(changes)
             except ValidationError as exc:
                 raise _snapshot_error(exc) from None
             async with _publisher(allow_non_compacted) as publisher:

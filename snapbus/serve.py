@@ -327,17 +327,15 @@ class _Service:
                 return _error(422, f"session_id in the body ({given}) differs from the one "
                                    f"in the path ({session_id}); omit it or make them equal",
                               field="session_id")
-        base: dict[str, Any] = {}
-        if patch:
-            current = self.view.get(session_id)
-            if current is None:
-                return _error(404, f"session {session_id} is not in the view of topic "
-                                   f"{self.view.config.topic!r}; PATCH changes existing "
-                                   "sessions (PUT creates one)")
-            base = current.to_dict()
+        current = self.view.get(session_id) if patch else None
+        if patch and current is None:
+            return _error(404, f"session {session_id} is not in the view of topic "
+                               f"{self.view.config.topic!r}; PATCH changes existing "
+                               "sessions (PUT creates one)")
+        fields = {**data, "session_id": str(session_id)}
         try:
-            snapshot = WorkspaceSnapshot.from_input(
-                {**base, **data, "session_id": str(session_id)})
+            snapshot = (current.updated(fields) if current is not None
+                        else WorkspaceSnapshot.from_input(fields))
             receipt = await self.publisher.publish(snapshot)
         except ValidationError as exc:
             return _error(422, str(exc), field=exc.field)

@@ -341,6 +341,16 @@ class WorkspaceSnapshot:
                 raise ValidationError(f"{name} is empty", field=name)
         return cls.from_dict(values)
 
+    def updated(self, changes: Mapping[str, Any]) -> WorkspaceSnapshot:
+        """This snapshot with some fields changed, checked by the input rule (`from_input`):
+        what ``snapbus update`` and the sidecar's PATCH publish.
+
+        Raises:
+            ValidationError: a changed field is unknown, blank or invalid, or the result
+                breaks the input rule.
+        """
+        return type(self).from_input({**self.to_dict(), **changes})
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WorkspaceSnapshot:
         """Build a snapshot from a mapping holding exactly the snapshot's fields.
