@@ -106,11 +106,11 @@ async def list_topics(bootstrap_servers: str) -> set[str]:
 
 
 @contextlib.asynccontextmanager
-async def serve_command(*args: str, env: Mapping[str, str] | None = None
-                        ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
-    """Run ``python -m snapbus ARGS`` (a ``serve`` command line), yield the URL it announces and
-    the process, and SIGTERM it afterwards. With `env`, the child gets these ``SNAPBUS_*``
-    variables instead of this process's."""
+async def snapbus_process(*args: str, env: Mapping[str, str] | None = None
+                          ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """Run ``python -m snapbus ARGS``, yield the first line it prints ("" if it printed none
+    before exiting) and the process, and SIGTERM it afterwards. With `env`, the child gets
+    these ``SNAPBUS_*`` variables instead of this process's."""
     child_env = None
     if env is not None:
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPBUS_")}
@@ -121,13 +121,21 @@ async def serve_command(*args: str, env: Mapping[str, str] | None = None
     )
     try:
         assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), WAIT_S)).decode()
-        assert line.startswith("serving http://127.0.0.1:"), line
-        yield line.split()[1], proc
+        yield (await asyncio.wait_for(proc.stdout.readline(), WAIT_S)).decode(), proc
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
             await asyncio.wait_for(proc.wait(), WAIT_S)
+
+
+@contextlib.asynccontextmanager
+async def serve_command(*args: str, env: Mapping[str, str] | None = None
+                        ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """Run a ``snapbus serve`` command line (`snapbus_process`), yield the HTTP URL it
+    announces and the process."""
+    async with snapbus_process(*args, env=env) as (line, proc):
+        assert line.startswith("serving http://127.0.0.1:"), line
+        yield line.split()[1], proc
 
 
 async def round_trip(

@@ -16,7 +16,6 @@ import datetime
 import json
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +32,14 @@ from snapbus.publisher import SnapshotPublisher
 from snapbus.replay import rebuild, replay
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.view import SnapshotView
-from tests.helpers import WAIT_S, eventually, make_snapshot, round_trip, serve_command
+from tests.helpers import (
+    WAIT_S,
+    eventually,
+    make_snapshot,
+    round_trip,
+    serve_command,
+    snapbus_process,
+)
 from tests.test_security import _make_ca, _write_cert
 
 pytestmark = [pytest.mark.kafka, pytest.mark.usefixtures("quiet_aiokafka")]
@@ -291,13 +297,10 @@ async def test_cli_refusal_prints_one_error_line(brokers: Brokers, topic_name: s
 async def test_serve_refusal_exits_with_one_error_line(brokers: Brokers,
                                                        topic_name: str) -> None:
     env = as_env(settings(brokers, "wrong password SASL_SSL", topic_name))
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPBUS_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "snapbus", *SERVE, env={**child_env, **env},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
+    async with snapbus_process(*SERVE, env=env) as (first, proc):
+        out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
     assert proc.returncode == 1
-    assert out == b"", "serve announces its URL only once the view is live"
+    assert first + out.decode() == "", "serve announces its URL only once the view is live"
     lines = [line for line in err.decode().splitlines() if line.strip()]
     assert len(lines) == 1, lines
     assert lines[0].startswith("Error: "), lines

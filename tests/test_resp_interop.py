@@ -15,9 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
@@ -31,7 +28,7 @@ from snapbus.config import KafkaConfig
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.topic import ensure_topic
 from tests.conftest import BrokerAddress
-from tests.helpers import WAIT_S
+from tests.helpers import WAIT_S, snapbus_process
 from tests.test_interop import _run, build_rust
 from tests.test_resp import rmp_named
 
@@ -45,24 +42,16 @@ TOKEN = "rust-upstream-token-0123"
 async def redis_pod(bootstrap: str, topic: str) -> AsyncIterator[str]:
     """Run ``snapbus serve --no-http --redis-port 0`` (a pod's sidecar); yield its URL with the
     token, once it announced itself (its view is live)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "snapbus", "-b", bootstrap, "-t", topic, "serve", "--no-http",
-        "--redis-port", "0", "--allow-writes", "--ttl", str(TTL_S), "--fetch-max-wait-ms", "20",
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("SNAPBUS_")},
-             "SNAPBUS_SERVE_TOKEN": TOKEN},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        assert proc.stderr is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), WAIT_S)).decode()
+    async with snapbus_process(
+        "-b", bootstrap, "-t", topic, "serve", "--no-http", "--redis-port", "0",
+        "--allow-writes", "--ttl", str(TTL_S), "--fetch-max-wait-ms", "20",
+        env={"SNAPBUS_SERVE_TOKEN": TOKEN},
+    ) as (line, proc):
         if not line.startswith("serving redis://127.0.0.1:"):
+            assert proc.stderr is not None
             error = await asyncio.wait_for(proc.stderr.read(), WAIT_S)
             pytest.fail(f"serve did not start: {line!r} {error.decode()[-2000:]}")
         yield line.split()[1].replace("//", f"//:{TOKEN}@")
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(proc.wait(), WAIT_S)
 
 
 async def test_the_upstreams_rust_client_across_two_sidecars(

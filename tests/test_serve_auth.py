@@ -8,13 +8,10 @@ throwaway CA the clients trust.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import signal
 import socket
 import ssl
-import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +30,7 @@ from snapbus.metrics import InstrumentedPublisher, PublisherMetrics
 from snapbus.serve import TOKEN_ENV, check_exposure, create_app, read_token, serving
 from snapbus.topic import ensure_topic
 from snapbus.view import SnapshotView
-from tests.helpers import eventually, make_snapshot
+from tests.helpers import eventually, make_snapshot, snapbus_process
 
 if TYPE_CHECKING:
     from tests.conftest import BrokerAddress
@@ -355,27 +352,6 @@ def test_serve_command_refusals(tmp_path: Path) -> None:
     assert "--tls-key needs --tls-cert" in result.stderr
 
 
-@contextlib.asynccontextmanager
-async def serve_process(*args: str, env: Mapping[str, str]
-                        ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
-    """Run ``python -m snapbus ARGS`` with `env` over this environment (without a token);
-    yield its first stdout line and the process; SIGTERM it afterwards."""
-    child_env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
-    child_env.update(env)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "snapbus", *args, env=child_env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), WAIT_S)).decode()
-        yield line, proc
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(proc.wait(), WAIT_S)
-
-
 def serve_args(broker: BrokerAddress, topic_name: str, *args: str) -> list[str]:
     return ["-b", broker.bootstrap_servers, "-t", topic_name, "serve", "--host", "0.0.0.0",
             "--port", "0", "--fetch-max-wait-ms", "20", *args]
@@ -389,7 +365,7 @@ async def test_serve_command_with_token_file_and_tls(
     env_token = "from-the-environment-0123456789"  # the file wins over it
     args = serve_args(broker, topic_name, "--allow-writes", "--token-file", str(token_file),
                       "--tls-cert", tls["cert"], "--tls-key", tls["key"], "--redis-port", "0")
-    async with serve_process(*args, env={TOKEN_ENV: env_token}) as (line, proc):
+    async with snapbus_process(*args, env={TOKEN_ENV: env_token}) as (line, proc):
         assert line.startswith("serving https://0.0.0.0:"), line
         assert "(read-write, bearer token required)" in line
         assert proc.stdout is not None  # the Redis port speaks TLS too: the token is AUTH's
@@ -426,7 +402,7 @@ async def test_serve_command_warns_when_reads_are_open_beyond_loopback(
     broker: BrokerAddress, topic_name: str,
 ) -> None:
     await ensure_topic(KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic=topic_name))
-    async with serve_process(*serve_args(broker, topic_name), env={}) as (line, proc):
+    async with snapbus_process(*serve_args(broker, topic_name), env={}) as (line, proc):
         assert line.startswith("serving http://0.0.0.0:"), line
         assert "(read-only)" in line
         async with httpx.AsyncClient(base_url=local_url(line.split()[1]),
