@@ -22,6 +22,8 @@ from uuid import uuid4
 import pytest
 from hypothesis import HealthCheck, settings
 
+from snapbus.broker import EmbeddedBroker
+from tests.faultproxy import FaultProxy, proxied_broker
 from tests.helpers import ENGINE, new_broker
 
 # Timing goals belong in the benchmarks: on a small shared machine a slow example is noise,
@@ -66,6 +68,22 @@ def quiet_aiokafka() -> Iterator[None]:
     logger.setLevel(logging.CRITICAL)
     yield
     logger.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+async def network() -> AsyncIterator[tuple[FaultProxy, EmbeddedBroker]]:
+    """The module's own broker (memory storage) behind its own fault proxy (fault tests)."""
+    async with proxied_broker() as pair:
+        yield pair
+
+
+@pytest.fixture
+async def proxy(network: tuple[FaultProxy, EmbeddedBroker]) -> AsyncIterator[FaultProxy]:
+    """The module's fault proxy (`network`), healed before and after each test."""
+    proxy, _ = network
+    proxy.heal()
+    yield proxy
+    proxy.heal()
 
 
 @pytest.fixture

@@ -22,14 +22,13 @@ import random
 import tracemalloc
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from snapbus.broker import EmbeddedBroker
 from snapbus.codec import MARKER, decode, encode
 from snapbus.config import KafkaConfig
 from snapbus.errors import (
@@ -50,7 +49,6 @@ from tests.faultproxy import (
     eventually,
     free_port,
     make_snapshot,
-    proxied_broker,
 )
 from tests.helpers import KEYLESS_RECORDS_STORED, new_broker, topic_partitions
 
@@ -64,20 +62,6 @@ Fault = Literal["outage", "stall"]
 # ---------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-async def network() -> AsyncIterator[tuple[FaultProxy, EmbeddedBroker]]:
-    """This module's broker (memory storage) behind its own fault proxy."""
-    async with proxied_broker() as pair:
-        yield pair
-
-
-@pytest.fixture
-async def proxy(network: tuple[FaultProxy, EmbeddedBroker]) -> AsyncIterator[FaultProxy]:
-    """The proxy, healed before and after each test."""
-    proxy, _ = network
-    proxy.heal()
-    yield proxy
-    proxy.heal()
 
 
 # ---------------------------------------------------------------------------- helpers

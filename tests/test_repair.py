@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import pytest
@@ -12,7 +12,6 @@ from aiokafka import AIOKafkaProducer
 
 from snapbus import _repair as repair_module
 from snapbus._partition import partition_of
-from snapbus.broker import EmbeddedBroker
 from snapbus.codec import encode
 from snapbus.config import KafkaConfig
 from snapbus.errors import SnapbusError
@@ -20,7 +19,7 @@ from snapbus.publisher import SnapshotPublisher
 from snapbus.snapshot import WorkspaceSnapshot
 from snapbus.topic import DEFAULT_PARTITIONS
 from snapbus.view import SnapshotView
-from tests.faultproxy import FaultProxy, proxied_broker
+from tests.faultproxy import FaultProxy
 from tests.helpers import WAIT_S, eventually, make_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("quiet_aiokafka")]
@@ -28,19 +27,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("quiet_aiokafka")
 SESSIONS = 5000
 
 
-@pytest.fixture(scope="module")
-async def network() -> AsyncIterator[tuple[FaultProxy, EmbeddedBroker]]:
-    """This module's broker behind its own fault proxy."""
-    async with proxied_broker() as pair:
-        yield pair
-
-
-@pytest.fixture
-async def proxy(network: tuple[FaultProxy, EmbeddedBroker]) -> AsyncIterator[FaultProxy]:
-    proxy, _ = network
-    proxy.heal()
-    yield proxy
-    proxy.heal()
 
 
 def new_view(config: KafkaConfig, **options: Any) -> SnapshotView:
