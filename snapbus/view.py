@@ -391,7 +391,8 @@ class SnapshotView(AsyncLifecycle):
         """Replay the topic, then follow it live in the background.
 
         Returns once the view is complete as of the log ends (last stable offsets) at start,
-        or after `start_timeout_s` with status ``degraded``.
+        or after `start_timeout_s` with status ``degraded``. A start that raises or is
+        cancelled (a caller's timeout) leaves the view stopped, with nothing running.
 
         Raises:
             KafkaUnavailableError: the cluster cannot be reached in time.
@@ -419,34 +420,40 @@ class SnapshotView(AsyncLifecycle):
                 loading.cancel()
             await self._bad.close()
             raise
-        if loading is not None:
-            assert self._checkpoint_path is not None
-            # fetch the tail from the offsets in the file's header while the rest loads
-            early = checkpoint.read_offsets(self._checkpoint_path, topic=self.config.topic,
-                                            partitions=len(self._reader.partitions))
-            if early is not None:
-                for partition, offset in early.items():
-                    self._reader.seek(partition, offset)
-                self._reader.resume()
-            try:
-                await self._load_checkpoint(loading, early)
-            finally:
-                self._reader.resume()
-        self._status = "catching_up"
-        self._task = asyncio.create_task(self._run(), name=f"snapbus-view:{self.config.topic}")
-        if self._topic_check_s is not None:
-            self._watch_task = asyncio.create_task(
-                self._watch_topic(self._topic_check_s),
-                name=f"snapbus-view-topic-check:{self.config.topic}")
-        caught_up = asyncio.create_task(self._caught_up.wait())
         try:
-            await asyncio.wait(
-                {caught_up, self._task},
-                timeout=self._start_timeout_s,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            caught_up.cancel()
+            if loading is not None:
+                assert self._checkpoint_path is not None
+                # fetch the tail from the offsets in the file's header while the rest loads
+                early = checkpoint.read_offsets(self._checkpoint_path, topic=self.config.topic,
+                                                partitions=len(self._reader.partitions))
+                if early is not None:
+                    for partition, offset in early.items():
+                        self._reader.seek(partition, offset)
+                    self._reader.resume()
+                try:
+                    await self._load_checkpoint(loading, early)
+                finally:
+                    self._reader.resume()
+            self._status = "catching_up"
+            self._task = asyncio.create_task(self._run(), name=f"snapbus-view:{self.config.topic}")
+            if self._topic_check_s is not None:
+                self._watch_task = asyncio.create_task(
+                    self._watch_topic(self._topic_check_s),
+                    name=f"snapbus-view-topic-check:{self.config.topic}")
+            caught_up = asyncio.create_task(self._caught_up.wait())
+            try:
+                await asyncio.wait(
+                    {caught_up, self._task},
+                    timeout=self._start_timeout_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                caught_up.cancel()
+        except BaseException:
+            # cancelled (a caller's timeout) or failed while loading or catching up: leave
+            # nothing running, as a start that raised before the read loop would
+            await self.stop()
+            raise
         if self._failure is not None:
             await self.stop()
             raise ViewError(f"view failed during start: {self._failure}") from self._failure

@@ -381,6 +381,30 @@ async def test_view_fails_with_cause_when_unreachable_too_long(
         await view.stop()
 
 
+async def test_cancelled_start_leaves_nothing_running(
+    proxy: FaultProxy, topic_name: str
+) -> None:
+    """A caller's timeout around `start()` stops the view: no read loop, no connection left."""
+    config = KafkaConfig(proxy.address, topic_name, connect_timeout_s=10)
+    async with SnapshotPublisher(config) as publisher:
+        await publisher.publish(make_snapshot())  # (so that catching up needs a fetch)
+    await eventually(lambda: proxy.active_connections == 0, WAIT_S, "publisher disconnected")
+    view = new_view(config)
+    proxy.latency(300)  # the first fetch answers >= 0.6 s after the read loop starts
+    starting = asyncio.create_task(view.start())
+    await eventually(lambda: view.status == "catching_up", WAIT_S, "view catching up")
+    proxy.stall()  # (and that answer never comes)
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    assert view.status == "stopped"
+    assert [t for t in asyncio.all_tasks() if t.get_name().startswith("snapbus-view")] == []
+    proxy.heal()
+    await eventually(lambda: proxy.active_connections == 0, WAIT_S, "view disconnected")
+    with pytest.raises(ViewError, match="cannot be restarted"):
+        await view.start()
+
+
 # ---------------------------------------------------------------------------- broker crash
 
 
