@@ -465,9 +465,12 @@ def _classpath() -> str:
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise BrokerError(f"Maven could not resolve the Kafka jars: {exc}") from exc
         if done.returncode != 0 or not out.is_file():
-            output = (done.stdout + done.stderr).strip()[-2000:]
+            output = done.stdout + done.stderr
+            log_file = cache.with_suffix(".maven.log")
+            log_file.write_text(output, encoding="utf-8")
             raise BrokerError(f"Maven could not resolve the Kafka {kafka_version()} jars "
-                              f"(exit {done.returncode}): {output}")
+                              f"(exit {done.returncode}): {_first_error(output)} "
+                              f"(Maven's output: {log_file})")
         classpath = out.read_text(encoding="utf-8").strip()
     tmp = cache.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(classpath, encoding="utf-8")
@@ -543,6 +546,14 @@ def prepare() -> str:
     """
     _java()
     return _classpath()
+
+
+def _first_error(output: str) -> str:
+    """The line of Maven's output that says what failed, on one line and short."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("[ERROR]")]
+    line = (errors or lines or ["no output"])[0].removeprefix("[ERROR]").strip()
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 if __name__ == "__main__":  # `python -m snapbus._kafka_broker`: what `make test` runs first

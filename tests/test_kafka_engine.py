@@ -76,6 +76,31 @@ async def test_missing_maven_is_one_clear_error(monkeypatch: pytest.MonkeyPatch,
     assert "\n" not in message
 
 
+@pytest.mark.kafka  # (needs Java, as the Kafka leg does)
+async def test_a_maven_failure_is_one_line_naming_its_error(monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached class path
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    java = Path(os.environ.get("JAVA_HOME", "/usr")) / "bin" / "java"
+    (bin_dir / "java").symlink_to(java)
+    mvn = bin_dir / "mvn"  # (a Maven that cannot reach its repository, as offline)
+    mvn.write_text("#!/bin/sh\necho '[INFO] Scanning for projects...'\n"
+                   "echo '[ERROR] Failed to execute goal: Could not resolve dependencies'\n"
+                   "echo '[ERROR] '\necho '[ERROR] -> [Help 1]'\nexit 1\n")
+    mvn.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    with pytest.raises(BrokerError) as caught:
+        await EmbeddedBroker(engine="kafka").start()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "Could not resolve dependencies" in message
+    assert "Help 1" not in message
+    log_file = message.rsplit("Maven's output: ", 1)[1].rstrip(")")
+    assert "Scanning for projects" in await asyncio.to_thread(Path(log_file).read_text)
+
+
 @pytest.mark.kafka
 async def test_kafka_broker_serves_snapbus_and_leaves_nothing(topic_name: str) -> None:
     broker = EmbeddedBroker(engine="kafka")
