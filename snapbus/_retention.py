@@ -19,7 +19,7 @@ import time
 from snapbus.reader import PartitionReader
 from snapbus.topic import DEFAULT_DELETE_RETENTION_MS
 
-__all__ = ["Retention", "margin_ms"]
+__all__ = ["Retention", "margin_ms", "too_slow", "trust_ms"]
 
 _SYNC_OBSERVATIONS = 64  # (high watermark, time) pairs kept per partition while behind
 
@@ -28,6 +28,27 @@ def margin_ms(retention_ms: int) -> int:
     """The safety margin taken off the tombstone retention: a tenth of it, at most an hour
     (clock skew between this host and the broker, and the time from a fetch to its check)."""
     return min(retention_ms // 10, 3_600_000)
+
+
+def trust_ms(retention_ms: int) -> int:
+    """How long after a record was read its tombstone, if any, surely is still in the log.
+
+    The cleaner removes a record only in a pass that also first sees the record superseding
+    it; a tombstone stays ``retention_ms`` after that pass, which came after any read of the
+    record it deletes. So a read that returns a value, and reaches every later record of its
+    partition within this time, has seen the value's tombstone if there is one.
+    """
+    return retention_ms - margin_ms(retention_ms)
+
+
+def too_slow(topic: str, retention_ms: int, elapsed_ms: float) -> str:
+    """Why a read of the log that took `elapsed_ms` may lack tombstones (empty: it may not)."""
+    if elapsed_ms <= trust_ms(retention_ms):
+        return ""
+    return (f"reading topic {topic!r} took {elapsed_ms / 1000:.1f} s, and the topic keeps "
+            f"tombstones only {retention_ms / 1000:g} s (delete.retention.ms, less a "
+            f"{margin_ms(retention_ms) / 1000:g} s margin): sessions deleted meanwhile may "
+            "have no tombstone left")
 
 
 class Retention:
@@ -43,7 +64,7 @@ class Retention:
 
     def trust_ms(self) -> int:
         """How long after its last complete instant the view's state is trusted."""
-        return self.retention_ms - margin_ms(self.retention_ms)
+        return trust_ms(self.retention_ms)
 
     def reset(self, partitions: list[int], now_ms: float) -> None:
         """Start over from offset 0 of every partition, complete as of now."""
@@ -67,12 +88,11 @@ class Retention:
                 f"{margin_ms(self.retention_ms) / 1000:g} s margin): sessions deleted since "
                 "may have no tombstone left")
 
-    def check(self, reader: PartitionReader, now: float, may_resync: bool) -> str | None:
+    def check(self, reader: PartitionReader, now: float) -> str | None:
         """Follow the reader's fetches; return why the whole log must be re-read, if it must:
         the view read, or still has records to read, later than the topic surely keeps
-        tombstones after its state was last complete. `may_resync`: false while the view reads
-        the whole log from its start (re-reading it again would not bring back a tombstone
-        removed meanwhile, and with a short retention would never end)."""
+        tombstones after its state was last complete (for a read of the whole log: after it
+        began)."""
         lateness = time.time() * 1000 - now  # fetch stamps are this host's time.time()
         trust = self.trust_ms()
         positions = reader.positions
@@ -82,7 +102,7 @@ class Retention:
             advanced = position > self._checked.get(p, position)
             self._checked[p] = position
             synced_at, synced_ms = self.synced.get(p, (0, now))
-            if may_resync and now > synced_ms + trust and (
+            if now > synced_ms + trust and (
                     advanced or (hw is not None and hw > position)):
                 return (f"partition {p} was last complete {(now - synced_ms) / 1000:.1f} s "
                         f"ago, longer than the topic surely keeps tombstones "

@@ -132,7 +132,11 @@ class KafkaAuthenticationError(KafkaUnavailableError):
 
 
 class TopicError(SnapbusError):
-    """The topic is missing, or exists with a configuration snapbus refuses (not compacted)."""
+    """The topic is missing, or exists with a configuration snapbus refuses (not compacted).
+
+    Retriable when the broker said "unknown topic or partition" in the middle of a read, or
+    when a replay took longer than the topic keeps tombstones (``delete.retention.ms``).
+    """
 
 
 class CorruptBatchError(SnapbusError):

@@ -29,23 +29,27 @@ was written by a producer with another partitioner; views ignore it, and so do `
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import json
 import logging
 import math
+import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import IO, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import IO, Any, TypeVar
 
 from snapbus._kafka import KAFKA_ERRORS, translate
 from snapbus._partition import partitions_of
+from snapbus._retention import too_slow
 from snapbus.codec import Codec, default_codec
 from snapbus.config import KafkaConfig
-from snapbus.errors import DecodeError, ValidationError
+from snapbus.errors import DecodeError, SnapbusError, TopicError, ValidationError
 from snapbus.reader import Event, PartitionReader, Record, decode_record
 from snapbus.snapshot import WorkspaceSnapshot, parse_uuid
+from snapbus.topic import DEFAULT_DELETE_RETENTION_MS, describe_if_exists
 
 __all__ = [
     "Bound", "Event", "Misplaced", "event_to_json", "find_misplaced", "history", "rebuild",
@@ -55,6 +59,15 @@ __all__ = [
 log = logging.getLogger("snapbus.replay")
 
 Bound = datetime.datetime | Mapping[int, int] | None
+
+_T = TypeVar("_T")
+
+_clock = time.monotonic
+"""The replay's clock (seconds; tests move it instead of waiting)."""
+
+_ATTEMPTS = 3
+"""How many times `rebuild` and `history` read the log when each read outlasts the topic's
+tombstone retention (`replay` raises a retriable `TopicError` then)."""
 """A replay bound: a datetime (record timestamps), offsets per partition, or None (open)."""
 
 Progress = Callable[[int, int], None]
@@ -131,8 +144,14 @@ async def replay(
     Records on another partition than their key's are skipped (and logged unless `quiet`),
     as views ignore them (docs/misplaced-records.md).
 
+    On a compacted topic a replay must end within the topic's tombstone retention
+    (``delete.retention.ms``, less a margin) of its start: a value read earlier may have lost
+    its tombstone meanwhile (docs/compaction.md). A replay that takes longer raises a
+    retriable `TopicError`; what it yielded so far may lack deletes.
+
     Raises:
-        TopicError: the topic does not exist.
+        TopicError: the topic does not exist; or (retriable) the replay took longer than the
+            topic keeps tombstones.
         KafkaUnavailableError: the cluster cannot be reached, or a request failed (retriable
             unless the broker refused it for good; `KafkaAuthenticationError`: refused).
         CorruptBatchError: a record batch fails its CRC check on every fetch.
@@ -149,11 +168,18 @@ async def replay(
     since_ms = _to_ms(since, "since") if isinstance(since, datetime.datetime) else None
     reader = PartitionReader(config, fetch_max_wait_ms=fetch_max_wait_ms)
     doing = f"replaying topic {config.topic!r}"
+    describing = asyncio.ensure_future(_retention_ms(config))  # (beside the reader's open)
     try:
         await reader.open()
     except KAFKA_ERRORS as exc:
+        describing.cancel()
         raise translate(exc, config, doing) from exc
+    except BaseException:
+        describing.cancel()
+        raise
     try:
+        retention_ms = await describing
+        began = _clock()
         try:
             starts = await _start_offsets(reader, since)
         except KAFKA_ERRORS as exc:
@@ -167,6 +193,10 @@ async def replay(
                 batches = await reader.read(timeout_ms=fetch_max_wait_ms)
             except KAFKA_ERRORS as exc:
                 raise translate(exc, config, doing) from exc
+            if batches and retention_ms is not None:
+                slow = too_slow(config.topic, retention_ms, (_clock() - began) * 1000)
+                if slow:
+                    raise TopicError(slow, retriable=True)
             targets = _targets(reader, until_offsets)
             for partition, records in batches.items():
                 first = starts.get(partition, 0)
@@ -208,6 +238,32 @@ async def replay(
         await reader.close()
 
 
+async def _retention_ms(config: KafkaConfig) -> int | None:
+    """The topic's tombstone retention (None: not compacted, no tombstone to lose)."""
+    try:
+        info = await describe_if_exists(config)
+    except SnapbusError as exc:  # (the read reports an unreachable cluster or missing topic)
+        log.warning("replay of %s: cannot read the topic's configs (%s); assuming "
+                    "delete.retention.ms=%d", config.topic, exc, DEFAULT_DELETE_RETENTION_MS)
+        return DEFAULT_DELETE_RETENTION_MS
+    if info is None:
+        return DEFAULT_DELETE_RETENTION_MS
+    return info.tombstone_retention_ms if info.compacted else None
+
+
+async def _read_again_if_slow(read: Callable[[], Awaitable[_T]]) -> _T:
+    """`read()` (a whole replay), again while it outlasts the topic's tombstone retention."""
+    attempt = 1
+    while True:
+        try:
+            return await read()
+        except TopicError as exc:
+            if not exc.retriable or attempt == _ATTEMPTS:
+                raise
+            attempt += 1
+            log.warning("%s; reading it again (attempt %d of %d)", exc, attempt, _ATTEMPTS)
+
+
 def _targets(reader: PartitionReader, until_offsets: Mapping[int, int]) -> dict[int, int]:
     targets = dict(reader.end_targets)
     for p, offset in until_offsets.items():
@@ -230,7 +286,8 @@ async def rebuild(
     `config` is as for `replay` (`bootstrap_servers` and `topic` are deprecated there too).
     Records with a timestamp at or before `as_of` (an aware datetime) count; a tombstone
     deletes; undecodable records are skipped, as a view skips them. See the module docstring
-    for what compaction removes.
+    for what compaction removes. A read that outlasts the topic's tombstone retention is
+    started over, up to 3 reads in all.
 
     Raises:
         SnapbusError: what `replay` raises.
@@ -240,13 +297,17 @@ async def rebuild(
         until_ms = _to_ms(as_of, "as_of") + 1
         until = datetime.datetime.fromtimestamp(until_ms / 1000, tz=datetime.timezone.utc)
     config = _resolve_config(config, bootstrap_servers, topic, False, "rebuild")
-    state: dict[uuid.UUID, WorkspaceSnapshot] = {}
-    async for event in replay(config, until=until, use_history=use_history, codec=codec):
-        if event.snapshot is None:
-            state.pop(event.session_id, None)
-        else:
-            state[event.session_id] = event.snapshot
-    return state
+
+    async def read() -> dict[uuid.UUID, WorkspaceSnapshot]:
+        state: dict[uuid.UUID, WorkspaceSnapshot] = {}
+        async for event in replay(config, until=until, use_history=use_history, codec=codec):
+            if event.snapshot is None:
+                state.pop(event.session_id, None)
+            else:
+                state[event.session_id] = event.snapshot
+        return state
+
+    return await _read_again_if_slow(read)
 
 
 async def history(
@@ -262,7 +323,8 @@ async def history(
     `config` comes first, as for `replay` (None: `KafkaConfig.from_env()`); the former order,
     ``history(session_id[, config])``, still works until snapbus 0.3, with a
     `DeprecationWarning`. Records of the session on another partition than its own are left
-    out, as views ignore them (docs/misplaced-records.md).
+    out, as views ignore them (docs/misplaced-records.md). A read that outlasts the topic's
+    tombstone retention is started over, as by `rebuild`.
 
     Raises:
         ValidationError: `session_id` is not a UUID.
@@ -278,9 +340,13 @@ async def history(
         raise ValidationError("history() needs a session_id: history(config, session_id)",
                               field="session_id")
     wanted = parse_uuid(session_id, field="session_id")
-    return [event async for event in replay(config, since=since, until=until,
-                                            use_history=use_history)
-            if event.session_id == wanted]
+
+    async def read() -> list[Event]:
+        return [event async for event in replay(config, since=since, until=until,
+                                                use_history=use_history)
+                if event.session_id == wanted]
+
+    return await _read_again_if_slow(read)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -103,6 +103,7 @@ ViewStatus = Literal["starting", "catching_up", "live", "degraded", "failed", "s
 _APPLY_CHUNK = 2000  # records applied between two yields to the event loop
 _LOG_ENDS_WAIT_S = 5.0  # how long barrier() waits for the log ends before its own fetches
 _SHORT_RETENTION_MS = 60_000  # a tombstone retention that warrants a warning at start
+_SLOW_READS = 3  # whole-log reads in a row outlasting the tombstone retention before failing
 class Change(NamedTuple):
     """One applied change of one session."""
 
@@ -331,6 +332,7 @@ class SnapshotView(AsyncLifecycle):
                                if dead_letter_topic is not None else None)
         self._resyncs = 0
         self._resync_seen: set[str] | None = None
+        self._slow_reads = 0  # whole-log reads in a row that outlasted the retention
         # initial replay: each partition's latest value per key (record, with a TTL), applied
         # when caught up
         self._stash: Stash | None = Stash(keep_records=ttl_s is not None)
@@ -511,9 +513,9 @@ class SnapshotView(AsyncLifecycle):
             self._retention.retention_ms = info.tombstone_retention_ms
             if info.tombstone_retention_ms < _SHORT_RETENTION_MS:
                 log.warning("view of %s: the topic keeps tombstones only %d ms "
-                            "(delete.retention.ms): a view behind by longer re-reads the whole "
-                            "log, and one whose full read takes longer may show sessions "
-                            "deleted meanwhile; raise it", self.config.topic,
+                            "(delete.retention.ms): a view behind by longer, or whose read of "
+                            "the whole log takes longer, re-reads the whole log; raise it",
+                            self.config.topic,
                             info.tombstone_retention_ms, extra={"topic": self.config.topic})
             self._compacted_at_start = info.compacted
 
@@ -1078,12 +1080,23 @@ class SnapshotView(AsyncLifecycle):
         return self._clock() * 1000
 
     def _check_retention(self) -> None:
-        """Re-read the whole log if the state may have missed a tombstone (`Retention`)."""
-        may_resync = self._resync_seen is None and (self._checkpoint_loaded is not None
-                                                    or self._caught_up.is_set())
-        reason = self._retention.check(self._reader, self._now_ms(), may_resync)
-        if reason is not None:
-            self._begin_resync(reason)
+        """Re-read the whole log if the state may have missed a tombstone (`Retention`).
+
+        A read of the whole log (the first one, or a re-read) that outlasts the retention is
+        started over too; `_SLOW_READS` such reads in a row fail the view: the topic cannot
+        be read whole before it drops tombstones.
+        """
+        reason = self._retention.check(self._reader, self._now_ms())
+        if reason is None:
+            return
+        if self._resync_seen is not None or (self._checkpoint_loaded is None
+                                             and not self._caught_up.is_set()):
+            self._slow_reads += 1
+            reason = f"reading the whole log was too slow: {reason}"
+            if self._slow_reads >= _SLOW_READS:
+                raise ViewError(f"{reason}; {self._slow_reads} reads of the whole log in a "
+                                "row took that long: raise the topic's delete.retention.ms")
+        self._begin_resync(reason)
 
     def _set_live(self) -> None:
         """Caught up: ``live``, unless the topic changed under the view (`_topic_changed`)."""
@@ -1113,10 +1126,12 @@ class SnapshotView(AsyncLifecycle):
     def _after_read(self) -> None:
         reader = self._reader
         if self._resync_seen is not None and reader.caught_up_to_start():
+            self._slow_reads = 0
             self._finish_resync()
             self._set_live()
         if (not self._caught_up.is_set() and reader.caught_up_to_start()
                 and not self._repairs.pending()):  # (the initial replay's repairs are done)
+            self._slow_reads = 0
             self._catch_up_seconds = time.monotonic() - (self._started_at or 0.0)
             self._caught_up.set()
             self._set_live()

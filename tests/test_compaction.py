@@ -10,6 +10,8 @@ after ``segment.ms`` rolls the active segment, which the cleaner may then clean.
 from __future__ import annotations
 
 import datetime
+import importlib
+import logging
 import time
 import uuid
 from collections import defaultdict
@@ -21,6 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from snapbus import KafkaConfig, SnapshotPublisher, SnapshotView, WorkspaceSnapshot
+from snapbus.errors import TopicError, ViewError
 from snapbus.replay import history, rebuild, replay
 from snapbus.topic import ensure_topic
 from tests.conftest import BrokerAddress
@@ -275,6 +278,94 @@ async def test_a_view_behind_for_longer_than_the_retention_rereads_the_log(
         assert view.stats.resyncs == 1
         assert gone.session_id not in view
         assert view.get(kept.session_id) == kept
+
+
+class JumpingClock(Clock):
+    """A wall clock that jumps `jump_s` ahead at its `at`-th reading (None: at every one)."""
+
+    def __init__(self, jump_s: float, at: int | None = None) -> None:
+        super().__init__()
+        self.jump_s, self.at, self.readings = jump_s, at, 0
+
+    def __call__(self) -> float:
+        self.readings += 1
+        if self.at is None or self.readings == self.at:
+            self.ahead_s += self.jump_s
+        return super().__call__()
+
+
+DAY_AND_HOUR_S = 25 * 3600.0  # longer than the default delete.retention.ms (24 h)
+
+
+async def deleted_and_kept(config: KafkaConfig) -> tuple[WorkspaceSnapshot, WorkspaceSnapshot]:
+    """A topic (one partition, default retention) with a session kept and one deleted by a
+    tombstone: three records, in three batches."""
+    await ensure_topic(config, partitions=1)
+    kept, gone = make_snapshot(agent_name="kept"), make_snapshot(agent_name="gone")
+    async with SnapshotPublisher(config) as publisher:
+        await publisher.publish(gone)
+        await publisher.publish(kept)
+        await publisher.evict(gone.session_id)
+    return kept, gone
+
+
+ONE_BATCH_A_FETCH = {"max_partition_fetch_bytes": 1, "fetch_max_bytes": 1}
+"""A view's consumer options that make a read of the log take a fetch per batch."""
+
+
+async def test_a_first_read_slower_than_the_retention_is_read_again(
+    broker: BrokerAddress, topic_name: str
+) -> None:
+    # on any broker: the view's clock says its first read of the whole log took 25 h (from
+    # opening to its first check), so a value it read early may have lost its tombstone
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    kept, gone = await deleted_and_kept(config)
+    clock = JumpingClock(DAY_AND_HOUR_S, at=2)  # (reading 1: the read began; 2: a check)
+    async with SnapshotView(config, fetch_max_wait_ms=FETCH_WAIT_MS, clock=clock,
+                            consumer_options=ONE_BATCH_A_FETCH) as view:
+        assert view.stats.resyncs == 1
+        assert view.status == "live"
+        assert gone.session_id not in view
+        assert view.get(kept.session_id) == kept
+        assert len(view) == 1
+
+
+async def test_a_view_that_can_never_read_the_log_in_time_fails_saying_why(
+    broker: BrokerAddress, topic_name: str
+) -> None:
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    await deleted_and_kept(config)
+    view = SnapshotView(config, fetch_max_wait_ms=FETCH_WAIT_MS, consumer_options=ONE_BATCH_A_FETCH,
+                        clock=JumpingClock(DAY_AND_HOUR_S))  # (every fetch 25 h after the last)
+    with pytest.raises(ViewError, match=r"3 reads of the whole log in a row took that long: "
+                                        r"raise the topic's delete\.retention\.ms"):
+        await view.start()
+    assert view.status in ("failed", "stopped")
+
+
+async def test_a_replay_slower_than_the_retention_raises_and_rebuild_reads_again(
+    broker: BrokerAddress, topic_name: str, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    kept, gone = await deleted_and_kept(config)
+    flying = JumpingClock(DAY_AND_HOUR_S)
+    replay_module = importlib.import_module("snapbus.replay")  # (snapbus.replay: the function)
+    monkeypatch.setattr(replay_module, "_clock", flying)
+    with pytest.raises(TopicError, match=r"delete\.retention\.ms") as caught:
+        [event async for event in replay(config)]
+    assert caught.value.retriable
+    with pytest.raises(TopicError, match=r"delete\.retention\.ms"):
+        await rebuild(config)
+    with pytest.raises(TopicError, match=r"delete\.retention\.ms"):
+        await history(config, gone.session_id)
+
+    # a first read that took too long, a second that did not: the state of the second
+    once = JumpingClock(DAY_AND_HOUR_S, at=2)
+    monkeypatch.setattr(replay_module, "_clock", once)
+    with caplog.at_level(logging.WARNING, logger="snapbus.replay"):
+        assert await rebuild(config) == {kept.session_id: kept}
+    assert "reading it again (attempt 2 of 3)" in caplog.text
 
 
 # ---------------------------------------------------------------------- 3. topic guardrails
