@@ -145,8 +145,8 @@ async def replay(
     as views ignore them (docs/misplaced-records.md).
 
     On a compacted topic a replay must end within the topic's tombstone retention
-    (``delete.retention.ms``, less a margin) of its start: a value read earlier may have lost
-    its tombstone meanwhile (docs/compaction.md). A replay that takes longer raises a
+    (``delete.retention.ms``, less a margin) of its first read: a value read earlier may have
+    lost its tombstone meanwhile (docs/compaction.md). A replay that takes longer raises a
     retriable `TopicError`; what it yielded so far may lack deletes.
 
     Raises:
@@ -168,18 +168,16 @@ async def replay(
     since_ms = _to_ms(since, "since") if isinstance(since, datetime.datetime) else None
     reader = PartitionReader(config, fetch_max_wait_ms=fetch_max_wait_ms)
     doing = f"replaying topic {config.topic!r}"
-    describing = asyncio.ensure_future(_retention_ms(config))  # (beside the reader's open)
     try:
         await reader.open()
     except KAFKA_ERRORS as exc:
-        describing.cancel()
         raise translate(exc, config, doing) from exc
-    except BaseException:
-        describing.cancel()
-        raise
+    # the tombstone retention, read beside a replay of more than one fetch (one fetch returns
+    # a value and what follows it at the same instant: nothing to miss)
+    describing: asyncio.Future[int | None] | None = None
     try:
-        retention_ms = await describing
-        began = _clock()
+        first_read = last_read = 0.0
+        reads = 0
         try:
             starts = await _start_offsets(reader, since)
         except KAFKA_ERRORS as exc:
@@ -193,10 +191,15 @@ async def replay(
                 batches = await reader.read(timeout_ms=fetch_max_wait_ms)
             except KAFKA_ERRORS as exc:
                 raise translate(exc, config, doing) from exc
-            if batches and retention_ms is not None:
-                slow = too_slow(config.topic, retention_ms, (_clock() - began) * 1000)
-                if slow:
-                    raise TopicError(slow, retriable=True)
+            if batches:
+                last_read = _clock()
+                reads += 1
+                if reads == 1:
+                    first_read = last_read
+                elif describing is None:
+                    describing = asyncio.ensure_future(_retention_ms(config))
+                elif describing.done():
+                    _check_speed(config, describing.result(), last_read - first_read)
             targets = _targets(reader, until_offsets)
             for partition, records in batches.items():
                 first = starts.get(partition, 0)
@@ -233,9 +236,20 @@ async def replay(
                 progress(done, done + sum(max(0, t - reader.positions.get(p, 0))
                                           for p, t in targets.items()))
             if len(targets) == len(reader.partitions) and reader.reached(targets):
+                if describing is not None:
+                    _check_speed(config, await describing, last_read - first_read)
                 return
     finally:
+        if describing is not None:
+            describing.cancel()
         await reader.close()
+
+
+def _check_speed(config: KafkaConfig, retention_ms: int | None, took_s: float) -> None:
+    """Raise if a replay whose first and last reads were `took_s` apart may lack tombstones."""
+    slow = retention_ms is not None and too_slow(config.topic, retention_ms, took_s * 1000)
+    if slow:
+        raise TopicError(slow, retriable=True)
 
 
 async def _retention_ms(config: KafkaConfig) -> int | None:

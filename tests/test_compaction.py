@@ -349,6 +349,10 @@ async def test_a_replay_slower_than_the_retention_raises_and_rebuild_reads_again
 ) -> None:
     config = KafkaConfig(broker.bootstrap_servers, topic_name)
     kept, gone = await deleted_and_kept(config)
+    # (a replay takes more than one fetch: more than the reader's 4 MB per partition and fetch)
+    filler = [make_snapshot(agent_name="filler", intent="x" * 1000) for _ in range(5000)]
+    async with SnapshotPublisher(config) as publisher:
+        await publisher.publish_many(filler)
     flying = JumpingClock(DAY_AND_HOUR_S)
     replay_module = importlib.import_module("snapbus.replay")  # (snapbus.replay: the function)
     monkeypatch.setattr(replay_module, "_clock", flying)
@@ -361,10 +365,11 @@ async def test_a_replay_slower_than_the_retention_raises_and_rebuild_reads_again
         await history(config, gone.session_id)
 
     # a first read that took too long, a second that did not: the state of the second
-    once = JumpingClock(DAY_AND_HOUR_S, at=2)
+    once = JumpingClock(DAY_AND_HOUR_S, at=2)  # (readings 1, 2: the first two fetches)
     monkeypatch.setattr(replay_module, "_clock", once)
     with caplog.at_level(logging.WARNING, logger="snapbus.replay"):
-        assert await rebuild(config) == {kept.session_id: kept}
+        rebuilt = await rebuild(config)
+    assert rebuilt == {kept.session_id: kept, **{s.session_id: s for s in filler}}
     assert "reading it again (attempt 2 of 3)" in caplog.text
 
 
