@@ -48,7 +48,9 @@ redis-tools:
 	  $$sudo apt-get install -y -qq --no-install-recommends redis-server redis-tools >/dev/null; }
 
 ## the lowest aiokafka pyproject.toml allows (`make test` runs the highest): the unit tests, then
-## the reader, view and replay integration tests on Tansu, in a venv of their own (without the
+## the reader, view, replay, publisher and transaction integration tests on Tansu and again on
+## Apache Kafka (with the `kafka` tests among them; the Kafka step as in `make test`: one line
+## when Java or Maven is missing, a failure on CI), in a venv of their own (without the
 ## benchmark peers: ktables needs aiokafka>=0.13); docs/adr/0002-aiokafka-range-tested.md
 AIOKAFKA_MIN := 0.11.0
 VENV_MIN     := .venv-aiokafka-min
@@ -58,13 +60,23 @@ $(VENV_MIN)/.installed: pyproject.toml
 	$(VENV_MIN)/bin/python -m pip install --quiet -e '.[test]' 'aiokafka==$(AIOKAFKA_MIN)'
 	touch $@
 
+MIN_TESTS := tests/test_aiokafka.py tests/test_view.py tests/test_reader_corruption.py \
+  tests/test_transactions.py tests/test_replay.py tests/test_topic.py tests/test_publisher.py \
+  tests/test_checkpoint.py
 test-aiokafka-min: $(VENV_MIN)/.installed redis-tools
 	@echo "== aiokafka $$($(VENV_MIN)/bin/python -c 'import aiokafka; print(aiokafka.__version__)'): unit tests"
 	$(VENV_MIN)/bin/pytest -q -p no:cacheprovider -m "not integration and not kafka"
 	@echo "== aiokafka $(AIOKAFKA_MIN): reader, view and replay integration tests on Tansu"
-	$(VENV_MIN)/bin/pytest -q -p no:cacheprovider tests/test_aiokafka.py tests/test_view.py \
-	  tests/test_reader_corruption.py tests/test_transactions.py tests/test_replay.py \
-	  tests/test_topic.py tests/test_publisher.py tests/test_checkpoint.py
+	$(VENV_MIN)/bin/pytest -q -p no:cacheprovider $(MIN_TESTS)
+	@if reason=$$($(VENV_MIN)/bin/python -m snapbus._kafka_broker 2>&1); then \
+	  echo "== aiokafka $(AIOKAFKA_MIN): the same tests on Apache Kafka ($$reason)"; \
+	  SNAPBUS_TEST_ENGINE=kafka $(VENV_MIN)/bin/pytest -q -p no:cacheprovider \
+	    -m "integration or kafka" $(MIN_TESTS); \
+	elif [ -n "$$CI" ]; then \
+	  echo "error: the Kafka step of aiokafka $(AIOKAFKA_MIN) cannot run: $$reason" >&2; exit 1; \
+	else \
+	  echo "note: the Kafka step of aiokafka $(AIOKAFKA_MIN) did not run: $$reason"; \
+	fi
 
 ## the Java and Rust pods of the wire-contract tests (tests/test_interop.py, docs/interop.md):
 ## Maven caches its jars in ~/.m2, cargo builds in $(SNAPBUS_INTEROP_RUST_TARGET), so a new

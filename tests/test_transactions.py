@@ -250,15 +250,25 @@ async def test_live_view_never_applies_aborted(
         overwrites = [s.replace(intent="aborted") for s in committed]
         new = [make_snapshot(agent_name=f"aborted-{i}") for i in range(4)]
         await write(txn_producer, config.topic, overwrites + new, commit=False)
-        after = await publisher.publish(make_snapshot(agent_name="after the abort"))
+        after_snapshot = make_snapshot(agent_name="after the abort")
+        after = await publisher.publish(after_snapshot)
         await view.wait_for(after, timeout=WAIT_S)
         assert all(view.get(s.session_id) == s for s in committed)
         assert not any(s.session_id in view for s in new)
         changes: list[Change] = []
         while not changes or changes[-1].session_id != after.session_id:
             changes.append(await stream.__anext__())
-        assert [c.new for c in changes] == [*committed, view.get(after.session_id)]
-        assert view._applied[0] == after.offset + 1
+        assert [c.new for c in changes] == [*committed, after_snapshot]
+        # the view's position is the log's end, past the abort marker, wherever that lies:
+        # the coordinator answers the abort once it has logged it and writes the marker to the
+        # partition after that, so a record published at once can land before the marker.
+        # aiokafka 0.11 sends an idle producer's first batch at once: `after` came first in 9
+        # of 12 runs; 0.14 holds a new batch for linger_ms (the publisher's 5 ms): 0 of 12
+        # (1 of 6 with linger_ms=0)
+        await view.barrier(timeout=WAIT_S)
+        assert view._applied[0] == log_end(view)
+        assert log_end(view) in (after.offset + 1, after.offset + 2)  # (+2: the marker after)
+        assert len(view) == 1 + len(committed) + 1
 
 
 @pytest.mark.kafka
