@@ -6,14 +6,19 @@ Tests that use the ``broker`` fixture (directly or through another fixture) are 
 The engine under test is ``SNAPBUS_TEST_ENGINE``: ``tansu`` (the default) or ``kafka`` (Apache
 Kafka; `make test` runs the integration suite on both). Tests marked ``kafka`` need what only
 the real Kafka broker has (compaction, SASL, transactions): they are deselected, not skipped,
-on the Tansu leg. Set ``SNAPBUS_TEST_BOOTSTRAP_SERVERS`` to run the integration tests against
-an external cluster instead of an embedded broker.
+on the Tansu leg.
+
+``SNAPBUS_TEST_BOOTSTRAP_SERVERS=host:port`` runs the integration tests on that cluster instead
+of an embedded broker, taken to be Apache Kafka (engine ``kafka``, so the ``kafka`` tests run
+and engine-specific assertions expect Kafka) unless ``SNAPBUS_TEST_ENGINE=tansu`` says it is
+Tansu: ``SNAPBUS_TEST_BOOTSTRAP_SERVERS=host:9092 pytest -m "integration or kafka"``. Tests
+that need a broker of their own (fault proxy, crash, SASL/TLS listeners) still start an
+embedded one of that engine.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -24,7 +29,7 @@ from hypothesis import HealthCheck, settings
 
 from snapbus.broker import EmbeddedBroker
 from tests.faultproxy import FaultProxy, proxied_broker
-from tests.helpers import ENGINE, new_broker
+from tests.helpers import ENGINE, EXTERNAL_BOOTSTRAP_SERVERS, new_broker
 
 # Timing goals belong in the benchmarks: on a small shared machine a slow example is noise,
 # not a failure. Property tests check behaviour only.
@@ -51,9 +56,8 @@ class ExternalBroker:
 @pytest.fixture(scope="session")
 async def broker() -> AsyncIterator[BrokerAddress]:
     """The session's Kafka broker: the embedded one in memory mode, or an external one."""
-    external = os.environ.get("SNAPBUS_TEST_BOOTSTRAP_SERVERS")
-    if external:
-        yield ExternalBroker(external)
+    if EXTERNAL_BOOTSTRAP_SERVERS:
+        yield ExternalBroker(EXTERNAL_BOOTSTRAP_SERVERS)
         return
     async with new_broker() as embedded:
         yield embedded
@@ -107,4 +111,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_report_header() -> str:
-    return f"snapbus engine under test: {ENGINE} (SNAPBUS_TEST_ENGINE)"
+    where = (f"the cluster at {EXTERNAL_BOOTSTRAP_SERVERS} (SNAPBUS_TEST_BOOTSTRAP_SERVERS)"
+             if EXTERNAL_BOOTSTRAP_SERVERS else "embedded")
+    return f"snapbus engine under test: {ENGINE} (SNAPBUS_TEST_ENGINE), {where}"

@@ -22,8 +22,15 @@ from snapbus.view import SnapshotView
 WAIT_S = 30.0
 """Default bound of condition waits: generous, it only turns a hang into a failure."""
 
-ENGINE = os.environ.get("SNAPBUS_TEST_ENGINE", "tansu")
-"""The embedded broker engine the integration tests run on: ``tansu`` or ``kafka``."""
+EXTERNAL_BOOTSTRAP_SERVERS = os.environ.get("SNAPBUS_TEST_BOOTSTRAP_SERVERS") or None
+"""An external cluster the integration tests run on instead of an embedded broker (None: the
+session starts one)."""
+
+ENGINE = os.environ.get("SNAPBUS_TEST_ENGINE") or ("kafka" if EXTERNAL_BOOTSTRAP_SERVERS
+                                                   else "tansu")
+"""The broker the integration tests run on, ``tansu`` or ``kafka``: the embedded engine
+started, and what engine-specific assertions expect. Default ``tansu``; with an external
+cluster ``kafka`` (Apache Kafka or a broker that behaves like it)."""
 if ENGINE not in ("tansu", "kafka"):
     raise RuntimeError(f"SNAPBUS_TEST_ENGINE={ENGINE!r}: use tansu or kafka")
 
