@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import random
 import statistics
 import time
@@ -24,6 +25,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from snapbus._partition import partition_of
 from snapbus.config import KafkaConfig
 from snapbus.publisher import Receipt, SnapshotPublisher
 from snapbus.snapshot import WorkspaceSnapshot
@@ -200,11 +202,13 @@ def _progress(pods: list[_Pod], started: float, duration: float) -> Table:
 
 
 async def _prime_partitions(config: KafkaConfig) -> None:
-    """Write one no-op tombstone (nil session id) to each partition, one at a time.
+    """Write one no-op tombstone to each partition, one at a time.
 
     Tansu 0.6 (the embedded broker) can lose a partition's very first records when several
-    producers write them at once; writing one record alone first avoids it. No session has the
-    nil id, so views ignore the tombstones. Harmless on Apache Kafka.
+    producers write them at once; writing one record alone first avoids it. Each tombstone's
+    key is a version-0 UUID (no session has one: snapbus makes version 4) that belongs on its
+    partition (`_priming_key`), so views apply it as the delete of an absent session, not as
+    a misplaced record. Harmless on Apache Kafka.
     """
     from aiokafka import AIOKafkaProducer
 
@@ -216,12 +220,16 @@ async def _prime_partitions(config: KafkaConfig) -> None:
     await start_client(producer, config, "demo warm-up producer")
     try:
         for partition in range(info.partitions):
-            await (await producer.send(config.topic, None, key=_NIL_KEY, partition=partition))
+            await (await producer.send(config.topic, None, partition=partition,
+                                       key=_priming_key(partition, info.partitions)))
     finally:
         await producer.stop()
 
 
-_NIL_KEY = b"00000000-0000-0000-0000-000000000000"
+def _priming_key(partition: int, partitions: int) -> bytes:
+    """The first key ``00000000-0000-0000-0000-<n>`` that murmur2 puts on `partition`."""
+    keys = (f"00000000-0000-0000-0000-{n:012d}".encode() for n in itertools.count())
+    return next(key for key in keys if partition_of(key, partitions) == partition)
 
 
 @contextlib.asynccontextmanager

@@ -92,6 +92,22 @@ async def test_a_reader_waits_at_a_hole_and_takes_the_records_once_it_filled(
     assert seen == list(range(end)), [o for o in range(end) if o not in set(seen)][:10]
 
 
+async def test_priming_records_are_no_misplaced_records(
+    broker: BrokerAddress, topic_name: str
+) -> None:
+    # one tombstone per partition, each keyed to belong there: views apply them (deletes of
+    # absent sessions), never count, log or dead-letter them as misplaced
+    config = KafkaConfig(broker.bootstrap_servers, topic_name)
+    await ensure_topic(config, partitions=12)
+    await _prime_partitions(config)
+    async with SnapshotView(config, fetch_max_wait_ms=20) as view:
+        await view.barrier(timeout=WAIT_S)
+        stats = view.stats
+    assert stats.misplaced == 0
+    assert stats.records_applied == 12
+    assert stats.sessions == 0
+
+
 @pytest.mark.parametrize("pods", [3])
 async def test_the_demo_converges_with_pods_writing_at_full_speed(
     broker: BrokerAddress, topic_name: str, pods: int
