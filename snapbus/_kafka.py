@@ -53,6 +53,10 @@ async def start_client(client: Any, config: KafkaConfig, what: str) -> None:
     """
     try:
         await asyncio.wait_for(client.start(), timeout=config.connect_timeout_s)
+    except asyncio.CancelledError:  # (the caller's timeout: leave no half-started client)
+        with contextlib.suppress(Exception):
+            await client.close() if hasattr(client, "close") else await client.stop()
+        raise
     except (asyncio.TimeoutError, KafkaConnectionError, KafkaError, OSError) as exc:
         with contextlib.suppress(Exception):
             await client.close() if hasattr(client, "close") else await client.stop()

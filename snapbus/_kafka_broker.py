@@ -467,10 +467,13 @@ def _classpath() -> str:
         if done.returncode != 0 or not out.is_file():
             output = done.stdout + done.stderr
             log_file = cache.with_suffix(".maven.log")
-            log_file.write_text(output, encoding="utf-8")
+            try:
+                log_file.write_text(output, encoding="utf-8")
+                where = f" (Maven's output: {log_file})"
+            except OSError:
+                where = ""
             raise BrokerError(f"Maven could not resolve the Kafka {kafka_version()} jars "
-                              f"(exit {done.returncode}): {_first_error(output)} "
-                              f"(Maven's output: {log_file})")
+                              f"(exit {done.returncode}): {_first_error(output)}{where}")
         classpath = out.read_text(encoding="utf-8").strip()
     tmp = cache.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(classpath, encoding="utf-8")
@@ -550,9 +553,10 @@ def prepare() -> str:
 
 def _first_error(output: str) -> str:
     """The line of Maven's output that says what failed, on one line and short."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("[ERROR]")]
-    line = (errors or lines or ["no output"])[0].removeprefix("[ERROR]").strip()
+    lines = [line.strip() for line in output.splitlines()]
+    errors = [text for line in lines
+              if line.startswith("[ERROR]") and (text := line.removeprefix("[ERROR]").strip())]
+    line = (errors or [line for line in lines if line] or ["no output"])[0]
     return line if len(line) <= 300 else line[:297] + "..."
 
 

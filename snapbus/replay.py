@@ -59,19 +59,24 @@ __all__ = [
 log = logging.getLogger("snapbus.replay")
 
 Bound = datetime.datetime | Mapping[int, int] | None
-
-_T = TypeVar("_T")
-
-_clock = time.monotonic
-"""The replay's clock (seconds; tests move it instead of waiting)."""
-
-_ATTEMPTS = 3
-"""How many times `rebuild` and `history` read the log when each read outlasts the topic's
-tombstone retention (`replay` raises a retriable `TopicError` then)."""
 """A replay bound: a datetime (record timestamps), offsets per partition, or None (open)."""
 
 Progress = Callable[[int, int], None]
 """Called as ``progress(done, total)`` with records read so far and the records to read."""
+
+_T = TypeVar("_T")
+
+_clock = time.time
+"""The replay's clock (seconds; the wall clock, as the broker's cleaner keeps time while this
+host sleeps; tests move it instead of waiting)."""
+
+_ATTEMPTS = 3
+"""How many times `rebuild` and `history` read the log when each read outlasts the topic's
+tombstone retention (`replay` raises a retriable `TopicError` then)."""
+
+
+class _TooSlow(TopicError):
+    """The `TopicError` of a replay that outlasted the topic's tombstone retention."""
 
 
 def _to_ms(moment: datetime.datetime, name: str) -> int:
@@ -241,7 +246,8 @@ async def replay(
                 return
     finally:
         if describing is not None:
-            describing.cancel()
+            describing.cancel()  # (and awaited: its admin client closes)
+            await asyncio.gather(describing, return_exceptions=True)
         await reader.close()
 
 
@@ -249,7 +255,7 @@ def _check_speed(config: KafkaConfig, retention_ms: int | None, took_s: float) -
     """Raise if a replay whose first and last reads were `took_s` apart may lack tombstones."""
     slow = retention_ms is not None and too_slow(config.topic, retention_ms, took_s * 1000)
     if slow:
-        raise TopicError(slow, retriable=True)
+        raise _TooSlow(slow, retriable=True)
 
 
 async def _retention_ms(config: KafkaConfig) -> int | None:
@@ -271,8 +277,8 @@ async def _read_again_if_slow(read: Callable[[], Awaitable[_T]]) -> _T:
     while True:
         try:
             return await read()
-        except TopicError as exc:
-            if not exc.retriable or attempt == _ATTEMPTS:
+        except _TooSlow as exc:
+            if attempt == _ATTEMPTS:
                 raise
             attempt += 1
             log.warning("%s; reading it again (attempt %d of %d)", exc, attempt, _ATTEMPTS)

@@ -420,6 +420,7 @@ class SnapshotView(AsyncLifecycle):
             self._status = "stopped"
             if loading is not None:
                 loading.cancel()
+            await self._reader.close()
             await self._bad.close()
             raise
         try:
@@ -514,7 +515,8 @@ class SnapshotView(AsyncLifecycle):
             if info.tombstone_retention_ms < _SHORT_RETENTION_MS:
                 log.warning("view of %s: the topic keeps tombstones only %d ms "
                             "(delete.retention.ms): a view behind by longer, or whose read of "
-                            "the whole log takes longer, re-reads the whole log; raise it",
+                            "the whole log takes longer, re-reads the whole log (and fails "
+                            "after three such reads in a row); raise it",
                             self.config.topic,
                             info.tombstone_retention_ms, extra={"topic": self.config.topic})
             self._compacted_at_start = info.compacted

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,8 @@ async def test_a_maven_failure_is_one_line_naming_its_error(monkeypatch: pytest.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached class path
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    java = Path(os.environ.get("JAVA_HOME", "/usr")) / "bin" / "java"
+    home = os.environ.get("JAVA_HOME")
+    java = Path(home) / "bin" / "java" if home else Path(shutil.which("java") or "java")
     (bin_dir / "java").symlink_to(java)
     mvn = bin_dir / "mvn"  # (a Maven that cannot reach its repository, as offline)
     mvn.write_text("#!/bin/sh\necho '[INFO] Scanning for projects...'\n"
