@@ -29,8 +29,9 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
-from common import bench_broker, new_topic
+from common import Collector, bench_broker, new_topic
 
 from snapbus.publisher import SnapshotPublisher
 from snapbus.resp import encode_snapshot
@@ -150,16 +151,35 @@ async def _wait_until_served(port: int, key: str, value: bytes) -> None:
         await client.aclose()
 
 
-async def run(rounds: int, quick: bool, plain: bool = False) -> None:
+async def run(rounds: int, quick: bool, plain: bool = False) -> list[dict[str, Any]]:
+    """Run the comparison; return its medians as `common.Collector` rows (for run_all)."""
     if shutil.which("redis-benchmark") is None:
         raise SystemExit("redis-benchmark is not on PATH (apt-get install redis-tools)")
     n16, n1 = (20_000, 5_000) if quick else (100_000, 20_000)
     with tempfile.TemporaryDirectory() as workdir:
         probe = _build_probe(workdir)
-        await _run(rounds, n16, n1, probe, plain)
+        results = await _run(rounds, n16, n1, probe, plain)
+    c = Collector("bench_resp", {"sessions": SESSIONS, "n16": n16, "n1": n1, "plain": plain})
+    c.table("c16", "GET throughput, 16 connections (redis-benchmark -c 16)", "requests/s",
+            baseline="redis-server", higher_is_better=True, digits=0)
+    c.table("c1", "GET mean round trip, 1 connection (redis-benchmark -c 1)", "us",
+            baseline="redis-server", higher_is_better=False, digits=1)
+    if probe is not None:
+        c.table("probe", "GET p50 round trip, 1 connection (C probe)", "us",
+                baseline="redis-server", higher_is_better=False, digits=1)
+    for name in ("snapbus", "redis-server"):
+        case = "snapbus serve --redis-port" if name == "snapbus" else name
+        for x in results[(name, 16)]:
+            c.add("c16", case, x["rps"])
+        for x in results[(name, 1)]:
+            c.add("c1", case, x["mean_us"])
+            if probe is not None:
+                c.add("probe", case, x["probe_us"])
+    return c.results()
 
 
-async def _run(rounds: int, n16: int, n1: int, probe: str | None, plain: bool) -> None:
+async def _run(rounds: int, n16: int, n1: int, probe: str | None,
+               plain: bool) -> dict[tuple[str, int], list[dict[str, float]]]:
     async with bench_broker() as broker:
         config = await new_topic(broker.bootstrap_servers, "resp")
         async with SnapshotPublisher(config) as publisher:
@@ -223,6 +243,7 @@ async def _run(rounds: int, n16: int, n1: int, probe: str | None, plain: bool) -
           f"{statistics.median(lat):.2f}x (goal <= 1.5x); p50 as redis-benchmark prints it "
           f"(8 us buckets at this range): {med('snapbus', 1, 'p50_us'):.0f} vs "
           f"{med('redis-server', 1, 'p50_us'):.0f} us")
+    return results
 
 
 def main() -> None:

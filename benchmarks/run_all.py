@@ -196,7 +196,7 @@ def main() -> int:
             try:
                 extra = ({"scale": True} if args.scale
                          and "scale" in inspect.signature(module.run).parameters else {})
-                rows = asyncio.run(module.run(runs, args.quick, **extra))
+                rows = _rows(asyncio.run(module.run(runs, args.quick, **extra)), name)
             except Exception as exc:  # report it and go on with the other benchmarks
                 failed.append(label)
                 traceback.print_exc()
@@ -228,6 +228,13 @@ def main() -> int:
     print(f"wrote {args.output} ({len(modules)} modules on {', '.join(engines)}; "
           f"{len(failed)} failed; {total:.0f} s)")
     return 1 if failed else 0
+
+
+def _rows(result: object, name: str) -> list[dict[str, Any]]:
+    """A module's `run` result, which must be its rows (`common.Collector.results`)."""
+    if not isinstance(result, list):
+        raise TypeError(f"{name}.run returned {type(result).__name__}, not rows")
+    return result
 
 
 def _summary_section(table: list[str]) -> list[str]:
