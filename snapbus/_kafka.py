@@ -152,13 +152,23 @@ def _classify(exc: BaseException, config: KafkaConfig, what: str
     return f"TLS handshake failed: {reason or tls_error}"
 
 
-@contextlib.asynccontextmanager
-async def admin_client(config: KafkaConfig) -> AsyncIterator[AIOKafkaAdminClient]:
-    """Yield a started admin client, closed on exit."""
+async def open_admin_client(config: KafkaConfig) -> AIOKafkaAdminClient:
+    """Return a started admin client (the caller closes it).
+
+    Raises:
+        KafkaAuthenticationError, KafkaUnavailableError: as `start_client`.
+    """
     admin = AIOKafkaAdminClient(
         request_timeout_ms=int(config.connect_timeout_s * 1000), **config.client_kwargs()
     )
     await start_client(admin, config, "admin client")
+    return admin
+
+
+@contextlib.asynccontextmanager
+async def admin_client(config: KafkaConfig) -> AsyncIterator[AIOKafkaAdminClient]:
+    """Yield a started admin client, closed on exit."""
+    admin = await open_admin_client(config)
     try:
         yield admin
     finally:

@@ -16,11 +16,11 @@ import dataclasses
 import logging
 from typing import Any
 
-from aiokafka.admin import NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
 
-from snapbus._kafka import KAFKA_ERRORS, admin_client, translate
+from snapbus._kafka import KAFKA_ERRORS, admin_client, open_admin_client, translate
 from snapbus.config import KafkaConfig
 from snapbus.errors import KafkaUnavailableError, SnapbusError, TopicError
 
@@ -203,6 +203,37 @@ async def describe_if_exists(config: KafkaConfig) -> TopicInfo | None:
             return await _describe(admin, config.topic)
         except KAFKA_ERRORS as exc:
             raise _topic_error(exc, config, "describing") from exc
+
+
+class TopicWatch:
+    """`describe_if_exists` again and again over one admin connection (internal: for the view's
+    periodic check, which would otherwise connect, and on a secured cluster authenticate,
+    every time). A failed describe drops the connection; the next one opens a new one."""
+
+    def __init__(self, config: KafkaConfig) -> None:
+        self._config = config
+        self._admin: AIOKafkaAdminClient | None = None
+
+    async def describe(self) -> TopicInfo | None:
+        """The topic's `TopicInfo`, None when it does not exist.
+
+        Raises:
+            TopicError: the configs cannot be read.
+            KafkaUnavailableError: the cluster cannot be reached.
+        """
+        if self._admin is None:
+            self._admin = await open_admin_client(self._config)
+        try:
+            return await _describe(self._admin, self._config.topic)
+        except KAFKA_ERRORS as exc:
+            await self.close()
+            raise _topic_error(exc, self._config, "describing") from exc
+
+    async def close(self) -> None:
+        """Disconnect; safe to call twice."""
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            await admin.close()
 
 
 async def ensure_topic(

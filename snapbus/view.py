@@ -88,7 +88,12 @@ from snapbus.errors import (
 from snapbus.publisher import Receipt
 from snapbus.reader import PartitionReader, Record, decode_value
 from snapbus.snapshot import WorkspaceSnapshot, _is_canonical, parse_uuid
-from snapbus.topic import DEFAULT_DELETE_RETENTION_MS, TopicInfo, describe_if_exists
+from snapbus.topic import (
+    DEFAULT_DELETE_RETENTION_MS,
+    TopicInfo,
+    TopicWatch,
+    describe_if_exists,
+)
 from snapbus.topic import ensure_topic as _ensure_topic
 
 __all__ = ["Change", "ChangeStream", "Health", "SnapshotView", "ViewStats", "ViewStatus"]
@@ -280,7 +285,8 @@ class SnapshotView(AsyncLifecycle):
             falls back to a full replay (see `snapbus.checkpoint`).
         topic_check_s: how often to read the topic's partition count and configs, to report
             added partitions or a policy no longer ``compact`` (``degraded``), and to follow
-            changes of ``delete.retention.ms``; None: never (only at start).
+            changes of ``delete.retention.ms`` (over one admin connection kept between
+            checks); None: never (only at start).
         clock: the wall clock (seconds since the epoch, like `time.time`) the view compares
             record, checkpoint and fetch times with, for the TTL and tombstone retention.
         decode: ``"lazy"`` (default): the initial replay reads only the indexed fields of each
@@ -522,20 +528,26 @@ class SnapshotView(AsyncLifecycle):
             self._compacted_at_start = info.compacted
 
     async def _watch_topic(self, interval_s: float) -> None:
-        """Read the topic's partitions and configs every `interval_s` (`_topic_changed`)."""
-        while True:
-            await asyncio.sleep(interval_s)  # (a period, not a synchronisation)
-            try:
-                info = await describe_if_exists(self.config)
-            except SnapbusError as exc:  # (an unreachable broker is reported by the reader)
-                log.debug("view of %s: cannot check the topic: %s", self.config.topic, exc)
-                continue
-            except Exception:  # (the check must not end silently: say why, try again later)
-                log.exception("view of %s: checking the topic failed", self.config.topic,
-                              extra={"topic": self.config.topic})
-                continue
-            if info is not None:
-                self._topic_changed(info)
+        """Read the topic's partitions and configs every `interval_s` (`_topic_changed`), over
+        one admin connection kept between checks (`TopicWatch`)."""
+        watch = TopicWatch(self.config)
+        try:
+            while True:
+                await asyncio.sleep(interval_s)  # (a period, not a synchronisation)
+                try:
+                    info = await watch.describe()
+                except SnapbusError as exc:  # (an unreachable broker: the reader reports it)
+                    log.debug("view of %s: cannot check the topic: %s", self.config.topic, exc)
+                    continue
+                except Exception:  # (the check must not end silently: say why, try again)
+                    log.exception("view of %s: checking the topic failed", self.config.topic,
+                                  extra={"topic": self.config.topic})
+                    await watch.close()
+                    continue
+                if info is not None:
+                    self._topic_changed(info)
+        finally:
+            await watch.close()
 
     def _topic_changed(self, info: TopicInfo) -> None:
         """Report a partition count or policy that changed under the view; follow the

@@ -28,7 +28,9 @@ from typing import Any, Literal
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from snapbus.broker import EmbeddedBroker
 from snapbus.codec import MARKER, decode, encode
 from snapbus.config import KafkaConfig
 from snapbus.errors import (
@@ -403,6 +405,38 @@ async def test_cancelled_start_leaves_nothing_running(
     await eventually(lambda: proxy.active_connections == 0, WAIT_S, "view disconnected")
     with pytest.raises(ViewError, match="cannot be restarted"):
         await view.start()
+
+
+@pytest.mark.kafka  # (alters the topic's configs under the view)
+async def test_the_topic_check_reuses_its_connection(
+    network: tuple[FaultProxy, EmbeddedBroker], proxy: FaultProxy, topic_name: str
+) -> None:
+    # a view checks its topic every topic_check_s over one admin connection, not a new
+    # connection (and, on a secured cluster, a new handshake) each time
+    _, broker = network
+    config = KafkaConfig(proxy.address, topic_name, connect_timeout_s=10)
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)  # (not proxied)
+    await admin.start()
+
+    async def set_policy(policy: str) -> None:
+        await admin.alter_configs([ConfigResource(
+            ConfigResourceType.TOPIC, topic_name, {"cleanup.policy": policy})])
+
+    try:
+        async with new_view(config, topic_check_s=0.05) as view:
+
+            async def checked(policy: str, status: str) -> None:
+                await set_policy(policy)
+                await eventually(lambda: view.status == status, WAIT_S, f"a check saw {policy}")
+
+            await checked("delete", "degraded")
+            opened = proxy.counters.connections
+            await checked("compact", "live")
+            await checked("delete", "degraded")
+            await checked("compact", "live")
+            assert proxy.counters.connections == opened
+    finally:
+        await admin.close()
 
 
 # ---------------------------------------------------------------------------- broker crash
