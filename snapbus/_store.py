@@ -28,11 +28,14 @@ __all__ = ["Index", "SessionStore"]
 _Fields = tuple[str, str, str]
 """The indexed fields of a session: (repo_key, agent_id, state)."""
 
-Index = dict[str, "list[str] | set[str]"]
+Index = dict[str, "list[str] | tuple[str, ...] | set[str]"]
 """An exact index: value -> the keys of the sessions having it, a list while there are at
 most `_SMALL_GROUP` (a set of 5 strings takes 728 bytes, a list 120), else a set. Lists, not
 tuples: adding to a tuple copies it, touching every member's refcount, which made indexing the
-sessions of a large replay cost more than reading them."""
+sessions of a large replay cost more than reading them. But a checkpoint keeps its small
+groups as tuples, and they stay tuples after loading until they change: the cyclic collector
+stops tracking a tuple of strings at its first pass, while hundreds of thousands of lists
+would make each of its full passes during and after the load walk them all (`frozen`)."""
 _SMALL_GROUP = 32
 _INSTALL_CHUNK = 20_000  # decoded sessions installed between two yields
 
@@ -42,12 +45,14 @@ def _add_new(index: Index, value: str, key: str) -> None:
     members = index.get(value)
     if members is None:
         index[value] = [key]
-    elif not isinstance(members, list):
+    elif isinstance(members, set):
         members.add(key)
-    elif len(members) < _SMALL_GROUP:
-        members.append(key)
-    else:
+    elif len(members) >= _SMALL_GROUP:
         index[value] = {*members, key}
+    elif isinstance(members, list):
+        members.append(key)
+    else:  # (a group loaded from a checkpoint, changed for the first time)
+        index[value] = [*members, key]
 
 
 def _add(index: Index, value: str, key: str) -> None:
@@ -62,6 +67,10 @@ def _discard(index: Index, value: str, key: str) -> None:
     members = index.get(value)
     if members is None:
         return
+    if isinstance(members, tuple):  # (loaded from a checkpoint: a list once it changes)
+        if key not in members:
+            return
+        members = index[value] = list(members)
     if isinstance(members, list):
         if key in members:
             members.remove(key)
@@ -74,6 +83,12 @@ def _discard(index: Index, value: str, key: str) -> None:
                 index[value] = list(members)
             else:
                 del index[value]
+
+
+def _frozen(index: Index) -> Index:
+    """A copy of `index` whose list groups are tuples (`SessionStore.frozen`)."""
+    return {value: tuple(members) if type(members) is list else members
+            for value, members in index.items()}
 
 
 def _fields(snapshot: WorkspaceSnapshot) -> _Fields:
@@ -192,6 +207,11 @@ class SessionStore:
     def indexes(self) -> tuple[Index, Index, Index]:
         """The indexes by repo_id, agent_id and state."""
         return self.by_repo, self.by_agent, self.by_state
+
+    def frozen(self) -> tuple[Index, Index, Index]:
+        """The indexes as a checkpoint keeps them: copies whose small groups are tuples
+        (`Index`); the sets are the store's own."""
+        return _frozen(self.by_repo), _frozen(self.by_agent), _frozen(self.by_state)
 
     # ------------------------------------------------------------------ writes
 

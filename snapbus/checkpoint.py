@@ -48,16 +48,19 @@ __all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "dumps", "read_che
            "read_offsets", "write_checkpoint", "write_file"]
 
 MAGIC = b"SNAPBUS-CHECKPOINT\n"
-FORMAT_VERSION = 5
-"""The checkpoint format this version writes and reads (3: index groups are lists or sets;
-4: encoded sessions are stored compact, `Checkpoint.compact_prefix`; 5: sessions as one dict,
-not a list of keys and a list of sessions)."""
+FORMAT_VERSION = 6
+"""The checkpoint format this version writes (3: index groups are lists or sets; 4: encoded
+sessions are stored compact, `Checkpoint.compact_prefix`; 5: sessions as one dict, not a list
+of keys and a list of sessions; 6: small index groups are tuples, which snapbus before 6 could
+not change: they refuse the file and replay the topic)."""
+_READS = (5, FORMAT_VERSION)
+"""The formats this version reads (5 differs from 6 only in its list groups)."""
 _PREFIX = struct.Struct(">II")
 
 Session = bytes | tuple[str, ...]
 """One session: its encoded value as `Codec.compact` left it, or its nine snapshot fields in
 schema order."""
-Index = dict[str, "list[str] | set[str]"]
+Index = dict[str, "list[str] | tuple[str, ...] | set[str]"]
 """An index: indexed value -> the keys of the sessions having it."""
 
 
@@ -206,9 +209,9 @@ def _header(path: Path, data: memoryview) -> tuple[dict[str, Any], int]:
     if len(data) < len(MAGIC) + _PREFIX.size or data[:len(MAGIC)] != MAGIC:
         raise CheckpointError(f"{path} is not a snapbus checkpoint")
     version, header_len = _PREFIX.unpack_from(data, len(MAGIC))
-    if version != FORMAT_VERSION:
+    if version not in _READS:
         raise CheckpointError(f"{path} has checkpoint format {version}, this snapbus reads "
-                              f"{FORMAT_VERSION}")
+                              f"{' and '.join(map(str, _READS))}")
     start = len(MAGIC) + _PREFIX.size
     try:
         header = json.loads(bytes(data[start:start + header_len]))

@@ -609,7 +609,7 @@ class SnapshotView(AsyncLifecycle):
         sessions = self._store.export()
         data = checkpoint.dumps(checkpoint.Checkpoint(
             self.config.topic, len(self._reader.partitions), dict(self._applied),
-            sessions, self._store.indexes(),
+            sessions, self._store.frozen(),
             {} if self._expiry is None else self._expiry.stamps, int(self._now_ms()),
             self._codec.compact_prefix,
             self._retention.oldest_ms()))

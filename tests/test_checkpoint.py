@@ -64,6 +64,18 @@ def test_round_trip(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["view.ckpt"]  # no temporary left
 
 
+def test_format_5_files_are_still_read(tmp_path: Path) -> None:
+    # format 6 changed only the shape of small index groups (tuples): a file of the previous
+    # format, with list groups, loads as it is
+    path = tmp_path / "view.ckpt"
+    written = sample(path)
+    data = bytearray(path.read_bytes())
+    struct.pack_into(">I", data, len(MAGIC), 5)
+    path.write_bytes(bytes(data))
+    assert FORMAT_VERSION == 6
+    assert read_checkpoint(path, topic="sessions", partitions=3) == written
+
+
 def test_corrupt_truncated_foreign_and_other_versions_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "view.ckpt"
     sample(path)
