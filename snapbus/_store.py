@@ -45,14 +45,15 @@ def _add_new(index: Index, value: str, key: str) -> None:
     members = index.get(value)
     if members is None:
         index[value] = [key]
+    elif isinstance(members, list):  # (first: the common case while indexing a replay)
+        if len(members) < _SMALL_GROUP:
+            members.append(key)
+        else:
+            index[value] = {*members, key}
     elif isinstance(members, set):
         members.add(key)
-    elif len(members) >= _SMALL_GROUP:
-        index[value] = {*members, key}
-    elif isinstance(members, list):
-        members.append(key)
     else:  # (a group loaded from a checkpoint, changed for the first time)
-        index[value] = [*members, key]
+        index[value] = [*members, key] if len(members) < _SMALL_GROUP else {*members, key}
 
 
 def _add(index: Index, value: str, key: str) -> None:
@@ -67,14 +68,17 @@ def _discard(index: Index, value: str, key: str) -> None:
     members = index.get(value)
     if members is None:
         return
-    if isinstance(members, tuple):  # (loaded from a checkpoint: a list once it changes)
-        if key not in members:
-            return
-        members = index[value] = list(members)
     if isinstance(members, list):
         if key in members:
             members.remove(key)
             if not members:
+                del index[value]
+    elif isinstance(members, tuple):  # (loaded from a checkpoint: a list once it changes)
+        if key in members:
+            rest = [member for member in members if member != key]
+            if rest:
+                index[value] = rest
+            else:
                 del index[value]
     else:
         members.discard(key)
